@@ -1,0 +1,87 @@
+"""Collectors: one small object per snapshot section, behind one Protocol.
+
+A collector reads one part of the namespace's state and writes it into the
+Snapshot protobuf (this is the agent's single conversion boundary: netlink,
+psutil, nft and bird output become proto messages here and nowhere else).
+
+A collector that raises never fails the Snapshot RPC: ``run_collectors``
+turns SectionAbsent into an ABSENT section status and any other exception into
+an ERROR section status with a one-line message, and the other sections still
+come back.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from meridio_debug.agent.errors import SectionAbsent
+from meridio_debug.protos import agent_pb2 as pb
+
+SECTIONS: tuple[str, ...] = (
+    "links",
+    "addresses",
+    "rules",
+    "routes",
+    "neighbours",
+    "fdb",
+    "sysctls",
+    "nftables",
+    "sockets",
+    "processes",
+    "bird",
+    "nfqlb",
+)
+
+
+class Collector(Protocol):
+    """Reads one section of a snapshot."""
+
+    name: str
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this collector can work here, and a short reason (shown in GetInfo)."""
+        ...
+
+    def collect(self, snap: pb.Snapshot) -> None:
+        """Fill this collector's fields of ``snap``.
+
+        Raise SectionAbsent when the component is not there, anything else on failure.
+        """
+        ...
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying what failed, for an ERROR section."""
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (
+        errno.EPERM,
+        errno.EACCES,
+    ):
+        return f"permission denied: {exc} (the agent needs NET_ADMIN/SYS_PTRACE or privileged)"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}".splitlines()[0]
+
+
+def run_collectors(
+    collectors: Iterable[Collector], snap: pb.Snapshot, sections: Sequence[str] = ()
+) -> None:
+    """Run every selected collector into ``snap``; failures become section statuses."""
+    wanted = set(sections)
+    for collector in collectors:
+        if wanted and collector.name not in wanted:
+            continue
+        status = snap.sections.add(name=collector.name)
+        start = time.perf_counter()
+        try:
+            collector.collect(snap)
+        except SectionAbsent as exc:
+            status.state = pb.SectionStatus.ABSENT
+            status.message = str(exc)
+        except Exception as exc:  # a collector must never take the RPC down
+            status.state = pb.SectionStatus.ERROR
+            status.message = describe_error(exc)
+        else:
+            status.state = pb.SectionStatus.OK
+        status.duration_ms = (time.perf_counter() - start) * 1000.0
