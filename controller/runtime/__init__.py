@@ -1,0 +1,47 @@
+"""Runtimes: where agents run and how the controller reaches them.
+
+One interface, several implementations, the same session/analysis code above
+it (like httpx's transports, or Inspektor Gadget's local and gRPC runtimes):
+
+- ``local``: network namespaces on this host (``--netns``, ``--netns-pid``) and
+  the lab (``--lab``): the agent is started inside the namespace as a child
+  process and reached over a unix socket.
+- ``kubernetes`` (later): ephemeral containers in real pods, reached through
+  the API server's port-forward or directly with mutual TLS.
+
+A runtime resolves what the user named into ``PodRef`` objects and opens an
+``AgentClient`` per pod. Opening one pod may fail (a finding, MDB002) without
+stopping the others.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from meridio_debug.controller.client import AgentClient
+
+ROLES = ("gateway", "lb-fe", "proxy", "target", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class PodRef:
+    """A pod (or plain namespace) to debug, as the runtime knows it."""
+
+    name: str
+    role: str  # one of ROLES
+    location: str  # netns name, "pid:N", or "<namespace>/<pod>" in a cluster
+    runtime: str  # "local", "lab", "kubernetes"
+
+
+class Runtime(Protocol):
+    """Resolves pods and opens agents."""
+
+    def pods(self) -> list[PodRef]:
+        """The pods this run covers, in a stable order."""
+        ...
+
+    def open(self, pod: PodRef) -> AbstractAsyncContextManager[AgentClient]:
+        """Start or reuse the pod's agent and connect; raise RuntimeUnavailable on failure."""
+        ...

@@ -1,0 +1,201 @@
+"""``meridio-debug-agent``: start the agent's gRPC server.
+
+Listening is deliberately narrow: a unix socket, or TCP on a loopback address
+(reached through the API server's port-forward). Any other TCP address needs
+mutual TLS, because the agent exposes a pod's whole network state.
+
+The agent exits on its own after ``--idle-timeout`` seconds without a call, so
+an injected ephemeral container (which can never be removed) does not linger
+as a running process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from meridio_debug.agent import version
+from meridio_debug.agent.errors import ListenError
+
+log = logging.getLogger("meridio_debug.agent")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where the agent listens: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+
+    scheme: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @property
+    def grpc_target(self) -> str:
+        if self.scheme == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse ``unix:PATH`` or ``tcp:HOST:PORT``; raise ListenError saying the expected form."""
+    expected = "expected unix:/path/to/agent.sock or tcp:127.0.0.1:PORT"
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path.startswith("/"):
+            raise ListenError(
+                f"--listen {text!r}: the unix socket path must be absolute; {expected}"
+            )
+        return ListenAddress("unix", path=path)
+    if text.startswith("tcp:"):
+        host, sep, port_text = text[len("tcp:") :].rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ListenError(f"--listen {text!r}: {expected}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ListenError(
+                f"--listen {text!r}: host must be an IP address; {expected}"
+            ) from None
+        return ListenAddress("tcp", host=host, port=int(port_text))
+    raise ListenError(f"--listen {text!r}: {expected}")
+
+
+def check_unix_path(path: str) -> None:
+    """Refuse a socket path that is in use or is not a socket; remove a stale socket file.
+
+    A stale socket (left by a killed agent) refuses connections; replacing it is
+    safe. A live one belongs to another agent, and anything else is not ours.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "/"
+        if not os.path.isdir(parent):
+            raise ListenError(
+                f"cannot listen on {path}: directory {parent} does not exist"
+            ) from None
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(
+            f"cannot listen on {path}: it exists and is not a socket; choose another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nobody is listening
+        return
+    finally:
+        probe.close()
+    raise ListenError(
+        f"cannot listen on {path}: another process is serving there; choose another path"
+    )
+
+
+async def serve(address: ListenAddress, idle_timeout: float) -> int:
+    from meridio_debug.agent.collectors.registry import default_collectors, watcher_factory
+    from meridio_debug.agent.server import Activity, AgentService
+    from meridio_debug.protos import agent_pb2_grpc as pb_grpc
+
+    if address.scheme == "unix":
+        check_unix_path(address.path)
+    elif not ipaddress.ip_address(address.host).is_loopback:
+        raise ListenError(
+            f"refusing to listen on {address.host} without mutual TLS: the agent exposes the pod's "
+            "network state; listen on 127.0.0.1/::1 (reached by port-forward) or a unix socket"
+        )
+    activity = Activity()
+    service = AgentService(default_collectors(), watcher_factory(), activity)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ]
+    )
+    pb_grpc.add_AgentServicer_to_server(service, server)
+    try:
+        bound = server.add_insecure_port(address.grpc_target)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {address.grpc_target}: {exc}") from exc
+    if address.scheme == "tcp" and bound == 0:
+        raise ListenError(f"cannot listen on {address.grpc_target}: address in use or unavailable")
+    await server.start()
+    if address.scheme == "unix":
+        os.chmod(address.path, 0o600)
+    log.info("meridio-debug-agent %s listening on %s", version.AGENT_VERSION, address.grpc_target)
+    print(f"ready {address.grpc_target}", file=sys.stderr, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def idle_watch() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            if idle_timeout and activity.idle_for() > idle_timeout:
+                log.info("idle for %.0f s: exiting", idle_timeout)
+                stop.set()
+
+    watcher = asyncio.create_task(idle_watch())
+    await stop.wait()
+    watcher.cancel()
+    await server.stop(grace=1.0)
+    if address.scheme == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="meridio-debug-agent",
+        description="meridio-debug agent: serves a pod's network state over gRPC (read-only).",
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        help="unix:/path/agent.sock or tcp:127.0.0.1:PORT (loopback only without mTLS)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=900.0,
+        help="exit after this many seconds without a call (0: never; default 900)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s agent %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.idle_timeout < 0:
+        parser.error("--idle-timeout must be >= 0")
+    try:
+        address = parse_listen(args.listen)
+        return asyncio.run(serve(address, args.idle_timeout))
+    except ListenError as exc:
+        print(f"meridio-debug-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The agent's gRPC service: a thin servicer over collectors and the netlink watcher.
+
+The servicer holds no network logic: it validates requests, runs the blocking
+collectors and the watcher in worker threads (pyroute2/netlink/psutil are
+synchronous) and maps every failure to a precise gRPC status. It never lets an
+exception escape as a crash: an ephemeral container is never restarted, so a
+dead agent means a pod nobody can debug any more.
+
+Limits: every stream is bounded (duration and event count), and the event
+queue between the watcher thread and the stream is bounded; when a slow client
+lets it fill, events are dropped and the next delivered event carries
+``overflow=true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Protocol
+
+import grpc
+
+from meridio_debug.agent import version
+from meridio_debug.agent.collectors import SECTIONS, Collector, run_collectors
+from meridio_debug.protos import agent_pb2 as pb
+from meridio_debug.protos import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+WATCH_KINDS = ("link", "address", "route", "rule", "neighbour")
+MAX_WATCH_SECONDS = 24 * 3600.0
+EVENT_QUEUE_SIZE = 10_000
+
+
+class Watcher(Protocol):
+    """What the server needs from a netlink watcher (agent/watch.py)."""
+
+    def events(self, timeout: float) -> Iterable[pb.Event]:
+        """Events that arrive within ``timeout`` seconds (possibly none)."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching; unblocks a pending ``events`` call."""
+        ...
+
+
+WatcherFactory = Callable[[set[str]], Watcher]
+
+
+def netns_id() -> str:
+    """The agent's network namespace as ``net:[inode]`` (what /proc/self/ns/net links to)."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
+
+
+class Activity:
+    """Tracks when the agent was last used, for the idle timeout."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.active_streams = 0
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_for(self) -> float:
+        if self.active_streams:
+            return 0.0
+        return time.monotonic() - self.last
+
+
+class AgentService(pb_grpc.AgentServicer):
+    """Implements the Agent service of protos/agent.proto."""
+
+    def __init__(
+        self,
+        collectors: Sequence[Collector],
+        watcher_factory: WatcherFactory | None,
+        activity: Activity | None = None,
+    ) -> None:
+        self._collectors = list(collectors)
+        self._watcher_factory = watcher_factory
+        self.activity = activity or Activity()
+        self._started_ns = time.time_ns()
+
+    def _info(self) -> pb.Info:
+        info = pb.Info(
+            agent_version=version.AGENT_VERSION,
+            protocol_version=version.PROTOCOL_VERSION,
+            kernel=platform.release(),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            netns=netns_id(),
+            started_unix_ns=self._started_ns,
+        )
+        info.capabilities.append("snapshot")
+        if self._watcher_factory is not None:
+            info.capabilities.append("watch")
+        for collector in self._collectors:
+            try:
+                ok, reason = collector.available()
+            except Exception as exc:  # availability probing must not fail the handshake
+                ok, reason = False, f"{type(exc).__name__}: {exc}"
+            info.collectors.add(name=collector.name, available=ok, reason=reason)
+        return info
+
+    async def GetInfo(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[pb.InfoRequest, pb.Info]
+    ) -> pb.Info:
+        self.activity.touch()
+        return await asyncio.to_thread(self._info)
+
+    async def Snapshot(
+        self,
+        request: pb.SnapshotRequest,
+        context: grpc.aio.ServicerContext[pb.SnapshotRequest, pb.Snapshot],
+    ) -> pb.Snapshot:
+        self.activity.touch()
+        unknown = sorted(set(request.sections) - set(SECTIONS))
+        if unknown:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}",
+            )
+        snap = pb.Snapshot(taken_unix_ns=time.time_ns())
+        snap.info.CopyFrom(await asyncio.to_thread(self._info))
+        await asyncio.to_thread(run_collectors, self._collectors, snap, list(request.sections))
+        self.activity.touch()
+        return snap
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[pb.WatchRequest, pb.Event]
+    ) -> AsyncIterator[pb.Event]:
+        self.activity.touch()
+        if self._watcher_factory is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "watch is not available here")
+        kinds = set(request.kinds) or set(WATCH_KINDS)
+        unknown = sorted(kinds - set(WATCH_KINDS))
+        if unknown:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown event kind(s) {', '.join(unknown)}; known: {', '.join(WATCH_KINDS)}",
+            )
+        if request.duration_s < 0 or request.duration_s > MAX_WATCH_SECONDS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"duration_s must be between 0 and {MAX_WATCH_SECONDS:.0f} (0 = until cancelled)",
+            )
+        duration = request.duration_s or MAX_WATCH_SECONDS
+        assert self._watcher_factory is not None
+        try:
+            watcher = await asyncio.to_thread(self._watcher_factory, kinds)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot watch netlink: {exc}")
+            raise  # unreachable: abort raises
+        # Initial metadata tells the client the subscription is live, so a change it
+        # makes after this point is guaranteed to be seen.
+        await context.send_initial_metadata((("meridio-debug-watch", "subscribed"),))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[pb.Event | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        stop = threading.Event()
+        dropped = 0
+
+        def put(event: pb.Event | None) -> None:
+            nonlocal dropped
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped += 1
+
+        def pump() -> None:
+            try:
+                while not stop.is_set():
+                    for event in watcher.events(0.2):
+                        loop.call_soon_threadsafe(put, event)
+            except Exception as exc:  # report and end the stream, never the agent
+                log.warning("watcher failed: %s", exc)
+            finally:
+                loop.call_soon_threadsafe(put, None)
+
+        thread = threading.Thread(target=pump, name="netlink-watch", daemon=True)
+        thread.start()
+        self.activity.active_streams += 1
+        deadline = time.monotonic() + duration
+        sent = 0
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=min(left, 1.0))
+                except TimeoutError:
+                    continue
+                if event is None:
+                    break
+                if dropped:
+                    event.overflow = True
+                    dropped = 0
+                yield event
+                sent += 1
+                if request.max_events and sent >= request.max_events:
+                    break
+        finally:
+            self.activity.active_streams -= 1
+            self.activity.touch()
+            stop.set()
+            watcher.close()
+            await asyncio.to_thread(thread.join, 2.0)

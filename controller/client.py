@@ -1,0 +1,77 @@
+"""A typed async client for one agent, with every gRPC failure wrapped.
+
+Runtimes hand out an ``AgentClient`` per pod; the rest of the controller never
+touches grpc directly. Failures become ``AgentCallError`` whose message names
+the pod, what was asked, and gRPC's own status text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from meridio_debug.controller.errors import AgentCallError
+from meridio_debug.protos import agent_pb2 as pb
+from meridio_debug.protos import agent_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+]
+
+
+class AgentClient:
+    """Calls one agent. ``pod`` is only used in error messages."""
+
+    def __init__(self, channel: grpc.aio.Channel, pod: str) -> None:
+        self._channel = channel
+        self._stub = pb_grpc.AgentStub(channel)
+        self.pod = pod
+
+    def _error(self, what: str, exc: grpc.RpcError) -> AgentCallError:
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        name = code.name if code else "ERROR"
+        return AgentCallError(f"{self.pod}: {what} failed: {name}: {detail}")
+
+    async def get_info(self, timeout: float = 10.0, wait_for_ready: bool = False) -> pb.Info:
+        try:
+            info: pb.Info = await self._stub.GetInfo(
+                pb.InfoRequest(), timeout=timeout, wait_for_ready=wait_for_ready
+            )
+        except grpc.RpcError as exc:
+            raise self._error("GetInfo", exc) from exc
+        return info
+
+    async def snapshot(self, sections: Sequence[str] = (), timeout: float = 60.0) -> pb.Snapshot:
+        try:
+            snap: pb.Snapshot = await self._stub.Snapshot(
+                pb.SnapshotRequest(sections=list(sections)), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error("Snapshot", exc) from exc
+        return snap
+
+    async def watch(
+        self,
+        kinds: Sequence[str] = (),
+        duration: float = 0.0,
+        max_events: int = 0,
+        on_subscribed: Callable[[], None] | None = None,
+    ) -> AsyncIterator[pb.Event]:
+        """Stream events; ``on_subscribed`` runs once the agent listens to netlink."""
+        request = pb.WatchRequest(kinds=list(kinds), duration_s=duration, max_events=max_events)
+        call = self._stub.Watch(request)
+        try:
+            await call.initial_metadata()
+            if on_subscribed is not None:
+                on_subscribed()
+            async for event in call:
+                yield event
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._error("Watch", exc) from exc
+        finally:
+            call.cancel()

@@ -1,0 +1,62 @@
+"""Sessions: run one job against every pod of a runtime at once.
+
+Partial failure is data (Inspektor Gadget's combined per-node results): a pod
+whose agent cannot be started or reached yields an error entry, the other pods
+still answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from meridio_debug.controller.errors import MeridioDebugError
+from meridio_debug.controller.output import PodSnapshot
+from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.protos import agent_pb2 as pb
+
+
+async def snapshot_one(runtime: Runtime, pod: PodRef, sections: Sequence[str]) -> PodSnapshot:
+    try:
+        async with runtime.open(pod) as client:
+            snap = await client.snapshot(sections)
+    except MeridioDebugError as exc:
+        return PodSnapshot(pod, None, str(exc))
+    return PodSnapshot(pod, snap)
+
+
+async def snapshot_all(runtime: Runtime, sections: Sequence[str] = ()) -> list[PodSnapshot]:
+    """Snapshot every pod concurrently, in the runtime's pod order."""
+    pods = runtime.pods()
+    return list(await asyncio.gather(*(snapshot_one(runtime, p, sections) for p in pods)))
+
+
+async def watch_all(
+    runtime: Runtime,
+    kinds: Sequence[str],
+    duration: float,
+    emit: Callable[[str, pb.Event], None],
+    ready: Callable[[Sequence[str]], None] | None = None,
+) -> list[str]:
+    """Stream events from every pod until ``duration`` (0: until cancelled); return errors."""
+    errors: list[str] = []
+    pods = runtime.pods()
+    started = 0
+
+    async def one(pod: PodRef) -> None:
+        try:
+            async with runtime.open(pod) as client:
+
+                def subscribed() -> None:
+                    nonlocal started
+                    started += 1
+                    if ready is not None and started == len(pods):
+                        ready([p.name for p in pods])
+
+                async for event in client.watch(kinds, duration, on_subscribed=subscribed):
+                    emit(pod.name, event)
+        except MeridioDebugError as exc:
+            errors.append(str(exc))
+
+    await asyncio.gather(*(one(p) for p in pods))
+    return errors
