@@ -1,0 +1,293 @@
+"""Processes and sockets of the pod, as psutil sees them from inside its netns.
+
+Why a netns filter: the agent shares the pod's network namespace, but not
+always its PID namespace in a way that limits what /proc shows. In the local
+runtime (``ip netns exec``) the agent sits in the host's PID namespace and
+psutil lists every process on the machine, including the bird and nfqlb of
+*other* lab pods. A process belongs to "this pod" when its
+``/proc/PID/ns/net`` is the agent's own network namespace; the agent itself
+is left out (it is not part of the pod being debugged).
+
+Sockets need no filter: ``/proc/net/*`` (what psutil reads) is already
+scoped to the reader's network namespace. Only the pid of a socket's owner
+is looked up machine-wide, which is harmless.
+
+The bird and nfqlb collectors find their daemons through
+``processes_in_own_netns`` as well, and run their read-only helper commands
+through ``run_readonly`` (argv list, no shell, always a timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
+
+from meridio_debug.agent.errors import CollectorError
+from meridio_debug.protos import agent_pb2 as pb
+
+PROC = "/proc"
+DEFAULT_TIMEOUT_S = 5.0
+
+
+# --------------------------------------------------------------------------
+# network-namespace membership
+
+
+def netns_inode(pid: int | str = "self", proc: str = PROC) -> int | None:
+    """Inode of a process's network namespace, None when it cannot be read.
+
+    Reading another process's ``ns/net`` needs ptrace read access (same user
+    or CAP_SYS_PTRACE); an unreadable one is reported as unknown, not guessed.
+    """
+    try:
+        return os.stat(f"{proc}/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def select_same_netns(
+    candidates: Iterable[tuple[int, int | None]], own_inode: int | None, own_pid: int
+) -> list[int]:
+    """Pids (in input order) whose netns inode equals ``own_inode``, minus ``own_pid``.
+
+    Unknown inodes (None) are excluded: on a host, including them would pull in
+    processes of unrelated namespaces.
+    """
+    if own_inode is None:
+        return []
+    return [pid for pid, ino in candidates if ino == own_inode and pid != own_pid]
+
+
+def pids_in_own_netns(proc: str = PROC) -> list[int]:
+    """Pids of the processes that share the agent's network namespace (agent excluded)."""
+    own = netns_inode("self", proc)
+    if own is None:
+        raise CollectorError(f"cannot read {proc}/self/ns/net: is /proc mounted?")
+    pids = sorted(psutil.pids())
+    return select_same_netns(((pid, netns_inode(pid, proc)) for pid in pids), own, os.getpid())
+
+
+def processes_in_own_netns(proc: str = PROC) -> list[psutil.Process]:
+    """psutil handles for the processes of this pod's network namespace (agent excluded)."""
+    out: list[psutil.Process] = []
+    for pid in pids_in_own_netns(proc):
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            continue  # exited in between
+    return out
+
+
+def process_argv(p: psutil.Process) -> list[str]:
+    """A process's command line, [] when it cannot be read (kernel thread, gone, denied)."""
+    try:
+        return list(p.cmdline())
+    except psutil.Error:
+        return []
+
+
+def process_name(p: psutil.Process) -> str:
+    try:
+        return str(p.name())
+    except psutil.Error:
+        return ""
+
+
+def is_program(p: psutil.Process, program: str) -> bool:
+    """True when ``p`` runs ``program`` (by comm name or by argv[0] basename)."""
+    if process_name(p) == program:
+        return True
+    argv = process_argv(p)
+    return bool(argv) and os.path.basename(argv[0]) == program
+
+
+# --------------------------------------------------------------------------
+# read-only subprocesses
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_readonly(
+    argv: Sequence[str],
+    timeout: float = DEFAULT_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> CommandResult:
+    """Run a read-only helper command: argv list, no shell, bounded by ``timeout``.
+
+    Raises FileNotFoundError/PermissionError (from exec) unchanged so callers
+    can say which tool is missing; a timeout becomes a CollectorError.
+    """
+    try:
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CollectorError(f"{' '.join(argv)}: no answer within {timeout:g} s") from exc
+    return CommandResult(
+        argv=tuple(argv),
+        returncode=done.returncode,
+        stdout=done.stdout.decode("utf-8", "replace"),
+        stderr=done.stderr.decode("utf-8", "replace"),
+    )
+
+
+# --------------------------------------------------------------------------
+# processes section
+
+
+def process_to_pb(info: Mapping[str, Any]) -> pb.Process:
+    """Convert one psutil ``Process.info``-style dict to the proto (missing values: defaults)."""
+    msg = pb.Process(pid=int(info.get("pid") or 0))
+    msg.ppid = int(info.get("ppid") or 0)
+    msg.name = str(info.get("name") or "")
+    msg.cmdline.extend(str(a) for a in (info.get("cmdline") or ()))
+    msg.exe = str(info.get("exe") or "")
+    msg.user = str(info.get("username") or "")
+    mem = info.get("memory_info")
+    rss = getattr(mem, "rss", None)
+    if rss is not None:
+        msg.rss_mb = float(rss) / (1024.0 * 1024.0)
+    msg.create_time = float(info.get("create_time") or 0.0)
+    return msg
+
+
+_PROCESS_ATTRS = ["pid", "ppid", "name", "cmdline", "exe", "username", "memory_info", "create_time"]
+
+
+class ProcessesCollector:
+    """Section ``processes``: every process in the pod's network namespace but the agent."""
+
+    name = "processes"
+
+    def __init__(self, proc: str = PROC) -> None:
+        self._proc = proc
+
+    def available(self) -> tuple[bool, str]:
+        if netns_inode("self", self._proc) is None:
+            return False, f"cannot read {self._proc}/self/ns/net"
+        return True, "psutil, filtered to this network namespace"
+
+    def collect(self, snap: pb.Snapshot) -> None:
+        for p in processes_in_own_netns(self._proc):
+            try:
+                info = p.as_dict(attrs=_PROCESS_ATTRS, ad_value=None)
+            except psutil.NoSuchProcess:
+                continue
+            snap.processes.append(process_to_pb(info))
+
+
+# --------------------------------------------------------------------------
+# sockets section
+
+
+class ConnLike(Protocol):
+    """The fields of psutil's ``sconn`` that the conversion reads."""
+
+    @property
+    def family(self) -> int: ...
+    @property
+    def type(self) -> int: ...
+    @property
+    def laddr(self) -> Any: ...
+    @property
+    def raddr(self) -> Any: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+
+
+_FAMILIES: dict[int, str] = {
+    socket.AF_INET: "inet",
+    socket.AF_INET6: "inet6",
+    socket.AF_UNIX: "unix",
+}
+_INET_TYPES: dict[int, str] = {
+    socket.SOCK_STREAM: "tcp",
+    socket.SOCK_DGRAM: "udp",
+    socket.SOCK_RAW: "raw",
+}
+_UNIX_TYPES: dict[int, str] = {
+    socket.SOCK_STREAM: "stream",
+    socket.SOCK_DGRAM: "dgram",
+    socket.SOCK_SEQPACKET: "seqpacket",
+}
+
+
+def _split_addr(addr: Any) -> tuple[str, int]:
+    if not addr:
+        return "", 0
+    if isinstance(addr, str):
+        return addr, 0
+    ip = getattr(addr, "ip", None)
+    port = getattr(addr, "port", None)
+    if ip is None:
+        ip, port = addr[0], addr[1]
+    return str(ip), int(port or 0)
+
+
+def socket_to_pb(conn: ConnLike, names: Mapping[int, str]) -> pb.Socket:
+    """Convert one psutil connection to the proto; ``names`` maps pid → process name."""
+    family = int(conn.family)
+    fam = _FAMILIES.get(family, str(family))
+    types = _UNIX_TYPES if fam == "unix" else _INET_TYPES
+    laddr, lport = _split_addr(conn.laddr)
+    raddr, rport = _split_addr(conn.raddr)
+    pid = int(conn.pid or 0)
+    return pb.Socket(
+        family=fam,
+        type=types.get(int(conn.type), str(int(conn.type))),
+        laddr=laddr,
+        lport=lport,
+        raddr=raddr,
+        rport=rport,
+        status=str(conn.status or "NONE"),
+        pid=pid,
+        process=names.get(pid, ""),
+    )
+
+
+class SocketsCollector:
+    """Section ``sockets``: TCP, UDP and unix sockets of the namespace, with owners."""
+
+    name = "sockets"
+
+    def __init__(self, kind: str = "all") -> None:
+        self._kind = kind
+
+    def available(self) -> tuple[bool, str]:
+        if not os.path.exists(f"{PROC}/net/tcp"):
+            return False, f"{PROC}/net/tcp missing"
+        return True, f"psutil net_connections(kind={self._kind!r})"
+
+    def collect(self, snap: pb.Snapshot) -> None:
+        try:
+            conns = psutil.net_connections(kind=self._kind)
+        except psutil.AccessDenied as exc:
+            raise CollectorError(f"psutil.net_connections: access denied ({exc})") from exc
+        names: dict[int, str] = {}
+        for conn in conns:
+            pid = conn.pid
+            if pid and pid not in names:
+                try:
+                    names[pid] = psutil.Process(pid).name()
+                except psutil.Error:
+                    names[pid] = ""
+        snap.sockets.extend(socket_to_pb(c, names) for c in conns)
