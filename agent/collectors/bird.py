@@ -314,7 +314,11 @@ class BirdClient:
             sock.close()
             raise
         self._sock = sock
-        lines = self._read_reply(time.monotonic() + self._timeout)
+        try:
+            lines = self._read_reply(time.monotonic() + self._timeout)
+        except BaseException:
+            self.close()
+            raise
         self.greeting = lines[-1] if lines else ""
         if not parse_version(self.greeting):
             self.close()

@@ -248,7 +248,10 @@ def test_collector_reports_established_then_bad_peer_as(bird_pair: BirdPair):
     assert bird["socket"].endswith("/fe.ctl")
     assert bird["version"].startswith("2.")
     protos = _protocols(snap)
-    for name, addr in (("NBR-gateway-v4-a", "169.254.100.150"), ("NBR-gateway-v6-a", "100:100::150")):
+    for name, addr in (
+        ("NBR-gateway-v4-a", "169.254.100.150"),
+        ("NBR-gateway-v6-a", "100:100::150"),
+    ):
         p = protos[name]
         assert (p["proto"], p["state"], p["bgpState"]) == ("BGP", "up", "Established")
         assert p["info"] == "Established"
