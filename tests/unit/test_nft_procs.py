@@ -1,0 +1,217 @@
+"""The nftables, processes and sockets collectors, without root.
+
+nft runs here as a fake executable (a script replaying a real recording) so
+the collector's real subprocess path is exercised; the recordings are
+``nft -j list ruleset`` of nftables 1.0.6 with shared/lab-examples/lb.nft
+loaded in a scratch namespace (data/nft/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from meridio_debug.agent.collectors import nftables, procs
+from meridio_debug.agent.errors import CollectorError
+from meridio_debug.protos import agent_pb2 as pb
+
+DATA = Path(__file__).parent / "data" / "nft"
+
+# Recorded: `setpriv --reuid=65534 --regid=65534 --clear-groups nft -j list ruleset`
+# on nftables 1.0.6 (exit status 1).
+NFT_EPERM_STDERR = (
+    "Operation not permitted (you must be root)\n"
+    "netlink: Error: cache initialization failed: Operation not permitted\n"
+)
+
+
+def fake_nft(tmp_path: Path, body: str) -> str:
+    """An executable standing in for nft; it logs its argv to argv.log."""
+    script = tmp_path / "nft"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/argv.log\n{body}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+# --------------------------------------------------------------------------
+# nftables
+
+
+def test_lb_ruleset_lands_in_the_struct(tmp_path: Path):
+    recorded = DATA / "lb_ruleset.json"
+    nft = fake_nft(tmp_path, f"cat {recorded}")
+    snap = pb.Snapshot()
+    nftables.NftablesCollector(nft=nft).collect(snap)
+
+    assert (tmp_path / "argv.log").read_text() == "-j list ruleset\n"  # read-only command
+    items = snap.nftables["nftables"]
+    tables = [i["table"]["name"] for i in items if "table" in i]
+    assert tables == ["meridio-nfqlb", "meridio-defrag"]
+    sets = {i["set"]["name"]: list(i["set"]["elem"]) for i in items if "set" in i}
+    assert sets == {"ipv4-vips": ["20.0.0.1"], "ipv6-vips": ["2000::1"]}
+    chains = {(i["chain"]["table"], i["chain"]["name"]) for i in items if "chain" in i}
+    assert ("meridio-defrag", "pre-defrag") in chains
+    # the Struct holds the recorded JSON as it is (numbers as doubles compare equal)
+    assert MessageToDict(snap.nftables) == json.loads(recorded.read_text())
+
+
+def test_empty_ruleset(tmp_path: Path):
+    nft = fake_nft(tmp_path, f"cat {DATA / 'empty_ruleset.json'}")
+    snap = pb.Snapshot()
+    nftables.NftablesCollector(nft=nft).collect(snap)
+    assert [dict(i).keys() for i in snap.nftables["nftables"]] == [{"metainfo": 0}.keys()]
+
+
+def test_no_output_is_an_empty_ruleset():
+    assert nftables.parse_ruleset_json("") == {"nftables": []}
+
+
+@pytest.mark.parametrize(("text", "match"), [("{", "invalid JSON"), ("[]", "'nftables' array")])
+def test_bad_json(text: str, match: str):
+    with pytest.raises(CollectorError, match=match):
+        nftables.parse_ruleset_json(text)
+
+
+def test_permission_denied_says_what_is_needed(tmp_path: Path):
+    stderr = tmp_path / "stderr.txt"
+    stderr.write_text(NFT_EPERM_STDERR)
+    nft = fake_nft(tmp_path, f"cat {stderr} >&2; exit 1")
+    with pytest.raises(CollectorError) as info:
+        nftables.NftablesCollector(nft=nft).collect(pb.Snapshot())
+    assert "permission denied" in str(info.value)
+    assert "CAP_NET_ADMIN" in str(info.value)
+    assert "cache initialization failed" in str(info.value)
+
+
+def test_missing_nft_says_install_it(tmp_path: Path):
+    collector = nftables.NftablesCollector(nft=str(tmp_path / "no-such-nft"))
+    with pytest.raises(
+        CollectorError, match=r"^nft not found: install nftables in the agent image$"
+    ):
+        collector.collect(pb.Snapshot())
+
+
+def test_missing_nft_on_path(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(nftables, "find_nft", lambda: None)
+    collector = nftables.NftablesCollector()
+    assert collector.available() == (False, nftables.NFT_NOT_FOUND)
+    with pytest.raises(CollectorError, match="nft not found"):
+        collector.collect(pb.Snapshot())
+
+
+def test_hanging_nft_times_out(tmp_path: Path):
+    nft = fake_nft(tmp_path, "exec sleep 30")
+    with pytest.raises(CollectorError, match="no answer within"):
+        nftables.NftablesCollector(nft=nft, timeout=0.3).collect(pb.Snapshot())
+
+
+# --------------------------------------------------------------------------
+# netns filtering
+
+
+def test_select_same_netns_keeps_own_namespace_without_the_agent():
+    candidates = [(1, 100), (2, 200), (3, 100), (4, None), (5, 100)]
+    assert procs.select_same_netns(candidates, own_inode=100, own_pid=3) == [1, 5]
+    assert procs.select_same_netns(candidates, own_inode=None, own_pid=3) == []
+
+
+def test_netns_inode_of_self_and_of_a_missing_pid():
+    assert procs.netns_inode() == os.stat("/proc/self/ns/net").st_ino
+    assert procs.netns_inode(2**30) is None
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def test_processes_lists_a_child_but_not_the_agent():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        snap = pb.Snapshot()
+        procs.ProcessesCollector().collect(snap)
+    finally:
+        child.kill()
+        child.wait()
+    by_pid = {p.pid: p for p in snap.processes}
+    assert os.getpid() not in by_pid
+    mine = by_pid[child.pid]
+    assert mine.ppid == os.getpid()
+    assert mine.cmdline[-1] == "import time; time.sleep(30)"
+    assert mine.rss_mb > 0 and mine.create_time > 0
+    assert mine.exe and mine.user
+
+
+def test_process_to_pb_tolerates_denied_fields():
+    msg = procs.process_to_pb(
+        {"pid": 7, "ppid": 1, "name": "bird", "cmdline": None, "exe": None,
+         "username": None, "memory_info": None, "create_time": None}
+    )  # fmt: skip
+    assert (msg.pid, msg.ppid, msg.name, list(msg.cmdline), msg.exe) == (7, 1, "bird", [], "")
+
+
+# --------------------------------------------------------------------------
+# sockets
+
+Conn = namedtuple("Conn", "fd family type laddr raddr status pid")
+Addr = namedtuple("Addr", "ip port")
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        (
+            Conn(3, socket.AF_INET, socket.SOCK_STREAM, Addr("169.254.100.2", 10179),
+                 Addr("169.254.100.150", 40000), "ESTABLISHED", 42),
+            pb.Socket(family="inet", type="tcp", laddr="169.254.100.2", lport=10179,
+                      raddr="169.254.100.150", rport=40000, status="ESTABLISHED",
+                      pid=42, process="bird"),
+        ),
+        (
+            Conn(4, socket.AF_INET6, socket.SOCK_DGRAM, Addr("::", 3784), (), "NONE", None),
+            pb.Socket(family="inet6", type="udp", laddr="::", lport=3784, status="NONE"),
+        ),
+        (
+            Conn(5, socket.AF_UNIX, socket.SOCK_STREAM, "/run/bird/bird.ctl", "", "NONE", 42),
+            pb.Socket(family="unix", type="stream", laddr="/run/bird/bird.ctl",
+                      status="NONE", pid=42, process="bird"),
+        ),
+    ],
+)  # fmt: skip
+def test_socket_to_pb(conn: Conn, expected: pb.Socket):
+    assert procs.socket_to_pb(conn, {42: "bird"}) == expected
+
+
+def test_sockets_include_our_listeners_with_owner(tmp_path: Path):
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        port = tcp.getsockname()[1]
+        path = str(tmp_path / "agent-test.sock")
+        unix.bind(path)
+        unix.listen(1)
+        snap = pb.Snapshot()
+        procs.SocketsCollector().collect(snap)
+    finally:
+        tcp.close()
+        unix.close()
+    listener = [s for s in snap.sockets if s.type == "tcp" and s.lport == port]
+    assert len(listener) == 1
+    assert (listener[0].family, listener[0].laddr, listener[0].status) == (
+        "inet",
+        "127.0.0.1",
+        "LISTEN",
+    )
+    assert listener[0].pid == os.getpid()
+    assert listener[0].process
+    assert any(s.family == "unix" and s.laddr == path for s in snap.sockets)
