@@ -1,0 +1,415 @@
+"""nfqlb's flows and per-stream Maglev tables, where nfqlb runs.
+
+In a Meridio LB container ``nfqlb flowlb`` receives the VIP traffic from
+nfqueue, matches it against *flows* and picks a target from the stream's
+shared-memory Maglev table (``/dev/shm/tshm-<stream>``). Which fwmarks are
+active there must equal the LB's ``fwmark N lookup N`` rules; this collector
+reports both halves of nfqlb's view so the analysis can compare them.
+
+How it reads, without changing anything:
+
+* flows: ``nfqlb flow-list`` (JSON). The binary is taken from the running
+  process (``/proc/PID/exe``, or the image's ``/bin/nfqlb`` through
+  ``/proc/PID/root``), since the agent image has no nfqlb. If it cannot be
+  executed, the agent speaks the same one-shot text protocol itself
+  (``action:list`` / ``eoc:`` on the abstract unix socket ``@nfqlb``,
+  nfqlb ``src/nfqlb/nfqlb.h``); abstract sockets are per network
+  namespace, so the agent reaches the LB's from inside the pod's netns.
+* Maglev tables: ``nfqlb show --shm=NAME`` for every ``tshm-*`` in the LB's
+  ``/dev/shm`` (through ``/proc/PID/root``) and every ``user_ref`` of a flow.
+  When the binary cannot run, or ``show`` cannot see the shm (different
+  /dev/shm), the shm file is decoded directly (layout of nfqlb 1.x:
+  ``SharedData{int ownFwmark; int fwOffset;}`` followed by maglevdyn's
+  ``{unsigned M, N, len; int lookup[M]; int active[N];}``), after checking
+  that the sizes agree.
+
+nfqlb prints IPv4 CIDRs as IPv4-mapped IPv6 (``::ffff:20.0.0.1/128``, from
+``flow.c``); they are normalised to ``20.0.0.1/32`` here, once.
+
+The lab marks with nftables instead of nfqlb, so there this section is ABSENT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+
+from meridio_debug.agent.collectors.procs import (
+    PROC,
+    CommandResult,
+    is_program,
+    process_argv,
+    processes_in_own_netns,
+    run_readonly,
+)
+from meridio_debug.agent.errors import CollectorError, SectionAbsent
+from meridio_debug.protos import agent_pb2 as pb
+
+NO_NFQLB = "nfqlb not running (expected in the lab, which marks with nftables)"
+DEFAULT_FLOW_SOCKET = "nfqlb"  # abstract: "@nfqlb"
+SHM_PREFIX = "tshm-"
+MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+MAX_SHMS = 256
+
+_ACTIVE_TOKEN = re.compile(r"^(-?\d+)(?:\((\d+)\))?$")
+_MAGLEV = re.compile(r"Maglev:\s*M=(\d+),\s*N=(\d+)")
+
+
+# --------------------------------------------------------------------------
+# pure parsers
+
+
+def normalise_cidr(cidr: str) -> str:
+    """'::ffff:20.0.0.1/128' → '20.0.0.1/32'; anything else is returned unchanged.
+
+    nfqlb stores every address as IPv6 and adds 96 to IPv4 prefix lengths.
+    """
+    addr, sep, plen = cidr.partition("/")
+    try:
+        ip = ipaddress.IPv6Address(addr)
+    except ValueError:
+        return cidr
+    mapped = ip.ipv4_mapped
+    if mapped is None:
+        return cidr
+    if not sep:
+        return str(mapped)
+    try:
+        length = int(plen)
+    except ValueError:
+        return cidr
+    if length < 96:
+        return cidr  # wider than the mapped range: not an IPv4 prefix
+    return f"{mapped}/{length - 96}"
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def flow_from_json(item: dict[str, Any]) -> pb.NfqlbFlow:
+    """One element of ``nfqlb flow-list`` as the proto."""
+    flow = pb.NfqlbFlow(
+        name=str(item.get("name", "")),
+        priority=int(item.get("priority") or 0),
+        matches_count=int(item.get("matches_count") or 0),
+        user_ref=str(item.get("user_ref") or ""),
+        udpencap=bool(item.get("udpencap")),
+    )
+    flow.protocols.extend(_strings(item.get("protocols")))
+    flow.dests.extend(normalise_cidr(c) for c in _strings(item.get("dests")))
+    flow.srcs.extend(normalise_cidr(c) for c in _strings(item.get("srcs")))
+    flow.dports.extend(_strings(item.get("dports")))
+    flow.sports.extend(_strings(item.get("sports")))
+    # nfqlb >= 1.1 prints byte matches as an array of expressions.
+    flow.match = ", ".join(_strings(item.get("match")))
+    return flow
+
+
+def parse_flow_list(text: str) -> list[pb.NfqlbFlow]:
+    """Parse ``nfqlb flow-list`` output (a JSON array; a single object for --name)."""
+    stripped = text.strip().rstrip("\x00").strip()
+    if not stripped:
+        return []
+    if stripped.startswith("FAIL"):
+        raise CollectorError(f"nfqlb flow-list: {stripped.splitlines()[0]}")
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise CollectorError(f"nfqlb flow-list printed invalid JSON: {exc}") from exc
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(i, dict) for i in items):
+        raise CollectorError("nfqlb flow-list: expected a list of flow objects")
+    return [flow_from_json(i) for i in items]
+
+
+def parse_active(text: str) -> list[pb.NfqlbActive]:
+    """'5044(43) 5062(61)' → fwmark/index pairs.
+
+    nfqlb 0.x printed bare values for every slot (no index, unused ones
+    negative or 4294967295); there the index is the position and unused
+    slots are skipped.
+    """
+    out: list[pb.NfqlbActive] = []
+    for position, token in enumerate(text.replace("...", " ").split()):
+        m = _ACTIVE_TOKEN.match(token)
+        if not m:
+            raise CollectorError(f"nfqlb show: unparsable Active entry {token!r}")
+        fwmark = int(m.group(1))
+        if fwmark < 0 or fwmark >= 0xFFFFFFFF:
+            continue
+        index = int(m.group(2)) if m.group(2) is not None else position
+        out.append(pb.NfqlbActive(fwmark=fwmark, index=index))
+    return out
+
+
+def parse_show(text: str, name: str = "") -> pb.NfqlbShm:
+    """Parse ``nfqlb show --shm=NAME`` into the proto (``raw`` keeps the text)."""
+    shm = pb.NfqlbShm(name=name, raw=text)
+    seen_maglev = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        key, _, value = stripped.partition(":")
+        if key in ("Shm", "m") and not shm.name:
+            # ("m:" is how a Meridio doc shows it, the "Sh" cut off.)
+            shm.name = value.strip()
+        elif key == "Maglev":
+            m = _MAGLEV.search(stripped)
+            if m:
+                shm.m, shm.n = int(m.group(1)), int(m.group(2))
+                seen_maglev = True
+        elif key == "Active":
+            shm.active.extend(parse_active(value))
+    if not seen_maglev:
+        raise CollectorError(f"nfqlb show {name}: no 'Maglev: M=, N=' line in output")
+    return shm
+
+
+def decode_shm(data: bytes, name: str) -> pb.NfqlbShm:
+    """Decode an nfqlb 1.x ``/dev/shm/tshm-*`` file (see the module docstring).
+
+    The ownFwmark/fwOffset header is 8 bytes in the 1.x sources; a 4-byte
+    header is tried as well. A layout is accepted only when maglevdyn's stored
+    length agrees with M and N and the tables fit in the file.
+    """
+    for header in (8, 4):
+        if len(data) < header + 12:
+            continue
+        own = struct.unpack_from("=i", data, 0)[0]
+        m, n, length = struct.unpack_from("=III", data, header)
+        lookup_at = header + 12
+        active_at = lookup_at + 4 * m
+        # maglevdyn stores its own length: 12-byte header + 3 spare words + tables.
+        if not (m >= 3 and n <= m and length == 24 + 4 * (m + n)):
+            continue
+        if header + length > len(data):
+            continue
+        lookup = struct.unpack_from(f"={min(m, 25)}i", data, lookup_at)
+        active = struct.unpack_from(f"={n}i", data, active_at)
+        shm = pb.NfqlbShm(name=name, m=m, n=n)
+        shm.active.extend(
+            pb.NfqlbActive(fwmark=fw, index=i) for i, fw in enumerate(active) if fw >= 0
+        )
+        shm.raw = format_show(name, own, (m, n), list(lookup), shm.active)
+        return shm
+    raise CollectorError(f"{name}: not an nfqlb shared-memory layout this agent knows")
+
+
+def format_show(
+    name: str,
+    own: int,
+    maglev: tuple[int, int],
+    lookup: Sequence[int],
+    active: Sequence[pb.NfqlbActive],
+) -> str:
+    """Text as ``nfqlb show`` prints it, for a decoded shm (so ``raw`` looks the same)."""
+    return (
+        f"Shm: {name}\n"
+        f"  Fw: own={own}\n"
+        f"  Maglev: M={maglev[0]}, N={maglev[1]}\n"
+        f"   Lookup: {' '.join(str(v) for v in lookup)}...\n"
+        f"   Active:{''.join(f' {a.fwmark}({a.index})' for a in active)}\n"
+    )
+
+
+# --------------------------------------------------------------------------
+# talking to nfqlb
+
+
+def find_nfqlb_processes(proc: str = PROC) -> list[psutil.Process]:
+    """nfqlb processes in our netns, the long-running load-balancer first.
+
+    Meridio's LB also runs short-lived ``nfqlb activate``/``flow-set``;
+    ``flowlb`` (or the older ``lb``) is the one that owns flows and shm.
+    """
+    found = [p for p in processes_in_own_netns(proc) if is_program(p, "nfqlb")]
+
+    def rank(p: psutil.Process) -> tuple[int, int]:
+        argv = process_argv(p)
+        sub = argv[1] if len(argv) > 1 else ""
+        return (0 if sub in ("flowlb", "lb") else 1, p.pid)
+
+    return sorted(found, key=rank)
+
+
+def binary_candidates(pid: int, proc: str = PROC) -> list[str]:
+    """Where an nfqlb binary of the running LB can be executed from."""
+    return [
+        f"{proc}/{pid}/exe",
+        f"{proc}/{pid}/root/bin/nfqlb",
+        f"{proc}/{pid}/root/usr/bin/nfqlb",
+        f"{proc}/{pid}/root/usr/local/bin/nfqlb",
+    ]
+
+
+def flow_socket_name(environ: dict[str, str]) -> str | None:
+    """The abstract socket nfqlb listens on: NFQLB_FLOW_ADDRESS or '@nfqlb'.
+
+    Returns None for a non-unix address (tcp:...), which the agent does not dial.
+    """
+    addr = environ.get("NFQLB_FLOW_ADDRESS", f"unix:{DEFAULT_FLOW_SOCKET}")
+    if addr.startswith("unix:"):
+        return addr[len("unix:") :]
+    return None
+
+
+def request_flow_list(name: str = DEFAULT_FLOW_SOCKET, timeout: float = 3.0) -> str:
+    """``nfqlb flow-list`` without the binary: one request on the abstract socket."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect("\0" + name)
+        sock.sendall(b"action:list\neoc:\n")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CollectorError(f"nfqlb @{name}: no complete flow list in {timeout:g} s")
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError as exc:
+                raise CollectorError(
+                    f"nfqlb @{name}: no complete flow list in {timeout:g} s"
+                ) from exc
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_OUTPUT_BYTES:
+                raise CollectorError(f"nfqlb @{name}: flow list over {MAX_OUTPUT_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def shm_names(pid: int, flows: Sequence[pb.NfqlbFlow], proc: str = PROC) -> list[str]:
+    """``tshm-*`` files in the LB's /dev/shm plus the flows' user_refs, sorted."""
+    names = {f.user_ref for f in flows if f.user_ref and f.user_ref != "NULL"}
+    for shm_dir in (f"{proc}/{pid}/root/dev/shm", "/dev/shm"):
+        try:
+            entries = os.listdir(shm_dir)
+        except OSError:
+            continue
+        names.update(e for e in entries if e.startswith(SHM_PREFIX))
+        break
+    return sorted(names)[:MAX_SHMS]
+
+
+class NfqlbCollector:
+    """Section ``nfqlb``: flows and Maglev tables of the pod's ``nfqlb flowlb``."""
+
+    name = "nfqlb"
+
+    def __init__(self, timeout: float = 5.0, proc: str = PROC) -> None:
+        self._timeout = timeout
+        self._proc = proc
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            found = find_nfqlb_processes(self._proc)
+        except CollectorError as exc:
+            return False, str(exc)
+        if not found:
+            return False, NO_NFQLB
+        return True, f"nfqlb pid {found[0].pid}"
+
+    def _env(self, p: psutil.Process) -> dict[str, str]:
+        """Our environment plus the LB's NFQLB_FLOW_ADDRESS (nothing else of its env)."""
+        env = dict(os.environ)
+        env.pop("NFQLB_FLOW_ADDRESS", None)
+        with contextlib.suppress(psutil.Error):
+            addr = p.environ().get("NFQLB_FLOW_ADDRESS")
+            if addr:
+                env["NFQLB_FLOW_ADDRESS"] = addr
+        return env
+
+    def _run_nfqlb(self, pid: int, args: Sequence[str], env: dict[str, str]) -> CommandResult:
+        """Run the LB's own nfqlb binary with ``args``; the first one that executes wins."""
+        errors: list[str] = []
+        for binary in binary_candidates(pid, self._proc):
+            try:
+                result = run_readonly([binary, *args], timeout=self._timeout, env=env)
+            except OSError as exc:
+                errors.append(f"{binary}: {exc.strerror or exc}")
+                continue
+            if result.returncode in (126, 127):  # loader/exec failure, e.g. missing libraries
+                errors.append(f"{binary}: exit {result.returncode} {result.stderr.strip()[:120]}")
+                continue
+            return result
+        raise CollectorError("cannot execute nfqlb: " + "; ".join(errors))
+
+    def _flows(self, pid: int, env: dict[str, str]) -> list[pb.NfqlbFlow]:
+        problems: list[str] = []
+        try:
+            result = self._run_nfqlb(pid, ["flow-list"], env)
+            if result.returncode == 0:
+                return parse_flow_list(result.stdout)
+            problems.append(f"nfqlb flow-list: {result.stderr.strip() or result.returncode}")
+        except CollectorError as exc:
+            problems.append(str(exc))
+        name = flow_socket_name(env)
+        if name is None:
+            raise CollectorError("; ".join([*problems, "flow socket is not a unix address"]))
+        try:
+            return parse_flow_list(request_flow_list(name, timeout=self._timeout))
+        except OSError as exc:
+            problems.append(f"@{name}: {exc.strerror or exc}")
+            raise CollectorError("cannot list nfqlb flows: " + "; ".join(problems)) from exc
+
+    def _shm(self, pid: int, name: str, env: dict[str, str]) -> pb.NfqlbShm:
+        problems: list[str] = []
+        try:
+            result = self._run_nfqlb(pid, ["show", f"--shm={name}"], env)
+            if result.returncode == 0:
+                return parse_show(result.stdout, name)
+            problems.append(f"nfqlb show: {result.stderr.strip() or result.returncode}")
+        except CollectorError as exc:
+            problems.append(str(exc))
+        for path in (f"{self._proc}/{pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_OUTPUT_BYTES)
+            except OSError as exc:
+                problems.append(f"{path}: {exc.strerror or exc}")
+                continue
+            return decode_shm(data, name)
+        raise CollectorError(f"cannot read nfqlb shm {name}: " + "; ".join(problems))
+
+    def collect(self, snap: pb.Snapshot) -> None:
+        found = find_nfqlb_processes(self._proc)
+        if not found:
+            raise SectionAbsent(NO_NFQLB)
+        lb = found[0]
+        env = self._env(lb)
+        out = snap.nfqlb
+        out.pid = lb.pid
+        out.cmdline.extend(process_argv(lb))
+        flows = self._flows(lb.pid, env)
+        out.flows.extend(flows)
+        failed: list[str] = []
+        for name in shm_names(lb.pid, flows, self._proc):
+            try:
+                out.shms.append(self._shm(lb.pid, name, env))
+            except CollectorError as exc:
+                failed.append(str(exc))
+        if failed:
+            # The flows and the readable shms stay in the snapshot.
+            raise CollectorError("; ".join(failed))
