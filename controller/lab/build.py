@@ -1,0 +1,301 @@
+"""Bring the lab up and take it down.
+
+Why this shape:
+
+- Each namespace is configured by a few ``ip -n NS -batch -`` runs (one exec
+  for dozens of changes) with the text from ``render``; namespaces are
+  configured in parallel. controller/ may not use pyroute2, and ``ip`` is
+  what a human would type to reproduce or repair a step.
+- ``lab.json`` is written *before* anything is created and updated as
+  processes start, so a crash at any point leaves enough behind for
+  ``down`` to remove everything. A failing ``up`` removes what it made
+  itself before raising a one-line LabError.
+- ``up`` is idempotent: on a complete lab whose namespaces and processes are
+  all there it returns without touching anything; a half-built or broken
+  one (namespace gone, bird dead, ``up`` interrupted) is removed and built
+  again, which is quicker and more predictable than repairing in place.
+- ``up`` returns once traffic can flow: BGP Established on every FE, the
+  FEs' egress defaults in table 4096 and the gateway's VIP routes via every
+  FE. Right after ``up``, ``traffic`` works.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from meridio_debug.controller.errors import LabError
+from meridio_debug.controller.lab import _system as system
+from meridio_debug.controller.lab import render
+from meridio_debug.controller.lab.prereq import Tools, check_prerequisites
+from meridio_debug.controller.lab.spec import LabSpec, Pod, check_prefix
+from meridio_debug.controller.lab.state import (
+    STATE_ROOT,
+    LabState,
+    ProcessRecord,
+    bird_paths,
+    read_state,
+    state_dir,
+    target_paths,
+    write_state,
+)
+from meridio_debug.controller.lab.status import dataplane_problems
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READY_TIMEOUT = 30.0
+
+
+def up(
+    spec: LabSpec,
+    *,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    root: Path = STATE_ROOT,
+    tools: Tools | None = None,
+) -> None:
+    """Build the lab described by ``spec`` (see lab.md) and wait until it carries traffic.
+
+    Idempotent. Raises LabError (one line) when a prerequisite is missing,
+    when a lab with the same prefix but another layout is up, or when the
+    build fails; in the last case everything made so far is removed first.
+    """
+    tools = tools or check_prerequisites(action="lab up")
+    prefix = spec.prefix
+    state = read_state(prefix, root)
+    if state is not None:
+        if state.spec != spec:
+            old = state.spec
+            raise LabError(
+                f"a lab with prefix {prefix!r} is already up with another layout "
+                f"({old.lbs} LBs, {old.proxies} proxies, {old.targets_per_proxy} targets per "
+                "proxy): take it down first (lab down)"
+            )
+        problems = _structural_problems(state, root)
+        if state.complete and not problems:
+            log.info("lab %s is already up", prefix)
+            return
+        log.warning(
+            "lab %s is half-built (%s): removing and building it again",
+            prefix,
+            "; ".join(problems[:3]) or "up did not finish",
+        )
+        _teardown(prefix, state.spec, state.processes, tools.ip, root)
+    elif leftovers := _leftover_namespaces(spec):
+        log.warning("removing namespaces left from an earlier run: %s", ", ".join(leftovers))
+        _teardown(prefix, spec, (), tools.ip, root)
+
+    started = time.monotonic()
+    try:
+        _build(spec, tools, root, ready_timeout)
+    except BaseException as exc:
+        log.info("lab up failed; removing what was made")
+        recorded = read_state(prefix, root)
+        try:
+            _teardown(prefix, spec, recorded.processes if recorded else (), tools.ip, root)
+        except Exception as cleanup_exc:
+            log.error("cleanup after failed lab up failed too: %s", cleanup_exc)
+        if isinstance(exc, (LabError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise LabError(f"lab up failed: {type(exc).__name__}: {exc}") from exc
+    log.info("lab %s is up (%.1f s)", prefix, time.monotonic() - started)
+
+
+def down(prefix: str, *, root: Path = STATE_ROOT, tools: Tools | None = None) -> None:
+    """Remove every namespace, process and file of lab ``prefix``; quiet when there is none.
+
+    Namespaces are found from ``lab.json`` and by exact lab pod names with
+    this prefix; processes by recorded pid, after checking they are still the
+    lab's own.
+    """
+    check_prefix(prefix)
+    tools = tools or check_prerequisites(action="lab down")
+    state = read_state(prefix, root)
+    _teardown(
+        prefix,
+        state.spec if state else None,
+        state.processes if state else (),
+        tools.ip,
+        root,
+    )
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _structural_problems(state: LabState, root: Path) -> list[str]:
+    """Missing namespaces and dead processes (cheap: no subprocess)."""
+    spec = state.spec
+    directory = state_dir(spec.prefix, root)
+    problems = [f"namespace {ns} missing" for ns in spec.namespaces if not system.netns_exists(ns)]
+    recorded = {(r.kind, r.pod) for r in state.processes}
+    wanted = {("bird", spec.gateway.pod)} | {("bird", f.pod) for f in spec.frontends}
+    wanted |= {("target", t.pod) for t in spec.targets}
+    problems += [f"{kind} in {pod} never started" for kind, pod in sorted(wanted - recorded)]
+    problems += [
+        f"{r.kind} in {r.pod} (pid {r.pid}) is gone"
+        for r in state.processes
+        if not system.is_lab_process(r.pid, directory, r.netns)
+    ]
+    return problems
+
+
+def _leftover_namespaces(spec: LabSpec) -> list[str]:
+    names = {ns for ns in spec.namespaces if system.netns_exists(ns)}
+    return sorted(names | set(system.lab_namespaces(spec.prefix)))
+
+
+# --- teardown -----------------------------------------------------------------------------------
+
+
+def _teardown(
+    prefix: str,
+    spec: LabSpec | None,
+    processes: tuple[ProcessRecord, ...] | list[ProcessRecord],
+    ip: str,
+    root: Path,
+) -> None:
+    directory = state_dir(prefix, root)
+    names = set(system.lab_namespaces(prefix))
+    if spec is not None:
+        names |= {ns for ns in spec.namespaces if system.netns_exists(ns)}
+    pids = {r.pid for r in processes if system.is_lab_process(r.pid, directory, r.netns)}
+    # Processes started by a run that died before recording them.
+    pids |= {
+        pid
+        for pid, ns in system.pids_in_namespaces(names).items()
+        if system.is_lab_process(pid, directory, ns)
+    }
+    if pids:
+        log.info("stopping %d lab processes", len(pids))
+        survivors = system.terminate(pids)
+        if survivors:
+            raise LabError(f"lab down: pids {survivors} did not exit even after SIGKILL")
+    if names:
+        log.info("deleting %d namespaces", len(names))
+        system.run(
+            [ip, "-force", "-batch", "-"],
+            what="delete lab namespaces",
+            stdin=system.batch(f"netns del {ns}" for ns in sorted(names)),
+        )
+    if directory.exists():
+        shutil.rmtree(directory)
+    for parent in (directory.parent, directory.parent.parent):
+        try:
+            parent.rmdir()  # only when no other lab uses it
+        except OSError:
+            break
+
+
+# --- build --------------------------------------------------------------------------------------
+
+
+def _build(spec: LabSpec, tools: Tools, root: Path, ready_timeout: float) -> None:
+    directory = state_dir(spec.prefix, root)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Recorded first: whatever happens next, down finds the namespaces.
+    write_state(LabState(spec=spec), root)
+    t0 = time.monotonic()
+
+    system.run(
+        [tools.ip, "-batch", "-"],
+        what="create lab namespaces",
+        stdin=system.batch(render.netns_add_lines(spec)),
+    )
+    plans = [render.namespace_plan(spec, pod) for pod in spec.pods]
+
+    # Sysctls before links: new interfaces inherit the default.* values.
+    def set_sysctls(plan: render.NamespacePlan) -> None:
+        argv = [tools.ip, "netns", "exec", plan.netns, tools.sysctl, "-q", "-w", *plan.sysctls]
+        system.run(argv, what=f"sysctls of {plan.netns}")
+
+    system.parallel(set_sysctls, plans)
+    system.run(
+        [tools.ip, "-batch", "-"],
+        what="create lab links",
+        stdin=system.batch(render.veth_lines(spec)),
+    )
+
+    def configure(plan: render.NamespacePlan) -> None:
+        for opts, lines, step in (
+            ((), plan.setup, "links and addresses"),
+            (("-4",), plan.routes4, "IPv4 rules and routes"),
+            (("-6",), plan.routes6, "IPv6 rules and routes"),
+        ):
+            if lines:
+                system.run(
+                    [tools.ip, *opts, "-n", plan.netns, "-batch", "-"],
+                    what=f"{step} of {plan.netns}",
+                    stdin=system.batch(lines),
+                )
+
+    system.parallel(configure, plans)
+    ruleset = render.nft_ruleset(spec)
+    (directory / "lb.nft").write_text(ruleset)
+
+    def load_nft(netns: str) -> None:
+        argv = [tools.ip, "netns", "exec", netns, tools.nft, "-f", "-"]
+        system.run(argv, what=f"nftables of {netns}", stdin=ruleset)
+
+    system.parallel(load_nft, [spec.netns(f.pod) for f in spec.frontends])
+    log.debug("namespaces configured in %.2f s", time.monotonic() - t0)
+
+    records: list[ProcessRecord] = []
+    birds = [spec.pod(spec.gateway.pod), *(spec.pod(f.pod) for f in spec.frontends)]
+    records += system.parallel(partial(_start_bird, spec, tools=tools, directory=directory), birds)
+    write_state(LabState(spec=spec, processes=tuple(records)), root)
+    targets = spec.pods_of("target")
+    records += system.parallel(
+        partial(_start_target, spec, tools=tools, directory=directory), targets
+    )
+    write_state(LabState(spec=spec, processes=tuple(records)), root)
+    log.debug("processes started at %.2f s", time.monotonic() - t0)
+
+    _wait_ready(spec, tools, root, ready_timeout)
+    write_state(LabState(spec=spec, processes=tuple(records), complete=True), root)
+
+
+def _start_bird(spec: LabSpec, pod: Pod, tools: Tools, directory: Path) -> ProcessRecord:
+    paths = bird_paths(directory, pod.name)
+    if pod.role == "gateway":
+        conf = render.bird_gw_conf(spec, str(paths["log"]))
+    else:
+        conf = render.bird_fe_conf(spec, pod.name, str(paths["log"]))
+    paths["conf"].write_text(conf)
+    for stale in (paths["pid"], paths["ctl"]):
+        stale.unlink(missing_ok=True)
+    # bird checks the configuration, then forks into the background; -P says where it went.
+    argv = [tools.ip, "netns", "exec", pod.netns, tools.bird, "-c", str(paths["conf"])]
+    argv += ["-s", str(paths["ctl"]), "-P", str(paths["pid"])]
+    system.run(argv, what=f"start bird in {pod.netns}")
+    pid = system.wait_for_pidfile(paths["pid"], 5.0, f"bird in {pod.netns}")
+    return ProcessRecord(kind="bird", pod=pod.name, netns=pod.netns, pid=pid)
+
+
+def _start_target(spec: LabSpec, pod: Pod, tools: Tools, directory: Path) -> ProcessRecord:
+    paths = target_paths(directory, pod.name)
+    paths["pid"].unlink(missing_ok=True)
+    ports = ",".join(str(p) for p in spec.ports)
+    # --daemon: returns once every socket listens and the pid file is written.
+    argv = [tools.ip, "netns", "exec", pod.netns, sys.executable, "-m", system.TARGET_MODULE]
+    argv += ["--name", pod.name, "--netns", pod.netns, "--ports", ports]
+    argv += ["--address", spec.vip4, "--address", spec.vip6]
+    argv += ["--daemon", "--pidfile", str(paths["pid"]), "--log", str(paths["log"])]
+    system.run(argv, what=f"start the server of {pod.name}")
+    pid = system.wait_for_pidfile(paths["pid"], 5.0, f"server of {pod.name}")
+    return ProcessRecord(kind="target", pod=pod.name, netns=pod.netns, pid=pid)
+
+
+def _wait_ready(spec: LabSpec, tools: Tools, root: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = dataplane_problems(spec, tools.ip, tools.birdc, root)
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise LabError(f"lab not ready after {timeout:g} s: {'; '.join(problems[:3])}{more}")
+        time.sleep(0.2)

@@ -1,0 +1,221 @@
+"""What is there: namespaces, processes and BGP sessions of a lab.
+
+Why separate from building: ``status`` must work for anyone (a half-built
+lab, a lab whose bird died, no lab at all) and must never change anything.
+It reads ``lab.json``, looks at /run/netns and /proc, and asks each FE's
+bird over its control socket (``birdc -s SOCK show protocols``), the same
+question Meridio's frontend asks to decide whether a gateway is up.
+``up`` uses the same checks to wait until the lab carries traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from meridio_debug.controller.errors import LabError
+from meridio_debug.controller.lab import _system as system
+from meridio_debug.controller.lab.prereq import find_tools
+from meridio_debug.controller.lab.spec import DEFAULT_PREFIX, LabSpec
+from meridio_debug.controller.lab.state import (
+    STATE_ROOT,
+    bird_paths,
+    read_state,
+    state_dir,
+)
+
+# bird2 `show protocols`: Name Proto Table State Since Info; Since is a time,
+# or a date and a time, depending on bird's timeformat.
+_PROTO_LINE = re.compile(
+    r"^(?P<name>\S+)\s+(?P<proto>\S+)\s+(?P<table>\S+)\s+(?P<state>\S+)\s+"
+    r"(?P<since>\d{4}-\d\d-\d\d \S+|\S+)\s*(?P<info>.*)$"
+)
+
+
+@dataclass(frozen=True)
+class NamespaceStatus:
+    name: str
+    pod: str
+    role: str
+    exists: bool
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    kind: str  # "bird" or "target"
+    pod: str
+    netns: str
+    pid: int
+    alive: bool
+
+
+@dataclass(frozen=True)
+class BgpSession:
+    """One BGP protocol of an FE as bird reports it."""
+
+    pod: str
+    protocol: str
+    state: str  # bird's State column ("up", "start", ...), or "unknown"
+    info: str  # bird's Info column ("Established", "Active Socket: ..."), or why unknown
+
+    @property
+    def established(self) -> bool:
+        return self.state == "up" and self.info.startswith("Established")
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    """The lab with one prefix, as found now."""
+
+    prefix: str
+    spec: LabSpec | None  # None: no lab.json
+    complete: bool  # ``up`` finished
+    namespaces: tuple[NamespaceStatus, ...]
+    processes: tuple[ProcessStatus, ...]
+    sessions: tuple[BgpSession, ...]
+    stray_namespaces: tuple[str, ...]  # named like this lab's but not in its spec
+
+    @property
+    def exists(self) -> bool:
+        return self.spec is not None or bool(self.stray_namespaces)
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """What is wrong, one line each; empty for a healthy lab."""
+        if self.spec is None:
+            if self.stray_namespaces:
+                return (
+                    f"namespaces {', '.join(self.stray_namespaces)} exist but no lab is "
+                    "recorded: run lab down (or lab up) with this prefix",
+                )
+            return ("no lab with this prefix",)
+        out: list[str] = []
+        if not self.complete:
+            out.append("lab up did not finish")
+        out += [f"namespace {n.name} missing" for n in self.namespaces if not n.exists]
+        out += [
+            f"{p.kind} in {p.pod} (pid {p.pid}) not running" for p in self.processes if not p.alive
+        ]
+        out += [
+            f"{s.pod} {s.protocol}: {s.state} {s.info}".rstrip()
+            for s in self.sessions
+            if not s.established
+        ]
+        out += [f"stray namespace {n}" for n in self.stray_namespaces]
+        return tuple(out)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def established(self, pod: str) -> bool:
+        """Whether every gateway session of FE ``pod`` is Established."""
+        mine = [s for s in self.sessions if s.pod == pod]
+        return bool(mine) and all(s.established for s in mine)
+
+
+def parse_bird_protocols(text: str) -> dict[str, tuple[str, str]]:
+    """``birdc show protocols`` output -> protocol name -> (state, info)."""
+    out: dict[str, tuple[str, str]] = {}
+    header_seen = False
+    for line in text.splitlines():
+        if line.startswith("Name "):
+            header_seen = True
+            continue
+        if not header_seen or not line.strip():
+            continue
+        m = _PROTO_LINE.match(line.strip())
+        if m:
+            out[m["name"]] = (m["state"], m["info"].strip())
+    return out
+
+
+def bgp_sessions(spec: LabSpec, birdc: str | None, root: Path = STATE_ROOT) -> list[BgpSession]:
+    """The gateway sessions of every FE (``unknown`` when bird cannot be asked)."""
+    directory = state_dir(spec.prefix, root)
+    names = (spec.bgp.protocol4, spec.bgp.protocol6)
+
+    def ask(pod: str) -> list[BgpSession]:
+        if birdc is None:
+            return [BgpSession(pod, n, "unknown", "birdc not found") for n in names]
+        socket = bird_paths(directory, pod)["ctl"]
+        try:
+            text = system.run(
+                [birdc, "-s", str(socket), "show", "protocols"], what=f"birdc {pod}", timeout=5
+            )
+        except LabError as exc:
+            return [BgpSession(pod, n, "unknown", str(exc)) for n in names]
+        found = parse_bird_protocols(text)
+        return [
+            BgpSession(pod, n, *found.get(n, ("unknown", "no such protocol in bird")))
+            for n in names
+        ]
+
+    results = system.parallel(ask, [f.pod for f in spec.frontends])
+    return [s for group in results for s in group]
+
+
+def _route_hops(ip: str, netns: str, family: int, dst: str, table: str) -> int:
+    """How many next hops ``ip -n netns route show dst table table`` has (0: no route)."""
+    text = system.run(
+        [ip, f"-{family}", "-n", netns, "-j", "route", "show", dst, "table", table],
+        what=f"routes of {netns}",
+        timeout=5,
+    )
+    routes = json.loads(text or "[]")
+    return sum(
+        len(r.get("nexthops", [])) or 1 for r in routes if r.get("type", "unicast") == "unicast"
+    )
+
+
+def dataplane_problems(spec: LabSpec, ip: str, birdc: str, root: Path = STATE_ROOT) -> list[str]:
+    """What still keeps traffic from flowing: sessions, FE egress defaults, gateway VIP routes."""
+    problems = [
+        f"{s.pod} {s.protocol}: {s.state} {s.info}".rstrip()
+        for s in bgp_sessions(spec, birdc, root)
+        if not s.established
+    ]
+    if problems:
+        return problems
+    gw_ns = spec.netns(spec.gateway.pod)
+    checks: list[tuple[str, int, str, str, int]] = [
+        (gw_ns, 4, f"{spec.vip4}/32", "main", len(spec.frontends)),
+        (gw_ns, 6, f"{spec.vip6}/128", "main", len(spec.frontends)),
+    ]
+    for f in spec.frontends:
+        ns = spec.netns(f.pod)
+        checks += [(ns, fam, "default", str(spec.vip_table), 1) for fam in (4, 6)]
+
+    def check(item: tuple[str, int, str, str, int]) -> str | None:
+        ns, fam, dst, table, want = item
+        have = _route_hops(ip, ns, fam, dst, table)
+        if have < want:
+            return f"{ns}: {dst} table {table} has {have} of {want} next hops"
+        return None
+
+    return [p for p in system.parallel(check, checks) if p]
+
+
+def status(prefix: str = DEFAULT_PREFIX, root: Path = STATE_ROOT) -> LabStatus:
+    """What exists of lab ``prefix`` now. Changes nothing; works without root (less detail)."""
+    state = read_state(prefix, root)
+    found = set(system.lab_namespaces(prefix))
+    if state is None:
+        return LabStatus(prefix, None, False, (), (), (), tuple(sorted(found)))
+    spec = state.spec
+    directory = state_dir(prefix, root)
+    namespaces = tuple(
+        NamespaceStatus(p.netns, p.name, p.role, system.netns_exists(p.netns)) for p in spec.pods
+    )
+    processes = tuple(
+        ProcessStatus(
+            r.kind, r.pod, r.netns, r.pid, system.is_lab_process(r.pid, directory, r.netns)
+        )
+        for r in state.processes
+    )
+    tools, _ = find_tools()
+    sessions = tuple(bgp_sessions(spec, tools.get("birdc"), root))
+    stray = tuple(sorted(found - set(spec.namespaces)))
+    return LabStatus(prefix, spec, state.complete, namespaces, processes, sessions, stray)
