@@ -36,9 +36,8 @@ import psutil
 
 from meridio_debug.agent.collectors.procs import (
     PROC,
-    is_program,
+    find_program,
     process_argv,
-    processes_in_own_netns,
 )
 from meridio_debug.agent.errors import CollectorError, SectionAbsent
 from meridio_debug.protos import agent_pb2 as pb
@@ -269,7 +268,7 @@ def socket_candidates(pid: int, argv: Sequence[str], proc: str = PROC) -> list[s
 
 def find_bird_processes(proc: str = PROC) -> list[psutil.Process]:
     """bird daemons in our network namespace (not birdc), lowest pid first."""
-    return [p for p in processes_in_own_netns(proc) if is_program(p, "bird")]
+    return find_program("bird", proc)
 
 
 def _connect_unix(sock: socket.socket, path: str) -> None:

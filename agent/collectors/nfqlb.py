@@ -47,9 +47,8 @@ import psutil
 from meridio_debug.agent.collectors.procs import (
     PROC,
     CommandResult,
-    is_program,
+    find_program,
     process_argv,
-    processes_in_own_netns,
     run_readonly,
 )
 from meridio_debug.agent.errors import CollectorError, SectionAbsent
@@ -236,7 +235,7 @@ def find_nfqlb_processes(proc: str = PROC) -> list[psutil.Process]:
     Meridio's LB also runs short-lived ``nfqlb activate``/``flow-set``;
     ``flowlb`` (or the older ``lb``) is the one that owns flows and shm.
     """
-    found = [p for p in processes_in_own_netns(proc) if is_program(p, "nfqlb")]
+    found = find_program("nfqlb", proc)
 
     def rank(p: psutil.Process) -> tuple[int, int]:
         argv = process_argv(p)
@@ -247,9 +246,19 @@ def find_nfqlb_processes(proc: str = PROC) -> list[psutil.Process]:
 
 
 def binary_candidates(pid: int, proc: str = PROC) -> list[str]:
-    """Where an nfqlb binary of the running LB can be executed from."""
+    """Where an nfqlb binary of the running LB can be executed from.
+
+    ``/proc/PID/exe`` only when it really is nfqlb (not an interpreter or a
+    wrapper that happens to be called nfqlb): running anything else with
+    ``flow-list`` as argument would be a guess.
+    """
+    exe = f"{proc}/{pid}/exe"
+    try:
+        use_exe = os.path.basename(os.readlink(exe)).split(" ")[0] == "nfqlb"
+    except OSError:
+        use_exe = True  # unreadable link: let the exec attempt tell
     return [
-        f"{proc}/{pid}/exe",
+        *([exe] if use_exe else []),
         f"{proc}/{pid}/root/bin/nfqlb",
         f"{proc}/{pid}/root/usr/bin/nfqlb",
         f"{proc}/{pid}/root/usr/local/bin/nfqlb",
@@ -313,13 +322,58 @@ def shm_names(pid: int, flows: Sequence[pb.NfqlbFlow], proc: str = PROC) -> list
     return sorted(names)[:MAX_SHMS]
 
 
+class _Runner:
+    """Runs the LB's nfqlb binary during one collect().
+
+    It remembers which binary executes, gives up on the binary after the first
+    time none does (then the fallbacks are used), and keeps to a deadline.
+    """
+
+    def __init__(
+        self, pid: int, env: dict[str, str], *, timeout: float, budget: float, proc: str
+    ) -> None:
+        self.pid = pid
+        self.env = env
+        self.timeout = timeout
+        self.deadline = time.monotonic() + budget
+        self.candidates = binary_candidates(pid, proc)
+        self.binary: str | None = None
+        self.unusable: str | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, args: Sequence[str]) -> CommandResult:
+        if self.unusable is not None:
+            raise CollectorError(self.unusable)
+        candidates = [self.binary] if self.binary else self.candidates
+        errors: list[str] = []
+        for binary in candidates:
+            timeout = min(self.timeout, self.remaining())
+            if timeout <= 0:
+                raise CollectorError("nfqlb: collection time budget used up")
+            try:
+                result = run_readonly([binary, *args], timeout=timeout, env=self.env)
+            except OSError as exc:
+                errors.append(f"{binary}: {exc.strerror or exc}")
+                continue
+            if result.returncode in (126, 127):  # exec/loader failure, e.g. missing libraries
+                errors.append(f"{binary}: exit {result.returncode} {result.stderr.strip()[:120]}")
+                continue
+            self.binary = binary
+            return result
+        self.unusable = "cannot execute nfqlb: " + "; ".join(errors)
+        raise CollectorError(self.unusable)
+
+
 class NfqlbCollector:
     """Section ``nfqlb``: flows and Maglev tables of the pod's ``nfqlb flowlb``."""
 
     name = "nfqlb"
 
-    def __init__(self, timeout: float = 5.0, proc: str = PROC) -> None:
+    def __init__(self, timeout: float = 5.0, budget: float = 20.0, proc: str = PROC) -> None:
         self._timeout = timeout
+        self._budget = budget
         self._proc = proc
 
     def available(self) -> tuple[bool, str]:
@@ -331,7 +385,8 @@ class NfqlbCollector:
             return False, NO_NFQLB
         return True, f"nfqlb pid {found[0].pid}"
 
-    def _env(self, p: psutil.Process) -> dict[str, str]:
+    @staticmethod
+    def _env(p: psutil.Process) -> dict[str, str]:
         """Our environment plus the LB's NFQLB_FLOW_ADDRESS (nothing else of its env)."""
         env = dict(os.environ)
         env.pop("NFQLB_FLOW_ADDRESS", None)
@@ -341,49 +396,35 @@ class NfqlbCollector:
                 env["NFQLB_FLOW_ADDRESS"] = addr
         return env
 
-    def _run_nfqlb(self, pid: int, args: Sequence[str], env: dict[str, str]) -> CommandResult:
-        """Run the LB's own nfqlb binary with ``args``; the first one that executes wins."""
-        errors: list[str] = []
-        for binary in binary_candidates(pid, self._proc):
-            try:
-                result = run_readonly([binary, *args], timeout=self._timeout, env=env)
-            except OSError as exc:
-                errors.append(f"{binary}: {exc.strerror or exc}")
-                continue
-            if result.returncode in (126, 127):  # loader/exec failure, e.g. missing libraries
-                errors.append(f"{binary}: exit {result.returncode} {result.stderr.strip()[:120]}")
-                continue
-            return result
-        raise CollectorError("cannot execute nfqlb: " + "; ".join(errors))
-
-    def _flows(self, pid: int, env: dict[str, str]) -> list[pb.NfqlbFlow]:
+    def _flows(self, runner: _Runner) -> list[pb.NfqlbFlow]:
         problems: list[str] = []
         try:
-            result = self._run_nfqlb(pid, ["flow-list"], env)
+            result = runner.run(["flow-list"])
             if result.returncode == 0:
                 return parse_flow_list(result.stdout)
             problems.append(f"nfqlb flow-list: {result.stderr.strip() or result.returncode}")
         except CollectorError as exc:
             problems.append(str(exc))
-        name = flow_socket_name(env)
+        name = flow_socket_name(runner.env)
         if name is None:
             raise CollectorError("; ".join([*problems, "flow socket is not a unix address"]))
         try:
-            return parse_flow_list(request_flow_list(name, timeout=self._timeout))
+            text = request_flow_list(name, timeout=max(0.1, min(self._timeout, runner.remaining())))
         except OSError as exc:
             problems.append(f"@{name}: {exc.strerror or exc}")
             raise CollectorError("cannot list nfqlb flows: " + "; ".join(problems)) from exc
+        return parse_flow_list(text)
 
-    def _shm(self, pid: int, name: str, env: dict[str, str]) -> pb.NfqlbShm:
+    def _shm(self, runner: _Runner, name: str) -> pb.NfqlbShm:
         problems: list[str] = []
         try:
-            result = self._run_nfqlb(pid, ["show", f"--shm={name}"], env)
+            result = runner.run(["show", f"--shm={name}"])
             if result.returncode == 0:
                 return parse_show(result.stdout, name)
             problems.append(f"nfqlb show: {result.stderr.strip() or result.returncode}")
         except CollectorError as exc:
             problems.append(str(exc))
-        for path in (f"{self._proc}/{pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
+        for path in (f"{self._proc}/{runner.pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
             try:
                 with open(path, "rb") as f:
                     data = f.read(MAX_OUTPUT_BYTES)
@@ -398,16 +439,18 @@ class NfqlbCollector:
         if not found:
             raise SectionAbsent(NO_NFQLB)
         lb = found[0]
-        env = self._env(lb)
+        runner = _Runner(
+            lb.pid, self._env(lb), timeout=self._timeout, budget=self._budget, proc=self._proc
+        )
         out = snap.nfqlb
         out.pid = lb.pid
         out.cmdline.extend(process_argv(lb))
-        flows = self._flows(lb.pid, env)
+        flows = self._flows(runner)
         out.flows.extend(flows)
         failed: list[str] = []
         for name in shm_names(lb.pid, flows, self._proc):
             try:
-                out.shms.append(self._shm(lb.pid, name, env))
+                out.shms.append(self._shm(runner, name))
             except CollectorError as exc:
                 failed.append(str(exc))
         if failed:

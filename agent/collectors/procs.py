@@ -19,6 +19,7 @@ through ``run_readonly`` (argv list, no shell, always a timeout).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -105,6 +106,34 @@ def is_program(p: psutil.Process, program: str) -> bool:
         return True
     argv = process_argv(p)
     return bool(argv) and os.path.basename(argv[0]) == program
+
+
+def find_program(program: str, proc: str = PROC) -> list[psutil.Process]:
+    """Processes running ``program`` in our network namespace, lowest pid first.
+
+    When none is found but some process running ``program`` has a network
+    namespace the agent cannot read, that is an error, not an absence: saying
+    "no bird here" when the agent merely lacks SYS_PTRACE would send the user
+    looking in the wrong place.
+    """
+    found = [p for p in processes_in_own_netns(proc) if is_program(p, program)]
+    if found:
+        return found
+    hidden = []
+    for pid in sorted(psutil.pids()):
+        if pid == os.getpid() or netns_inode(pid, proc) is not None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if is_program(p, program):
+                hidden.append(pid)
+    if hidden:
+        raise CollectorError(
+            f"{program} runs (pid {', '.join(map(str, hidden))}) but the agent cannot read "
+            f"{proc}/PID/ns/net to tell whether it is in this pod's network namespace: "
+            "give the agent SYS_PTRACE (profile netadmin) or run it privileged"
+        )
+    return []
 
 
 # --------------------------------------------------------------------------
