@@ -285,6 +285,23 @@ def test_collector_absent_without_bird_in_netns(bird_pair: BirdPair):
     assert section["message"] == "no bird process in this pod's network namespace"
 
 
+def test_collector_error_names_the_paths_when_socket_unreachable(bird_pair: BirdPair):
+    moved = bird_pair.fe_sock + ".moved"
+    deadline = time.monotonic() + 5
+    while not os.path.exists(bird_pair.fe_sock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.rename(bird_pair.fe_sock, moved)
+    try:
+        snap = bird_pair.collect_in(bird_pair.fe)
+    finally:
+        os.rename(moved, bird_pair.fe_sock)
+    section = _section(snap, "bird")
+    assert section["state"] == "ERROR"
+    pid = bird_pair.procs["fe"].pid
+    assert f"bird pid {pid} runs but its control socket is unreachable" in section["message"]
+    assert f"/proc/{pid}/root{bird_pair.fe_sock}: no such socket" in section["message"]
+
+
 # --------------------------------------------------------------------------
 # fixture recorder
 
