@@ -98,9 +98,10 @@ def up(
             _teardown(prefix, spec, recorded.processes if recorded else (), tools.ip, root)
         except Exception as cleanup_exc:
             log.error("cleanup after failed lab up failed too: %s", cleanup_exc)
-        if isinstance(exc, (LabError, KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise LabError(f"lab up failed: {type(exc).__name__}: {exc}") from exc
+        detail = str(exc) if isinstance(exc, LabError) else f"{type(exc).__name__}: {exc}"
+        raise LabError(f"lab up failed: {detail} (what it had made is removed)") from exc
     log.info("lab %s is up (%.1f s)", prefix, time.monotonic() - started)
 
 

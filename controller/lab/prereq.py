@@ -62,7 +62,7 @@ def check_prerequisites(
     uid = os.geteuid() if euid is None else euid
     if uid != 0:
         raise LabError(
-            f"{action} needs root to create network namespaces (running as uid {uid}): "
+            f"{action} needs root, it manages network namespaces (running as uid {uid}): "
             "run it as root, e.g. with sudo"
         )
     found, missing = find_tools(path)

@@ -1,0 +1,248 @@
+"""The lab on the real kernel: what a user of `lab up/status/traffic/down` would notice.
+
+One default lab (unique prefix) is built for the module and always removed;
+tests that must build or break their own lab use their own prefix. Nothing
+here mocks the kernel: prerequisite failures are provoked by handing ``up``
+a tool that does not exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meridio_debug.controller.errors import LabError
+from meridio_debug.controller.lab import (
+    build_spec,
+    check_prerequisites,
+    down,
+    load_spec,
+    status,
+    traffic,
+    up,
+)
+from meridio_debug.controller.lab._system import lab_namespaces, pid_alive
+from meridio_debug.controller.lab.state import STATE_ROOT, read_state, state_dir
+
+needs_root = [
+    pytest.mark.netns,
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 not installed"),
+]
+
+
+def root_test(fn):
+    for mark in reversed(needs_root):
+        fn = mark(fn)
+    return fn
+
+
+def ip_json(*args: str):
+    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+def namespaces() -> set[str]:
+    return {n["name"] for n in ip_json("netns", "list")}
+
+
+@pytest.fixture(scope="module")
+def lab(lab_prefix):
+    prefix = lab_prefix()
+    spec = build_spec(prefix=prefix)
+    try:
+        up(spec)
+        yield spec
+    finally:
+        down(prefix)
+        assert not lab_namespaces(prefix)
+
+
+@root_test
+def test_every_namespace_exists(lab):
+    assert set(lab.namespaces) <= namespaces()
+    assert len(lab.namespaces) == 9
+
+
+@root_test
+def test_both_fes_have_v4_and_v6_sessions_established(lab):
+    deadline = time.monotonic() + 20
+    while True:
+        st = status(lab.prefix)
+        if all(st.established(f.pod) for f in lab.frontends) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    got = {(s.pod, s.protocol): s.info for s in st.sessions}
+    assert got == {
+        (fe, proto): "Established"
+        for fe in ("lb-fe-a", "lb-fe-b")
+        for proto in ("NBR-gateway-v4-a", "NBR-gateway-v6-a")
+    }
+    assert st.healthy, st.problems
+
+
+@root_test
+@pytest.mark.parametrize("family", ["-4", "-6"])
+def test_lbs_have_fwmark_and_vip_rules(lab, family):
+    vip = lab.vip4 if family == "-4" else lab.vip6
+    for fe in lab.frontends:
+        rules = ip_json(family, "-n", lab.netns(fe.pod), "rule")
+        marks = {(int(r["fwmark"], 0), str(r["table"])) for r in rules if "fwmark" in r}
+        assert marks == {(m, str(m)) for m in (5001, 5002, 5003, 5004)}
+        vip_rules = {(r["priority"], r["table"]) for r in rules if r.get("src") == vip}
+        assert vip_rules == {(100, "4096"), (101, "4097")}
+        # Meridio adds fwmark rules without a priority after the VIP rules: 99, 98, ...
+        assert sorted(r["priority"] for r in rules if "fwmark" in r) == [96, 97, 98, 99]
+
+
+@root_test
+def test_traffic_is_answered_by_the_predicted_target(lab):
+    result = traffic(lab.prefix, connections=64)
+    assert len(result.results) == 128
+    assert not result.failures, [(r.probe, r.error) for r in result.failures[:5]]
+    assert not result.mispredicted, [(r.probe, r.answer, r.expected) for r in result.mispredicted]
+    for family in (4, 6):
+        got = {r.answer for r in result.results if r.probe.family == family}
+        assert got == {t.pod for t in lab.targets}, f"IPv{family}: not every target answered"
+    assert {r.probe.proto for r in result.results} == {"tcp", "udp"}
+    assert result.healthy
+
+
+@root_test
+def test_load_spec_returns_the_running_lab(lab):
+    assert load_spec(lab.prefix) == lab
+
+
+@root_test
+def test_second_up_changes_nothing(lab):
+    state_file = state_dir(lab.prefix) / "lab.json"
+    before = state_file.read_bytes()
+    ns_ids = {ns: os.stat(f"/run/netns/{ns}").st_ino for ns in lab.namespaces}
+    links = ip_json("-n", lab.netns("proxy-a"), "link")
+    up(lab)
+    assert state_file.read_bytes() == before
+    assert {ns: os.stat(f"/run/netns/{ns}").st_ino for ns in lab.namespaces} == ns_ids
+    assert ip_json("-n", lab.netns("proxy-a"), "link") == links
+
+
+@root_test
+def test_another_layout_with_the_same_prefix_is_refused(lab):
+    with pytest.raises(LabError) as info:
+        up(build_spec(prefix=lab.prefix, lbs=1))
+    assert "\n" not in str(info.value)
+    assert "lab down" in str(info.value)
+    assert status(lab.prefix).healthy
+
+
+@root_test
+def test_half_built_lab_is_rebuilt(lab):
+    state = read_state(lab.prefix)
+    victim = next(p for p in state.processes if p.pod == "target-b1")
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pid_alive(victim.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    broken = status(lab.prefix)
+    assert not broken.healthy
+    assert any("target-b1" in p for p in broken.problems)
+
+    up(lab)
+
+    assert status(lab.prefix).healthy
+    assert traffic(lab.prefix, connections=16).healthy
+    new = next(p for p in read_state(lab.prefix).processes if p.pod == "target-b1")
+    assert new.pid != victim.pid
+
+
+@root_test
+def test_failed_up_is_one_line_and_leaves_nothing(lab_prefix):
+    prefix = lab_prefix()
+    tools = dataclasses.replace(check_prerequisites(), bird="/nonexistent/bird")
+    with pytest.raises(LabError) as info:
+        up(build_spec(prefix=prefix), tools=tools)
+    assert "\n" not in str(info.value)
+    assert "bird" in str(info.value)
+    assert not lab_namespaces(prefix)
+    assert not state_dir(prefix).exists()
+
+
+@root_test
+def test_down_removes_namespaces_processes_and_state(lab_prefix):
+    prefix = lab_prefix()
+    spec = build_spec(prefix=prefix)
+    try:
+        up(spec)
+        pids = [p.pid for p in read_state(prefix).processes]
+        assert len(pids) == 3 + 4  # bird in gw and both FEs, one server per target
+        assert all(pid_alive(p) for p in pids)
+    finally:
+        down(prefix)
+    assert not set(spec.namespaces) & namespaces()
+    assert not [p for p in pids if pid_alive(p)]
+    assert not state_dir(prefix).exists()
+    assert not status(prefix).exists
+    down(prefix)  # nothing left: still fine
+
+
+def test_target_server_answers_and_exits_cleanly_on_sigterm(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = tmp_path / "t.pid"
+    argv = [sys.executable, "-m", "meridio_debug.controller.lab.target_server"]
+    argv += ["--name", "target-x1", "--address", "127.0.0.1", "--ports", str(port)]
+    argv += ["--pidfile", str(pidfile)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 10
+            while not pidfile.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                assert c.makefile().readline() == "target-x1\n"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(5)
+                u.sendto(b"?", ("127.0.0.1", port))
+                assert u.recv(100) == b"target-x1\n"
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    assert "stopped after 2 answers" in out
+    assert not pidfile.exists()
+
+
+@root_test
+@pytest.mark.slow
+def test_scaled_lab_carries_traffic(lab_prefix):
+    prefix = lab_prefix()
+    spec = build_spec(prefix=prefix, lbs=4, proxies=4, targets_per_proxy=10)
+    try:
+        up(spec)
+        st = status(prefix)
+        assert st.healthy, st.problems
+        result = traffic(prefix, connections=64)
+        assert not result.failures, [(r.probe, r.error) for r in result.failures[:5]]
+        assert not result.mispredicted
+        assert len(result.counts) == 40
+        assert not result.unreached  # the default seed reaches all 40 with 128 sources
+    finally:
+        down(prefix)
+    assert not lab_namespaces(prefix)
+
+
+def test_state_root_is_under_run():
+    # Other tools (analysis, CLI) find running labs here; keep it stable.
+    assert Path("/run/meridio-debug/lab") == STATE_ROOT
