@@ -68,6 +68,7 @@ _SECTION_STATES: Final[Mapping[int, SectionState]] = {
 
 _RULE_ACTIONS: Final[Mapping[str, str]] = {
     "": "lookup",
+    "unspec": "lookup",
     "to_tbl": "lookup",
     "fr_act_to_tbl": "lookup",
     "lookup": "lookup",

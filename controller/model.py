@@ -234,7 +234,8 @@ class Neighbour:
 
     @property
     def is_failed(self) -> bool:
-        return self.state in ("FAILED", "INCOMPLETE")
+        """FAILED or INCOMPLETE (the agent joins several NUD bits with commas)."""
+        return any(part in ("FAILED", "INCOMPLETE") for part in self.state.split(","))
 
     def __str__(self) -> str:
         mac = f" lladdr {self.lladdr}" if self.lladdr else ""
@@ -432,6 +433,13 @@ class PodResult:
     @property
     def reachable(self) -> bool:
         return self.snapshot is not None
+
+    @property
+    def effective_role(self) -> Role:
+        """The runtime's role, else the one the snapshot carries (possibly inferred)."""
+        if self.role != "unknown" or self.snapshot is None:
+            return self.role
+        return self.snapshot.role
 
 
 @dataclass(frozen=True, slots=True)
