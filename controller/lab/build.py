@@ -31,7 +31,7 @@ from pathlib import Path
 from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
 from meridio_debug.controller.lab import render
-from meridio_debug.controller.lab.prereq import Tools, check_prerequisites
+from meridio_debug.controller.lab.prereq import Tools, check_prerequisites, check_root_and_ip
 from meridio_debug.controller.lab.spec import LabSpec, Pod, check_prefix
 from meridio_debug.controller.lab.state import (
     STATE_ROOT,
@@ -59,7 +59,10 @@ def up(
 ) -> None:
     """Build the lab described by ``spec`` (see lab.md) and wait until it carries traffic.
 
-    Idempotent. Raises LabError (one line) when a prerequisite is missing,
+    Idempotent: a complete lab whose namespaces and processes all exist is
+    left as it is, including changes made inside it on purpose (a route
+    deleted to see what ``analyze`` says); ``down`` then ``up`` gives a fresh
+    one. Raises LabError (one line) when a prerequisite is missing,
     when a lab with the same prefix but another layout is up, or when the
     build fails; in the last case everything made so far is removed first.
     """
@@ -69,11 +72,15 @@ def up(
     if state is not None:
         if state.spec != spec:
             old = state.spec
-            raise LabError(
-                f"a lab with prefix {prefix!r} is already up with another layout "
-                f"({old.lbs} LBs, {old.proxies} proxies, {old.targets_per_proxy} targets per "
-                "proxy): take it down first (lab down)"
-            )
+            sizes = (old.lbs, old.proxies, old.targets_per_proxy)
+            if sizes == (spec.lbs, spec.proxies, spec.targets_per_proxy):
+                what = "was built by another version of meridio-debug"
+            else:
+                what = (
+                    f"is already up with another layout ({old.lbs} LBs, {old.proxies} proxies, "
+                    f"{old.targets_per_proxy} targets per proxy)"
+                )
+            raise LabError(f"the lab with prefix {prefix!r} {what}: take it down first (lab down)")
         problems = _structural_problems(state, root)
         if state.complete and not problems:
             log.info("lab %s is already up", prefix)
@@ -113,15 +120,9 @@ def down(prefix: str, *, root: Path = STATE_ROOT, tools: Tools | None = None) ->
     lab's own.
     """
     check_prefix(prefix)
-    tools = tools or check_prerequisites(action="lab down")
+    ip = tools.ip if tools else check_root_and_ip("lab down")
     state = read_state(prefix, root)
-    _teardown(
-        prefix,
-        state.spec if state else None,
-        state.processes if state else (),
-        tools.ip,
-        root,
-    )
+    _teardown(prefix, state.spec if state else None, state.processes if state else (), ip, root)
 
 
 # --- checks -------------------------------------------------------------------------------------

@@ -55,16 +55,29 @@ def find_tools(path: str | None = None) -> tuple[dict[str, str], list[str]]:
     return found, missing
 
 
-def check_prerequisites(
-    euid: int | None = None, path: str | None = None, action: str = "lab up"
-) -> Tools:
-    """The tools to use, or LabError (one line) saying what is missing and how to get it."""
+def check_root_and_ip(action: str, euid: int | None = None, path: str | None = None) -> str:
+    """The path of ``ip`` for commands that only enter or delete namespaces (down, traffic)."""
+    _check_root(action, euid)
+    found, missing = find_tools(path)
+    if "ip" in missing:
+        raise LabError(f"{action} needs ip (not on PATH): apt-get install iproute2")
+    return found["ip"]
+
+
+def _check_root(action: str, euid: int | None) -> None:
     uid = os.geteuid() if euid is None else euid
     if uid != 0:
         raise LabError(
             f"{action} needs root, it manages network namespaces (running as uid {uid}): "
             "run it as root, e.g. with sudo"
         )
+
+
+def check_prerequisites(
+    euid: int | None = None, path: str | None = None, action: str = "lab up"
+) -> Tools:
+    """The tools to use, or LabError (one line) saying what is missing and how to get it."""
+    _check_root(action, euid)
     found, missing = find_tools(path)
     if missing:
         packages = sorted({REQUIRED_TOOLS[t] for t in missing})

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
@@ -109,6 +110,28 @@ class LabStatus:
     @property
     def healthy(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for ``lab status -o json``)."""
+        spec = self.spec
+        return {
+            "prefix": self.prefix,
+            "exists": self.exists,
+            "complete": self.complete,
+            "healthy": self.healthy,
+            "problems": list(self.problems),
+            "layout": None
+            if spec is None
+            else {
+                "lbs": spec.lbs,
+                "proxies": spec.proxies,
+                "targets_per_proxy": spec.targets_per_proxy,
+            },
+            "namespaces": [asdict(n) for n in self.namespaces],
+            "processes": [asdict(p) for p in self.processes],
+            "sessions": [{**asdict(x), "established": x.established} for x in self.sessions],
+            "stray_namespaces": list(self.stray_namespaces),
+        }
 
     def established(self, pod: str) -> bool:
         """Whether every gateway session of FE ``pod`` is Established."""

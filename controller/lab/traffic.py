@@ -15,14 +15,14 @@ import json
 import logging
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
 from meridio_debug.controller.lab.jhash import predict_target
-from meridio_debug.controller.lab.prereq import check_prerequisites
+from meridio_debug.controller.lab.prereq import check_root_and_ip
 from meridio_debug.controller.lab.spec import LabSpec
 from meridio_debug.controller.lab.state import STATE_ROOT, load_spec
 
@@ -92,6 +92,28 @@ class TrafficResult:
         """lab.md: every probe answered by exactly one target, and every target got some."""
         return bool(self.results) and not self.failures and not self.unreached
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary and every probe (for ``lab traffic -o json``)."""
+        return {
+            "prefix": self.prefix,
+            "healthy": self.healthy,
+            "probes": len(self.results),
+            "failures": len(self.failures),
+            "mispredicted": len(self.mispredicted),
+            "counts": self.counts,
+            "unreached": list(self.unreached),
+            "results": [
+                {
+                    **asdict(r.probe),
+                    "answer": r.answer,
+                    "expected": r.expected,
+                    "error": r.error,
+                    "ms": r.ms,
+                }
+                for r in self.results
+            ],
+        }
+
 
 def plan_probes(
     spec: LabSpec, connections: int = 64, family: int | None = None, udp: bool = True
@@ -146,7 +168,7 @@ def traffic(
     spec = load_spec(lab, root) if isinstance(lab, str) else lab
     if spec is None:
         raise LabError(f"traffic: no lab with prefix {lab!r} is up (run lab up first)")
-    tools = check_prerequisites(action="lab traffic")
+    ip = check_root_and_ip("lab traffic")
     gw_ns = spec.netns(spec.gateway.pod)
     if not system.netns_exists(gw_ns):
         raise LabError(f"traffic: the gateway namespace {gw_ns} does not exist (run lab up)")
@@ -158,7 +180,7 @@ def traffic(
     }
     rounds = -(-len(probes) // max(1, concurrency))
     out = system.run(
-        [tools.ip, "netns", "exec", gw_ns, sys.executable, "-m", system.CLIENT_MODULE],
+        [ip, "netns", "exec", gw_ns, sys.executable, "-m", system.CLIENT_MODULE],
         what=f"traffic client in {gw_ns}",
         stdin=json.dumps(request),
         timeout=10.0 + rounds * timeout * 2,

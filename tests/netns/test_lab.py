@@ -90,6 +90,7 @@ def test_both_fes_have_v4_and_v6_sessions_established(lab):
         for proto in ("NBR-gateway-v4-a", "NBR-gateway-v6-a")
     }
     assert st.healthy, st.problems
+    assert json.loads(json.dumps(st.to_dict()))["healthy"] is True
 
 
 @root_test
@@ -117,6 +118,7 @@ def test_traffic_is_answered_by_the_predicted_target(lab):
         assert got == {t.pod for t in lab.targets}, f"IPv{family}: not every target answered"
     assert {r.probe.proto for r in result.results} == {"tcp", "udp"}
     assert result.healthy
+    assert json.loads(json.dumps(result.to_dict()))["probes"] == 128
 
 
 @root_test

@@ -364,6 +364,13 @@ def test_not_root_is_a_one_line_error():
     assert "root" in msg and "1000" in msg
 
 
+def test_down_and_traffic_need_root_too():
+    from meridio_debug.controller.lab.prereq import check_root_and_ip
+
+    with pytest.raises(LabError, match=r"^lab down needs root.*sudo$"):
+        check_root_and_ip("lab down", euid=1000)
+
+
 def test_missing_tools_name_the_debian_packages(tmp_path):
     with pytest.raises(LabError) as info:
         check_prerequisites(euid=0, path=str(tmp_path))
