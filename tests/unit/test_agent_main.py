@@ -25,7 +25,15 @@ def test_parse_listen_accepts(text: str, target: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["unix:relative.sock", "tcp:127.0.0.1", "tcp:localhost:7000", "tcp:127.0.0.1:0", "udp:1.2.3.4:5", ""]
+    "text",
+    [
+        "unix:relative.sock",
+        "tcp:127.0.0.1",
+        "tcp:localhost:7000",
+        "tcp:127.0.0.1:0",
+        "udp:1.2.3.4:5",
+        "",
+    ],
 )
 def test_parse_listen_rejects_with_expected_form(text: str) -> None:
     with pytest.raises(ListenError, match="expected unix:"):
@@ -59,7 +67,9 @@ def test_stale_socket_is_replaced_and_plain_file_refused(tmp_path: Path) -> None
     assert plain.read_text() == "data"
 
 
-def test_missing_directory_is_one_line_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_missing_directory_is_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code = main(["--listen", f"unix:{tmp_path}/nope/agent.sock"])
     err = capsys.readouterr().err.strip()
     assert code == 1

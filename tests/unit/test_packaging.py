@@ -9,7 +9,11 @@ import meridio_debug.agent
 import meridio_debug.controller
 
 TOP = Path(__file__).resolve().parents[2]
-MAPPING = {"agent": "meridio_debug.agent", "controller": "meridio_debug.controller", "protos": "meridio_debug.protos"}
+MAPPING = {
+    "agent": "meridio_debug.agent",
+    "controller": "meridio_debug.controller",
+    "protos": "meridio_debug.protos",
+}
 
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:
