@@ -1188,3 +1188,348 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_object) -> _WhichOneofReturnType_object | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class CaptureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SNAPLEN_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    MAX_PACKETS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """pcap-filter(7) expression, compiled by libpcap in the agent"""
+    snaplen: _builtins.int
+    """bytes kept per packet; 0: 262144"""
+    duration_s: _builtins.float
+    """0: the agent's default (1 h)"""
+    max_packets: _builtins.int
+    """0: unlimited (still bounded by max_bytes)"""
+    max_bytes: _builtins.int
+    """captured bytes; 0: the agent's default (1 GiB)"""
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names in the pod; empty or ["any"]: all interfaces"""
+
+    def __init__(
+        self,
+        *,
+        interfaces: _abc.Iterable[_builtins.str] | None = ...,
+        filter: _builtins.str = ...,
+        snaplen: _builtins.int = ...,
+        duration_s: _builtins.float = ...,
+        max_packets: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "snaplen", b"snaplen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureRequest: _TypeAlias = CaptureRequest  # noqa: Y015
+
+@_typing.final
+class CaptureInterface(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LINKTYPE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    linktype: _builtins.int
+    """pcap LINKTYPE_* of the frames (1 = Ethernet)"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        linktype: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "linktype", b"linktype", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureInterface: _TypeAlias = CaptureInterface  # noqa: Y015
+
+@_typing.final
+class CaptureStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURE_ID_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    SNAPLEN_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    MAX_PACKETS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    capture_id: _builtins.str
+    """for StopCapture"""
+    snaplen: _builtins.int
+    duration_s: _builtins.float
+    """effective limits"""
+    max_packets: _builtins.int
+    max_bytes: _builtins.int
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureInterface]:
+        """the pod's interfaces when the capture started"""
+
+    @_builtins.property
+    def points(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """where sockets are bound: interface names or "any" """
+
+    def __init__(
+        self,
+        *,
+        capture_id: _builtins.str = ...,
+        interfaces: _abc.Iterable[Global___CaptureInterface] | None = ...,
+        points: _abc.Iterable[_builtins.str] | None = ...,
+        snaplen: _builtins.int = ...,
+        duration_s: _builtins.float = ...,
+        max_packets: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "duration_s", b"duration_s", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "points", b"points", "snaplen", b"snaplen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureStart: _TypeAlias = CaptureStart  # noqa: Y015
+
+@_typing.final
+class PacketBatch(_message.Message):
+    """Frames of one batch: data is the concatenation of the captured bytes; the
+    repeated fields have one entry per frame, in ring order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    TS_NS_FIELD_NUMBER: _builtins.int
+    IFINDEX_FIELD_NUMBER: _builtins.int
+    PKTTYPE_FIELD_NUMBER: _builtins.int
+    CAPLEN_FIELD_NUMBER: _builtins.int
+    ORIGLEN_FIELD_NUMBER: _builtins.int
+    NEW_INTERFACES_FIELD_NUMBER: _builtins.int
+    WATERMARK_NS_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    watermark_ns: _builtins.int
+    """every packet with ts_ns < this has been sent"""
+    @_builtins.property
+    def ts_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """kernel receive time, unix ns"""
+
+    @_builtins.property
+    def ifindex(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def pkttype(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """sll_pkttype: 0 host, 1 broadcast, 2 multicast, 3 otherhost, 4 outgoing"""
+
+    @_builtins.property
+    def caplen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def origlen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def new_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureInterface]:
+        """interfaces first seen in this batch"""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        ts_ns: _abc.Iterable[_builtins.int] | None = ...,
+        ifindex: _abc.Iterable[_builtins.int] | None = ...,
+        pkttype: _abc.Iterable[_builtins.int] | None = ...,
+        caplen: _abc.Iterable[_builtins.int] | None = ...,
+        origlen: _abc.Iterable[_builtins.int] | None = ...,
+        new_interfaces: _abc.Iterable[Global___CaptureInterface] | None = ...,
+        watermark_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caplen", b"caplen", "data", b"data", "ifindex", b"ifindex", "new_interfaces", b"new_interfaces", "origlen", b"origlen", "pkttype", b"pkttype", "ts_ns", b"ts_ns", "watermark_ns", b"watermark_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PacketBatch: _TypeAlias = PacketBatch  # noqa: Y015
+
+@_typing.final
+class CapturePointStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINT_FIELD_NUMBER: _builtins.int
+    KERNEL_PACKETS_FIELD_NUMBER: _builtins.int
+    KERNEL_DROPS_FIELD_NUMBER: _builtins.int
+    point: _builtins.str
+    """interface name or "any" """
+    kernel_packets: _builtins.int
+    """passed the filter (PACKET_STATISTICS tp_packets, incl. drops)"""
+    kernel_drops: _builtins.int
+    """no room in the ring (tp_drops)"""
+    def __init__(
+        self,
+        *,
+        point: _builtins.str = ...,
+        kernel_packets: _builtins.int = ...,
+        kernel_drops: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernel_drops", b"kernel_drops", "kernel_packets", b"kernel_packets", "point", b"point"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturePointStats: _TypeAlias = CapturePointStats  # noqa: Y015
+
+@_typing.final
+class InterfaceCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IFINDEX_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    AGENT_DROPS_FIELD_NUMBER: _builtins.int
+    ifindex: _builtins.int
+    packets: _builtins.int
+    """sent to the client"""
+    agent_drops: _builtins.int
+    """dropped by the agent: the client was too slow"""
+    def __init__(
+        self,
+        *,
+        ifindex: _builtins.int = ...,
+        packets: _builtins.int = ...,
+        agent_drops: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_drops", b"agent_drops", "ifindex", b"ifindex", "packets", b"packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterfaceCount: _TypeAlias = InterfaceCount  # noqa: Y015
+
+@_typing.final
+class CaptureStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINAL_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    KERNEL_PACKETS_FIELD_NUMBER: _builtins.int
+    KERNEL_DROPS_FIELD_NUMBER: _builtins.int
+    AGENT_DROPS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    WATERMARK_NS_FIELD_NUMBER: _builtins.int
+    final: _builtins.bool
+    packets: _builtins.int
+    """sent to the client"""
+    bytes: _builtins.int
+    """captured bytes sent"""
+    kernel_packets: _builtins.int
+    kernel_drops: _builtins.int
+    agent_drops: _builtins.int
+    end_reason: _builtins.str
+    """duration, packets, bytes, stopped, cancelled, error: ..."""
+    watermark_ns: _builtins.int
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturePointStats]: ...
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___InterfaceCount]: ...
+    def __init__(
+        self,
+        *,
+        final: _builtins.bool = ...,
+        packets: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        kernel_packets: _builtins.int = ...,
+        kernel_drops: _builtins.int = ...,
+        agent_drops: _builtins.int = ...,
+        points: _abc.Iterable[Global___CapturePointStats] | None = ...,
+        interfaces: _abc.Iterable[Global___InterfaceCount] | None = ...,
+        end_reason: _builtins.str = ...,
+        watermark_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_drops", b"agent_drops", "bytes", b"bytes", "end_reason", b"end_reason", "final", b"final", "interfaces", b"interfaces", "kernel_drops", b"kernel_drops", "kernel_packets", b"kernel_packets", "packets", b"packets", "points", b"points", "watermark_ns", b"watermark_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureStats: _TypeAlias = CaptureStats  # noqa: Y015
+
+@_typing.final
+class CaptureChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___CaptureStart: ...
+    @_builtins.property
+    def batch(self) -> Global___PacketBatch: ...
+    @_builtins.property
+    def stats(self) -> Global___CaptureStats: ...
+    def __init__(
+        self,
+        *,
+        start: Global___CaptureStart | None = ...,
+        batch: Global___PacketBatch | None = ...,
+        stats: Global___CaptureStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "start", b"start", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "kind", b"kind", "start", b"start", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "batch", "stats"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CaptureChunk: _TypeAlias = CaptureChunk  # noqa: Y015
+
+@_typing.final
+class StopCaptureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURE_ID_FIELD_NUMBER: _builtins.int
+    capture_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        capture_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopCaptureRequest: _TypeAlias = StopCaptureRequest  # noqa: Y015
+
+@_typing.final
+class StopCaptureReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """false: no such capture (already ended)"""
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopCaptureReply: _TypeAlias = StopCaptureReply  # noqa: Y015

@@ -49,6 +49,16 @@ class AgentStub:
                 request_serializer=meridio__debug_dot_protos_dot_agent__pb2.WatchRequest.SerializeToString,
                 response_deserializer=meridio__debug_dot_protos_dot_agent__pb2.Event.FromString,
                 _registered_method=True)
+        self.Capture = channel.unary_stream(
+                '/meridio_debug.v1.Agent/Capture',
+                request_serializer=meridio__debug_dot_protos_dot_agent__pb2.CaptureRequest.SerializeToString,
+                response_deserializer=meridio__debug_dot_protos_dot_agent__pb2.CaptureChunk.FromString,
+                _registered_method=True)
+        self.StopCapture = channel.unary_unary(
+                '/meridio_debug.v1.Agent/StopCapture',
+                request_serializer=meridio__debug_dot_protos_dot_agent__pb2.StopCaptureRequest.SerializeToString,
+                response_deserializer=meridio__debug_dot_protos_dot_agent__pb2.StopCaptureReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -76,6 +86,24 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Capture(self, request, context):
+        """Packets from a TPACKET_V3 ring with a kernel BPF filter, in batches. The
+        first chunk is a CaptureStart, then PacketBatch chunks (and periodic
+        CaptureStats), the last one is the final CaptureStats. Bounded by duration,
+        packets and bytes (agent defaults apply when the request leaves them 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopCapture(self, request, context):
+        """Ask a running capture to end cleanly: its stream then sends the final
+        CaptureStats and completes (cancelling the stream instead loses them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +121,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=meridio__debug_dot_protos_dot_agent__pb2.WatchRequest.FromString,
                     response_serializer=meridio__debug_dot_protos_dot_agent__pb2.Event.SerializeToString,
+            ),
+            'Capture': grpc.unary_stream_rpc_method_handler(
+                    servicer.Capture,
+                    request_deserializer=meridio__debug_dot_protos_dot_agent__pb2.CaptureRequest.FromString,
+                    response_serializer=meridio__debug_dot_protos_dot_agent__pb2.CaptureChunk.SerializeToString,
+            ),
+            'StopCapture': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopCapture,
+                    request_deserializer=meridio__debug_dot_protos_dot_agent__pb2.StopCaptureRequest.FromString,
+                    response_serializer=meridio__debug_dot_protos_dot_agent__pb2.StopCaptureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +214,60 @@ class Agent:
             '/meridio_debug.v1.Agent/Watch',
             meridio__debug_dot_protos_dot_agent__pb2.WatchRequest.SerializeToString,
             meridio__debug_dot_protos_dot_agent__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meridio_debug.v1.Agent/Capture',
+            meridio__debug_dot_protos_dot_agent__pb2.CaptureRequest.SerializeToString,
+            meridio__debug_dot_protos_dot_agent__pb2.CaptureChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meridio_debug.v1.Agent/StopCapture',
+            meridio__debug_dot_protos_dot_agent__pb2.StopCaptureRequest.SerializeToString,
+            meridio__debug_dot_protos_dot_agent__pb2.StopCaptureReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,16 @@ class AgentStub:
     """
     Watch: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchRequest, _agent_pb2.Event]
     """Netlink events (link, address, route, rule, neighbour) in kernel order."""
+    Capture: _grpc.UnaryStreamMultiCallable[_agent_pb2.CaptureRequest, _agent_pb2.CaptureChunk]
+    """Packets from a TPACKET_V3 ring with a kernel BPF filter, in batches. The
+    first chunk is a CaptureStart, then PacketBatch chunks (and periodic
+    CaptureStats), the last one is the final CaptureStats. Bounded by duration,
+    packets and bytes (agent defaults apply when the request leaves them 0).
+    """
+    StopCapture: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StopCaptureRequest, _agent_pb2.StopCaptureReply]
+    """Ask a running capture to end cleanly: its stream then sends the final
+    CaptureStats and completes (cancelling the stream instead loses them).
+    """
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -59,6 +69,16 @@ class AgentAsyncStub(AgentStub):
     """
     Watch: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchRequest, _agent_pb2.Event]  # type: ignore[assignment]
     """Netlink events (link, address, route, rule, neighbour) in kernel order."""
+    Capture: _aio.UnaryStreamMultiCallable[_agent_pb2.CaptureRequest, _agent_pb2.CaptureChunk]  # type: ignore[assignment]
+    """Packets from a TPACKET_V3 ring with a kernel BPF filter, in batches. The
+    first chunk is a CaptureStart, then PacketBatch chunks (and periodic
+    CaptureStats), the last one is the final CaptureStats. Bounded by duration,
+    packets and bytes (agent defaults apply when the request leaves them 0).
+    """
+    StopCapture: _aio.UnaryUnaryMultiCallable[_agent_pb2.StopCaptureRequest, _agent_pb2.StopCaptureReply]  # type: ignore[assignment]
+    """Ask a running capture to end cleanly: its stream then sends the final
+    CaptureStats and completes (cancelling the stream instead loses them).
+    """
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -86,5 +106,27 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.Event], _abc.AsyncIterator[_agent_pb2.Event]]:
         """Netlink events (link, address, route, rule, neighbour) in kernel order."""
+
+    @_abc_1.abstractmethod
+    def Capture(
+        self,
+        request: _agent_pb2.CaptureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.CaptureChunk], _abc.AsyncIterator[_agent_pb2.CaptureChunk]]:
+        """Packets from a TPACKET_V3 ring with a kernel BPF filter, in batches. The
+        first chunk is a CaptureStart, then PacketBatch chunks (and periodic
+        CaptureStats), the last one is the final CaptureStats. Bounded by duration,
+        packets and bytes (agent defaults apply when the request leaves them 0).
+        """
+
+    @_abc_1.abstractmethod
+    def StopCapture(
+        self,
+        request: _agent_pb2.StopCaptureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.StopCaptureReply, _abc.Awaitable[_agent_pb2.StopCaptureReply]]:
+        """Ask a running capture to end cleanly: its stream then sends the final
+        CaptureStats and completes (cancelling the stream instead loses them).
+        """
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
