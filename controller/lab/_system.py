@@ -195,7 +195,8 @@ def wait_for_pidfile(path: Path, timeout: float, what: str) -> int:
     """The pid written in ``path`` once it appears and that process runs."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(OSError, ValueError):
+        # bird creates the file before it forks and writes it after: it may be empty.
+        with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(path.read_text().split()[0])
             if pid_alive(pid):
                 return pid
