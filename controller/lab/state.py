@@ -85,6 +85,7 @@ def write_state(state: LabState, root: Path = STATE_ROOT) -> None:
     }
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lab.json.")
     try:
+        os.fchmod(fd, 0o644)  # status and load_spec work without root
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, directory / STATE_FILE)
