@@ -100,8 +100,8 @@ def up(
         _build(spec, tools, root, ready_timeout)
     except BaseException as exc:
         log.info("lab up failed; removing what was made")
-        recorded = read_state(prefix, root)
         try:
+            recorded = read_state(prefix, root)
             _teardown(prefix, spec, recorded.processes if recorded else (), tools.ip, root)
         except Exception as cleanup_exc:
             log.error("cleanup after failed lab up failed too: %s", cleanup_exc)
