@@ -398,11 +398,11 @@ class TrenchView:
                 seen[prefix].add(p.name)
         return seen
 
-    def pod_vips(self, p: PodView, *, include_nft: bool = True) -> set[IpNetwork]:
+    def pod_vips(self, p: PodView) -> set[IpNetwork]:
         out: set[IpNetwork] = set()
         if p.role in ("lb-fe", "proxy", "target") and p.ok("rules"):
             out.update(p.source_rule_vips)
-        if p.role == "lb-fe" and include_nft and p.ok("nftables"):
+        if p.role == "lb-fe" and p.ok("nftables"):
             for vip_set in p.snap.nft.vip_sets:
                 for element in vip_set.elements:
                     prefix = net(element)
@@ -414,7 +414,15 @@ class TrenchView:
 
     @cached_property
     def vips(self) -> set[IpNetwork]:
-        """The trench's VIPs: configured, else every VIP seen in any pod."""
+        """The trench's VIPs: configured, else the VIPs at least two roles agree on.
+
+        Without configuration the pods themselves are the evidence: the LBs
+        (VIP rules, nft VIP sets), the proxies (VIP rules) and the targets (VIP
+        addresses). A VIP shown by only one role while others show VIPs is a
+        stray (say, a stale nft set element) and is reported where it sits
+        (MDB114) instead of as "missing" in every other pod. When only one
+        role reported VIPs at all, its VIPs are taken as they are.
+        """
         if self.config is not None and self.config.vips:
             out: set[IpNetwork] = set()
             for text in self.config.vips:
@@ -422,7 +430,13 @@ class TrenchView:
                 if prefix is not None:
                     out.add(prefix)
             return out
-        return set(self.vip_sightings)
+        roles_of: dict[IpNetwork, set[Role]] = defaultdict(set)
+        for prefix, pods in self.vip_sightings.items():
+            for name in pods:
+                roles_of[prefix].add(self.by_name[name].role)
+        reporting = set().union(*roles_of.values()) if roles_of else set()
+        need = 2 if len(reporting) >= 2 else 1
+        return {prefix for prefix, roles in roles_of.items() if len(roles) >= need}
 
     def vips_of_family(self, family: int) -> list[IpNetwork]:
         return sorted((v for v in self.vips if v.version == family), key=str)

@@ -470,14 +470,8 @@ def check_marks_vs_rules(pod: PodView, trench: TrenchView) -> Iterator[Issue]:
     needs=("nftables",),
 )
 def check_vip_sets(pod: PodView, trench: TrenchView) -> Iterator[Issue]:
-    """The nft VIP sets must hold exactly the VIPs seen elsewhere (config, rules, targets)."""
-    if trench.config is not None and trench.config.vips:
-        reference = set(trench.vips)
-    else:
-        reference = trench.pod_vips(pod, include_nft=False)
-        for other in trench.pods:
-            if other is not pod:
-                reference |= trench.pod_vips(other)
+    """The nft VIP sets must hold exactly the trench VIPs (config, or what the roles agree on)."""
+    reference = trench.vips  # configured, or agreed on by at least two roles
     if not reference:
         return
     in_sets: dict[IpNetwork, str] = {}
@@ -497,7 +491,7 @@ def check_vip_sets(pod: PodView, trench: TrenchView) -> Iterator[Issue]:
         )
     for vip in sorted(set(in_sets) - reference, key=str):
         yield Issue(
-            summary=f"VIP {vip} is in {in_sets[vip]} but not a VIP anywhere else in the trench",
+            summary=f"VIP {vip} is in {in_sets[vip]} but not a VIP of the trench",
             evidence={"vip": str(vip), "set": in_sets[vip]},
             hint="a stale VIP (removed Vip CR) or a VIP the targets and frontends do not know",
         )

@@ -131,9 +131,18 @@ def _policy_hops(
                     problem = f"'{route}' has no 'via <bridge IP>'"
                 elif hop.dev not in nsm:
                     problem = f"'{route}' does not leave through the NSM interface"
-                elif not any(addr in c.network for c in pod.connected if c.ifname == hop.dev):
+                elif not (
+                    nets := [
+                        c.network
+                        for c in pod.connected
+                        if c.ifname == hop.dev and addr in c.network
+                    ]
+                ):
                     problem = f"'{route}': {addr} is not in {hop.dev}'s subnet"
-                elif bridge_ips and addr not in bridge_ips:
+                # Only a proxy seen on this subnet can say what the bridge IP is.
+                elif (known := {b for b in bridge_ips if any(b in n for n in nets)}) and (
+                    addr not in known
+                ):
                     problem = f"'{route}': {addr} is not the proxy bridge's address"
                 else:
                     good.append((hop, addr))
