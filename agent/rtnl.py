@@ -61,6 +61,8 @@ NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
+NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: the request payload is not echoed
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR: extended ack attributes follow
 
 NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
 NLMSGERR_ATTR_MSG = 1
@@ -77,6 +79,14 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+
+GET_NAMES = {
+    RTM_GETLINK: "RTM_GETLINK (links)",
+    RTM_GETADDR: "RTM_GETADDR (addresses)",
+    RTM_GETROUTE: "RTM_GETROUTE (routes)",
+    RTM_GETNEIGH: "RTM_GETNEIGH (neighbours/fdb)",
+    RTM_GETRULE: "RTM_GETRULE (rules)",
+}
 
 # multicast groups (enum rtnetlink_groups)
 RTNLGRP_LINK = 1
@@ -454,18 +464,38 @@ def split_messages(
     return out
 
 
-def error_of(body: bytes) -> tuple[int, str]:
-    """(errno, extended-ack text) of an NLMSG_ERROR body; errno 0 is an ACK."""
+def error_of(body: bytes, flags: int = 0) -> tuple[int, str]:
+    """(errno, extended-ack text) of an NLMSG_ERROR body; errno 0 is an ACK.
+
+    struct nlmsgerr is the error and the request's nlmsghdr, followed by the
+    request's payload unless NLM_F_CAPPED, then TLVs if NLM_F_ACK_TLVS
+    (include/uapi/linux/netlink.h, NETLINK_EXT_ACK).
+    """
     (err,) = I32.unpack_from(body)
     text = ""
-    # struct nlmsgerr = error + the request's nlmsghdr (+ payload unless capped); TLVs follow.
-    if len(body) >= 20:
+    if flags & NLM_F_ACK_TLVS and len(body) >= 20:
         (orig_len,) = U32.unpack_from(body, 4)
-        capped = len(body) <= 20 + 16 or orig_len > len(body) - 4
-        tlv_off = 4 + 16 if capped else 4 + align4(orig_len)
-        attrs = parse_attrs(body, tlv_off, len(body))
-        if NLMSGERR_ATTR_MSG in attrs:
-            text = cstr(attrs[NLMSGERR_ATTR_MSG])
+        tlv_off = 4 + 16 if flags & NLM_F_CAPPED else 4 + align4(orig_len)
+        msg = parse_attrs(body, tlv_off, len(body)).get(NLMSGERR_ATTR_MSG)
+        if msg:
+            text = cstr(msg)
+    return -err, text
+
+
+def done_error(body: bytes, flags: int = 0) -> tuple[int, str]:
+    """(errno, extended-ack text) of an NLMSG_DONE body: a dump that failed after it started.
+
+    Unlike NLMSG_ERROR, DONE carries the int error and then the TLVs directly
+    (net/netlink/af_netlink.c ``netlink_dump_done``).
+    """
+    if len(body) < 4:
+        return 0, ""
+    (err,) = I32.unpack_from(body)
+    text = ""
+    if err < 0 and flags & NLM_F_ACK_TLVS:
+        msg = parse_attrs(body, 4, len(body)).get(NLMSGERR_ATTR_MSG)
+        if msg:
+            text = cstr(msg)
     return -err, text
 
 
@@ -478,7 +508,19 @@ class RtnlSocket:
     Not thread-safe: use one per thread or per request (they are cheap: ~10 us).
     """
 
-    def __init__(self, groups: Iterable[int] = (), *, rcvbuf: int = 0) -> None:
+    def __init__(
+        self, groups: Iterable[int] = (), *, rcvbuf: int = 0, sock: socket.socket | None = None
+    ) -> None:
+        """Open, bind and subscribe to ``groups``; ``sock`` injects a ready socket (tests)."""
+        if sock is None:
+            sock = self._open(groups, rcvbuf)
+        self.sock = sock
+        self._seq = int(time.monotonic_ns() & 0x7FFFFFFF)
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+
+    @staticmethod
+    def _open(groups: Iterable[int], rcvbuf: int) -> socket.socket:
         try:
             sock = socket.socket(
                 socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
@@ -503,10 +545,7 @@ class RtnlSocket:
             raise NetlinkError(
                 f"cannot set up the rtnetlink socket: {exc.strerror}", exc.errno or 0
             ) from exc
-        self.sock = sock
-        self._seq = int(time.monotonic_ns() & 0x7FFFFFFF)
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
+        return sock
 
     def close(self) -> None:
         self.sock.close()
@@ -561,7 +600,7 @@ class RtnlSocket:
     ) -> tuple[list[bytes], bool]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
-        what = f"netlink dump (type {msg_type})"
+        what = f"netlink dump {GET_NAMES.get(msg_type, msg_type)}"
         try:
             self.sock.sendall(build_request(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
         except OSError as exc:
@@ -605,14 +644,15 @@ class RtnlSocket:
                 if mflags & NLM_F_DUMP_INTR:
                     interrupted = True
                 if mtype == NLMSG_DONE:
-                    # The DONE payload carries the dump's own error (netlink_dump_done).
-                    if mlen >= 20:
-                        (err,) = I32.unpack_from(data, off + 16)
-                        if err < 0:
-                            raise NetlinkError(f"{what}: {os.strerror(-err)}", -err)
+                    if len(bodies) > max_messages:
+                        raise NetlinkError(f"{what}: more than {max_messages} messages")
+                    err, text = done_error(data[off + 16 : off + mlen], mflags)
+                    if err > 0:
+                        detail = f" ({text})" if text else ""
+                        raise NetlinkError(f"{what}: {os.strerror(err)}{detail}", err)
                     return bodies, interrupted
                 if mtype == NLMSG_ERROR:
-                    err, text = error_of(data[off + 16 : off + mlen])
+                    err, text = error_of(data[off + 16 : off + mlen], mflags)
                     detail = f" ({text})" if text else ""
                     raise NetlinkError(f"{what}: {os.strerror(err)}{detail}", err)
                 if mtype not in (NLMSG_NOOP, NLMSG_OVERRUN):

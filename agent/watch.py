@@ -262,7 +262,14 @@ class NetlinkWatcher:
         watcher.close()
     """
 
-    def __init__(self, kinds: Iterable[str] = DEFAULT_KINDS, *, rcvbuf: int = RCVBUF) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[str] = DEFAULT_KINDS,
+        *,
+        rcvbuf: int = RCVBUF,
+        sock: RtnlSocket | None = None,
+    ) -> None:
+        """Subscribe now; ``sock`` injects an already subscribed socket (tests)."""
         wanted = set(kinds) or set(DEFAULT_KINDS)
         unknown = sorted(wanted - KINDS)
         if unknown:
@@ -271,7 +278,7 @@ class NetlinkWatcher:
             )
         self.kinds = frozenset(wanted)
         groups = sorted({g for kind in self.kinds for g in GROUPS[kind]})
-        self._sock = RtnlSocket(groups, rcvbuf=rcvbuf)
+        self._sock = sock if sock is not None else RtnlSocket(groups, rcvbuf=rcvbuf)
         self._sock.sock.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._names = IfNames()
