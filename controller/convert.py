@@ -338,7 +338,7 @@ def _bird_protocol(p: pb.BirdProtocol) -> BirdProtocol:
         name=p.name,
         proto=p.proto,
         state=p.state.strip().lower(),
-        info=p.info.strip(),
+        info=" ".join(p.info.split()),
         table=p.table,
         bgp_state=p.bgp_state.strip(),
         neighbor_address=_strip_addr(p.neighbor_address),
