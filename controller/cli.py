@@ -128,6 +128,9 @@ def build_parser() -> ArgumentParser:
     from meridio_debug.controller import cli_lab
 
     cli_lab.add_parser(sub)
+    from meridio_debug.controller import cli_analyze
+
+    cli_analyze.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,370 @@
+"""Evidence: every pod's snapshot of one moment, live or from a saved bundle.
+
+Why bundles: a pipeline that fails at 3 a.m. (Meridio e2e ``on_failure``)
+must keep what the trench looked like, and the analysis of that evidence
+must be reproducible later, on another machine, by a newer meridio-debug.
+So ``collect`` writes a versioned tar.gz and ``analyze --from`` replays it
+through exactly the code a live run uses (Hubble's ``--input-file``)::
+
+    snapshot dict --(json_format.ParseDict)--> pb.Snapshot --(convert)--> model --> analyze
+
+Layout (format version 1)::
+
+    meta.json          kind, format_version, created, meridio-debug version,
+                       command line, runtime, trench expectations, pods with
+                       roles, locations, agent infos and errors
+    pods/<pod>.json    the per-pod object of ``snapshot -o json``
+                       (output.snapshot_to_dict), also for unreachable pods
+
+Everything that can go wrong reading a bundle (missing, truncated, not a
+tar.gz, a plain tar without meta.json, another format version, a pod file
+that does not parse) is a one-line ``BundleError``, never a traceback.
+Bundles are read in memory and never extracted, so a hostile member name
+cannot write anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import io
+import json
+import tarfile
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from google.protobuf import json_format
+
+from meridio_debug.controller import convert, output
+from meridio_debug.controller.errors import BundleError
+from meridio_debug.controller.model import PodResult, TrenchConfig, TrenchState
+from meridio_debug.controller.output import PodSnapshot
+from meridio_debug.controller.runtime import PodRef
+from meridio_debug.protos import agent_pb2 as pb
+
+BUNDLE_KIND: Final = "meridio-debug/bundle"
+FORMAT_VERSION: Final = 1
+META_NAME: Final = "meta.json"
+POD_DIR: Final = "pods"
+# A snapshot of a big LB is a few MiB; anything far beyond is not ours (or a zip bomb).
+MAX_MEMBER_BYTES: Final = 256 * 1024 * 1024
+
+__all__ = [
+    "BUNDLE_KIND",
+    "FORMAT_VERSION",
+    "Evidence",
+    "pod_dict_to_proto",
+    "read_bundle",
+    "trench_state",
+    "write_bundle",
+]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What analysis needs: the pods' snapshots plus what the trench should look like.
+
+    ``source`` says where it came from (``lab mdl-``, ``netns ...``, ``bundle PATH``)
+    for report headers; ``meta`` is the bundle's meta.json when read from one.
+    """
+
+    items: tuple[PodSnapshot, ...]
+    config: TrenchConfig | None = None
+    source: str = ""
+    runtime: str = ""
+    created_unix_ns: int = 0
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def trench_state(evidence: Evidence) -> TrenchState:
+    """The analysis input: every pod through the one conversion boundary (convert.py).
+
+    A pod without a snapshot becomes an unreachable PodResult, which MDB002 reports.
+    """
+    pods: list[PodResult] = [
+        convert.pod_result_from_proto(item.pod.name, item.pod.role, item.snapshot, error=item.error)
+        for item in evidence.items
+    ]
+    return TrenchState(pods=tuple(pods), config=evidence.config)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _config_to_dict(config: TrenchConfig | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return {
+        "name": config.name,
+        "vips": list(config.vips),
+        "external_interface": config.external_interface,
+        "open_targets": None if config.open_targets is None else list(config.open_targets),
+    }
+
+
+def _config_from_dict(data: Any) -> TrenchConfig | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise BundleError("meta.json: 'trench' is not an object")
+    open_targets = data.get("open_targets")
+    return TrenchConfig(
+        name=str(data.get("name", "")),
+        vips=tuple(str(v) for v in data.get("vips", ())),
+        external_interface=str(data.get("external_interface", "")),
+        open_targets=None if open_targets is None else tuple(str(t) for t in open_targets),
+    )
+
+
+def _pod_file(name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"{POD_DIR}/{safe}.json"
+
+
+def build_meta(
+    evidence: Evidence, command_line: Sequence[str], tool_version: str
+) -> dict[str, Any]:
+    """meta.json: enough to know what the bundle is without reading any pod file."""
+    created_ns = evidence.created_unix_ns or time.time_ns()
+    created = datetime.datetime.fromtimestamp(created_ns / 1e9, tz=datetime.UTC)
+    pods = []
+    for item in evidence.items:
+        pods.append(
+            {
+                "name": item.pod.name,
+                "role": item.pod.role,
+                "location": item.pod.location,
+                "runtime": item.pod.runtime,
+                "file": _pod_file(item.pod.name),
+                "reachable": item.snapshot is not None,
+                "error": item.error or None,
+                "agent": (
+                    output.message_to_dict(item.snapshot.info)
+                    if item.snapshot is not None and item.snapshot.HasField("info")
+                    else None
+                ),
+            }
+        )
+    return {
+        "kind": BUNDLE_KIND,
+        "format_version": FORMAT_VERSION,
+        "created": created.isoformat(timespec="seconds"),
+        "created_unix_ns": created_ns,
+        "meridio_debug_version": tool_version,
+        "command_line": list(command_line),
+        "runtime": evidence.runtime,
+        "source": evidence.source,
+        "trench": _config_to_dict(evidence.config),
+        "pods": pods,
+    }
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_bundle(
+    evidence: Evidence,
+    path: str | Path,
+    command_line: Sequence[str] = (),
+    tool_version: str = "",
+) -> dict[str, Any]:
+    """Write ``evidence`` as a bundle at ``path`` (atomically); return its meta.json."""
+    if not tool_version:
+        tool_version = _tool_version()
+    meta = build_meta(evidence, command_line, tool_version)
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    mtime = meta["created_unix_ns"] / 1e9
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            _add(tar, META_NAME, _dump(meta), mtime)
+            for item, pod in zip(evidence.items, meta["pods"], strict=True):
+                _add(tar, pod["file"], _dump(output.snapshot_to_dict(item)), mtime)
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write bundle {target}: {exc.strerror or exc}") from exc
+    return meta
+
+
+def _dump(doc: Any) -> bytes:
+    return json.dumps(doc, indent=1).encode()
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meridio-debug")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- reading
+
+# output.snapshot_to_dict renames a few pb.Snapshot fields for readers; undo that.
+_RENAMED: Final = {"agent": "info", "section_status": "sections"}
+_POD_KEYS: Final = frozenset({"pod", "role", "location", "runtime", "error"})
+_STRUCT_KEYS: Final = frozenset({"nftables"})
+
+
+def _drop_nulls(value: Any) -> Any:
+    """message_to_dict writes unset sub-messages as null; ParseDict wants them absent.
+
+    Inside a Struct (the nftables ruleset) null is data (``{"notrack": null}``): kept.
+    """
+    if isinstance(value, dict):
+        return {
+            k: v if k in _STRUCT_KEYS else _drop_nulls(v) for k, v in value.items() if v is not None
+        }
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def pod_dict_to_proto(data: Mapping[str, Any]) -> pb.Snapshot | None:
+    """The ``snapshot -o json`` per-pod object back into a pb.Snapshot (None when unreachable).
+
+    Unknown fields (written by a newer agent) are ignored. Raises
+    ``json_format.ParseError`` / ``ValueError`` / ``TypeError`` on malformed data.
+    """
+    if "section_status" not in data and "taken_unix_ns" not in data:
+        return None
+    msg: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _POD_KEYS:
+            continue
+        if key == "sysctls" and isinstance(value, Mapping):
+            msg["sysctls"] = [{"key": k, "value": v} for k, v in value.items()]
+        else:
+            msg[_RENAMED.get(key, key)] = value
+    snap = pb.Snapshot()
+    json_format.ParseDict(_drop_nulls(msg), snap, ignore_unknown_fields=True)
+    return snap
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members: dict[str, bytes] = {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    raise BundleError(
+                        f"{path}: member {info.name} is {info.size} bytes, "
+                        f"more than a bundle holds ({MAX_MEMBER_BYTES}); not a meridio-debug bundle"
+                    )
+                f = tar.extractfile(info)
+                if f is None:
+                    continue
+                data = f.read()
+                if len(data) != info.size:
+                    raise BundleError(f"{path}: truncated (member {info.name} is cut short)")
+                members[info.name] = data
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: no such bundle file") from exc
+    except IsADirectoryError as exc:
+        raise BundleError(f"{path}: is a directory, not a bundle (.tar.gz)") from exc
+    except PermissionError as exc:
+        raise BundleError(f"{path}: cannot read the bundle: permission denied") from exc
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise BundleError(f"{path}: truncated or corrupt bundle ({exc}); collect it again") from exc
+    except tarfile.ReadError as exc:
+        # tarfile says "not a gzip file" for any non-gzip input (a plain tar too).
+        what = "a gzip file but not a tar archive" if _is_gzip(path) else "not a tar.gz"
+        raise BundleError(
+            f"{path}: not a meridio-debug bundle ({what}: {exc}); "
+            "make one with `meridio-debug collect -o FILE.tar.gz`"
+        ) from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the bundle: {exc.strerror or exc}") from exc
+    return members
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _json(path: Path, name: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(
+            f"{path}: {name} is not valid JSON ({exc}); the bundle is damaged"
+        ) from exc
+
+
+def read_bundle(path: str | Path) -> Evidence:
+    """Load a bundle written by :func:`write_bundle`; BundleError (one line) on any problem."""
+    p = Path(path)
+    members = _read_members(p)
+    if META_NAME not in members:
+        raise BundleError(
+            f"{p}: not a meridio-debug bundle (no {META_NAME}); "
+            "make one with `meridio-debug collect -o FILE.tar.gz`"
+        )
+    meta = _json(p, META_NAME, members[META_NAME])
+    if not isinstance(meta, dict) or meta.get("kind") != BUNDLE_KIND:
+        raise BundleError(
+            f"{p}: not a meridio-debug bundle ({META_NAME} has no kind {BUNDLE_KIND!r})"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{p}: bundle format version {version!r} (written by meridio-debug "
+            f"{meta.get('meridio_debug_version', '?')}); this meridio-debug reads version "
+            f"{FORMAT_VERSION}: use a matching meridio-debug"
+        )
+    pods = meta.get("pods")
+    if not isinstance(pods, list):
+        raise BundleError(f"{p}: {META_NAME} has no pod list; the bundle is damaged")
+    items: list[PodSnapshot] = []
+    for entry in pods:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise BundleError(f"{p}: {META_NAME} has a malformed pod entry; the bundle is damaged")
+        name = entry["name"]
+        file = entry.get("file") or _pod_file(name)
+        if file not in members:
+            raise BundleError(f"{p}: pod {name}: {file} is missing from the bundle")
+        data = _json(p, file, members[file])
+        if not isinstance(data, dict):
+            raise BundleError(f"{p}: {file} is not a pod snapshot object")
+        try:
+            snap = pod_dict_to_proto(data)
+        except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BundleError(f"{p}: {file} is not a valid snapshot: {first}") from exc
+        ref = PodRef(
+            name=name,
+            role=str(entry.get("role") or data.get("role") or "unknown"),
+            location=str(entry.get("location") or data.get("location") or ""),
+            runtime=str(entry.get("runtime") or data.get("runtime") or ""),
+        )
+        error = str(data.get("error") or entry.get("error") or "")
+        if snap is None and not error:
+            error = "no snapshot in the bundle"
+        items.append(PodSnapshot(ref, snap, error if snap is None else ""))
+    created = meta.get("created_unix_ns")
+    return Evidence(
+        items=tuple(items),
+        config=_config_from_dict(meta.get("trench")),
+        source=f"bundle {p.name} ({meta.get('source') or meta.get('runtime') or 'unknown source'}, "
+        f"{meta.get('created', '?')})",
+        runtime=str(meta.get("runtime", "")),
+        created_unix_ns=created if isinstance(created, int) else 0,
+        meta=meta,
+    )

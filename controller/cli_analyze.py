@@ -1,0 +1,291 @@
+"""``meridio-debug analyze`` and ``meridio-debug collect``: findings for people and pipelines.
+
+Why both live here: they are two halves of one flow. ``collect`` freezes the
+evidence (every pod's snapshot at one moment) into a versioned bundle;
+``analyze`` turns evidence -- live from ``--lab``/``--netns`` or replayed
+``--from`` a bundle -- into coded findings through the very same code path
+(bundle.trench_state -> analysis.analyze -> report.render), so a CI failure
+analysed tomorrow says exactly what it would have said live (istioctl analyze
+for the flags, Hubble's ``--input-file`` for the replay).
+
+Python API (what tests and other tools call, no subprocess)::
+
+    evidence = gather(runtime, config)            # live, every pod at once
+    result = analyze_evidence(evidence, suppress=["MDB003"])
+    write_bundle(evidence, "bundle.tar.gz")
+
+Exit codes: 0 no finding at or above ``--fail-on`` (default error), 3 some,
+1 an error (unreadable bundle, lab not up), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from meridio_debug.controller.analysis import CHECKS, AnalysisResult, Severity, analyze
+from meridio_debug.controller.bundle import Evidence, read_bundle, trench_state, write_bundle
+from meridio_debug.controller.errors import MeridioDebugError, UsageError
+from meridio_debug.controller.model import TrenchConfig, TrenchState
+from meridio_debug.controller.runtime import Runtime
+
+EXIT_OK, EXIT_ERROR, EXIT_FINDINGS = 0, 1, 3
+
+ANALYZE_EPILOG = """examples:
+  meridio-debug analyze --lab
+  meridio-debug analyze --lab -o junit --report report.html --fail-on warning
+  meridio-debug analyze --from bundle.tar.gz -o json --suppress MDB116=lb-fe-b
+  meridio-debug analyze --list-checks
+
+exit codes: 0 nothing at or above --fail-on, 1 error, 2 usage, 3 findings at or above --fail-on"""
+
+COLLECT_EPILOG = """examples:
+  meridio-debug collect --lab -o bundle.tar.gz
+  meridio-debug analyze --from bundle.tar.gz -o junit --report report.html"""
+
+
+# --------------------------------------------------------------------------- API
+
+
+async def gather_async(
+    runtime: Runtime, config: TrenchConfig | None = None, source: str = ""
+) -> Evidence:
+    """Snapshot every pod of ``runtime`` at once; unreachable pods stay in as errors."""
+    from meridio_debug.controller.session import snapshot_all
+
+    created = time.time_ns()
+    items = await snapshot_all(runtime)
+    runtimes = sorted({i.pod.runtime for i in items})
+    return Evidence(
+        items=tuple(items),
+        config=config,
+        source=source,
+        runtime=",".join(runtimes),
+        created_unix_ns=created,
+    )
+
+
+def gather(runtime: Runtime, config: TrenchConfig | None = None, source: str = "") -> Evidence:
+    return asyncio.run(gather_async(runtime, config, source))
+
+
+def analyze_evidence(evidence: Evidence, suppress: Iterable[str] = ()) -> AnalysisResult:
+    """The analysis of ``evidence`` (live or from a bundle: same code)."""
+    return analyze(trench_state(evidence), suppress=suppress)
+
+
+def lab_evidence_source(prefix: str, names: Sequence[str]) -> tuple[Runtime, TrenchConfig, str]:
+    """Runtime over the lab's Meridio pods plus what the lab contract says the trench is."""
+    from meridio_debug.controller.cli_lab import lab_runtime
+    from meridio_debug.controller.lab import load_spec
+
+    runtime = lab_runtime(prefix, names)
+    spec = load_spec(prefix)
+    config = None
+    if spec is not None:
+        ext = spec.frontends[0].ext_ifname if spec.frontends else ""
+        config = TrenchConfig(name=spec.trench, vips=tuple(spec.vips), external_interface=ext)
+    return runtime, config or TrenchConfig(), f"lab {prefix}"
+
+
+def evidence_from_args(args: argparse.Namespace) -> Evidence:
+    """Evidence for the target flags: a bundle (--from), the lab, or namespaces."""
+    bundle = getattr(args, "from_bundle", None)
+    if bundle:
+        if args.lab or args.netns or args.netns_pid or args.pods:
+            raise UsageError("--from BUNDLE replays saved evidence: drop --lab/--netns/POD")
+        return read_bundle(bundle)
+    from meridio_debug.controller.cli import make_runtime
+
+    if args.lab and not args.netns and not args.netns_pid:
+        runtime, config, source = lab_evidence_source(args.prefix, args.pods)
+        return gather(runtime, config, source)
+    runtime = make_runtime(args)  # validates the combination of flags
+    where = args.netns or [f"pid:{p}" for p in args.netns_pid]
+    return gather(runtime, None, f"netns {','.join(map(str, where))}")
+
+
+def _iso(unix_ns: int) -> str:
+    when = datetime.datetime.fromtimestamp(unix_ns / 1e9, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meridio-debug")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def make_report(
+    evidence: Evidence,
+    result: AnalysisResult,
+    state: TrenchState,
+    fail_on: Severity | None,
+) -> Any:
+    from meridio_debug.controller.report import Report
+
+    return Report(
+        result=result,
+        state=state,
+        fail_on=fail_on,
+        source=evidence.source,
+        created=_iso(evidence.created_unix_ns or time.time_ns()),
+        hostname=socket.gethostname() or "localhost",
+        tool_version=_tool_version(),
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub: Any) -> None:
+    from meridio_debug.controller.cli import add_target_args
+    from meridio_debug.controller.report import FORMATS
+
+    p = sub.add_parser(
+        "analyze",
+        help="snapshot every pod at once and report coded findings (MDBxxx)",
+        description="Snapshot every pod of the trench at once (or read a bundle), run every "
+        "check of the findings catalog, and print the findings grouped by pod.",
+        epilog=ANALYZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_target_args(p)
+    p.add_argument(
+        "--from",
+        dest="from_bundle",
+        metavar="BUNDLE",
+        help="analyse a bundle written by `collect` instead of live pods",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=list(FORMATS),
+        default="table",
+        help="output format (default table)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="also write a report to FILE, format by extension (.json, .xml = junit, .html, .txt)",
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=["error", "warning", "info", "never"],
+        default="error",
+        help="exit 3 when findings at or above this severity exist (default error)",
+    )
+    p.add_argument(
+        "--suppress",
+        action="append",
+        default=[],
+        metavar="CODE[=POD]",
+        help="drop findings of CODE (on POD); globs allowed, e.g. MDB116=lb-fe-*; repeatable",
+    )
+    p.add_argument(
+        "--list-checks", action="store_true", help="print every check (code, severity, title)"
+    )
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "collect",
+        help="save every pod's snapshot into a versioned evidence bundle (tar.gz)",
+        description="Snapshot every pod at once and write an evidence bundle that "
+        "`analyze --from` replays offline.",
+        epilog=COLLECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_target_args(p)
+    p.add_argument(
+        "-o", "--output", required=True, metavar="BUNDLE", help="bundle file to write (.tar.gz)"
+    )
+    p.set_defaults(func=cmd_collect)
+
+
+def _fail_on(text: str) -> Severity | None:
+    return None if text == "never" else Severity.parse(text)
+
+
+def _color(stream: Any) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)() and not os.environ.get("NO_COLOR"))
+
+
+def list_checks_text() -> str:
+    rows = [(c.code, c.severity.label, ",".join(c.roles) or "any", c.title) for c in CHECKS]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    head = ("CODE", "SEVERITY", "ROLES", "TITLE")
+    widths = [max(w, len(h)) for w, h in zip(widths, head[:3], strict=True)]
+    lines = []
+    for row in (head, *rows):
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        )
+    return "\n".join(lines) + "\n"
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from meridio_debug.controller.report import format_for_path, render
+
+    if args.list_checks:
+        sys.stdout.write(list_checks_text())
+        return EXIT_OK
+    report_fmt = None
+    if args.report:
+        report_fmt = format_for_path(args.report)
+        if report_fmt is None:
+            raise UsageError(
+                f"--report {args.report}: unknown extension (use .json, .xml, .html or .txt)"
+            )
+    for item in args.suppress:
+        if not item.partition("=")[0].strip():
+            raise UsageError(f"--suppress {item!r}: give CODE or CODE=POD")
+    if not (args.from_bundle or args.lab or args.netns or args.netns_pid):
+        raise UsageError(
+            "say where the pods are: --lab, --netns NAME, --netns-pid PID, or --from BUNDLE"
+        )
+    fail_on = _fail_on(args.fail_on)
+    evidence = evidence_from_args(args)
+    state = trench_state(evidence)
+    result = analyze(state, suppress=args.suppress)
+    report = make_report(evidence, result, state, fail_on)
+    sys.stdout.write(render(args.output, report, color=_color(sys.stdout)))
+    sys.stdout.flush()
+    if args.report and report_fmt is not None:
+        try:
+            Path(args.report).write_text(render(report_fmt, report))
+        except OSError as exc:
+            raise MeridioDebugError(
+                f"cannot write report {args.report}: {exc.strerror or exc}"
+            ) from exc
+    return EXIT_FINDINGS if report.failed else EXIT_OK
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    if not (args.lab or args.netns or args.netns_pid):
+        raise UsageError("say where the pods are: --lab, --netns NAME or --netns-pid PID")
+    evidence = evidence_from_args(args)
+    meta = write_bundle(
+        evidence,
+        args.output,
+        command_line=["meridio-debug", *sys.argv[1:]],
+        tool_version=_tool_version(),
+    )
+    unreachable = [p["name"] for p in meta["pods"] if not p["reachable"]]
+    note = f" ({len(unreachable)} unreachable: {', '.join(unreachable)})" if unreachable else ""
+    print(
+        f"wrote {args.output}: {len(meta['pods'])} pods{note}, format version "
+        f"{meta['format_version']}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
