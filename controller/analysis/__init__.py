@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meridio_debug.controller.analysis import access, lbfe, proxy, target, trench
+from meridio_debug.controller.analysis._view import release
 from meridio_debug.controller.analysis.findings import (
     Check,
     CheckRun,
@@ -131,6 +132,7 @@ def analyze(
                     "(analyze --from BUNDLE reproduces it)",
                 )
             )
+    release(state)
     kept = [f for f in findings if not _suppressed(f, patterns)]
     dropped = [f for f in findings if _suppressed(f, patterns)]
     order = {check.code: i for i, check in enumerate(checks)}

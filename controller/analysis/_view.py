@@ -557,6 +557,11 @@ _CACHE: list[tuple[TrenchState, TrenchView]] = []
 _CACHE_SIZE: Final = 4
 
 
+def release(state: TrenchState) -> None:
+    """Drop the memoised view of ``state`` (analyze calls it when done)."""
+    _CACHE[:] = [(s, v) for s, v in _CACHE if s is not state]
+
+
 def trench_view(state: TrenchState) -> TrenchView:
     """The (memoised) view of ``state``: identity-keyed, so hashing big states is avoided."""
     for cached_state, view in _CACHE:

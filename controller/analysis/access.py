@@ -23,6 +23,20 @@ _SECTION_HINTS = {
 }
 
 
+_ABSENT_HINT = (
+    "expected when the component does not run in this pod (the lab marks with nftables "
+    "instead of nfqlb); rules that need it were skipped"
+)
+_ABSENT_HINTS = {
+    ("lb-fe", "bird"): "bird must run in the frontend container: if it does, the agent cannot "
+    "see it (inject the agent targeting the frontend container to share its PID namespace); "
+    "the BGP/BFD checks were skipped",
+    ("lb-fe", "nfqlb"): "real Meridio runs nfqlb in the stateless-lb container (the lab marks "
+    "with nftables instead); with nft queue rules and no nfqlb, the marks are unknown and "
+    "MDB113 was skipped",
+}
+
+
 @pod_check("MDB001", Severity.WARNING, "a collector could not read its section", roles=())
 def check_section_errors(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
     """Sections in ERROR: the collector failed (permission, missing tool, parse error)."""
@@ -71,11 +85,11 @@ def check_absent_sections(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
     for status in pod.snap.sections:
         if status.state != "ABSENT":
             continue
+        hint = _ABSENT_HINTS.get((pod.role, status.name), _ABSENT_HINT)
         yield Issue(
             summary=f"{status.name} absent: {status.message or 'not running here'}",
             evidence={"section": status.name, "state": status.state, "message": status.message},
-            hint="expected when the component does not run in this pod "
-            "(the lab marks with nftables instead of nfqlb)",
+            hint=hint,
         )
 
 

@@ -44,22 +44,16 @@ def _routes(routes: list[Route]) -> list[str]:
 # --------------------------------------------------------------------------- gateways
 
 
-@pod_check("MDB101", Severity.ERROR, "gateway BGP protocol not up/Established", roles=_LB)
+@pod_check(
+    "MDB101", Severity.ERROR, "gateway BGP protocol not up/Established", roles=_LB, needs=("bird",)
+)
 def check_bgp(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
-    """Every NBR-* gateway protocol must be up (BGP: Established), as the frontend requires."""
-    bird = pod.snap.section("bird")
-    if bird is None:
-        return
-    if bird.state == "ABSENT":
-        yield Issue(
-            summary="bird is not running in the frontend: no gateway can be up",
-            evidence={"section": "bird", "state": bird.state, "message": bird.message},
-            hint="check the frontend container (logs, restarts) and its bird config "
-            "/etc/bird/bird-fe-meridio.conf; without bird no VIP is announced",
-        )
-        return
-    if bird.state != "OK":
-        return
+    """Every NBR-* gateway protocol must be up (BGP: Established), as the frontend requires.
+
+    A bird the agent cannot see (ABSENT: not running, or in a PID namespace the
+    agent does not share) is missing data, not a verdict; its effect shows in
+    the routes anyway (MDB103: no default in the VIP egress table).
+    """
     for proto in pod.snap.bird_protocols:
         kind = proto.proto.lower()
         if kind == "bgp":

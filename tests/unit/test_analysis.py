@@ -319,11 +319,6 @@ CASES: list[tuple[str, Mutation, set[tuple[str, str]]]] = [
         {("MDB101", "lb-fe-b")},
     ),
     (
-        "MDB101 bird not running in the FE",
-        on("lb-fe-a", section("bird", "ABSENT", "no bird process")),
-        {("MDB101", "lb-fe-a")},
-    ),
-    (
         "MDB102 BFD v4 Down",
         on("lb-fe-a", bfd_session("169.254.100.150", state="Down")),
         {("MDB102", "lb-fe-a")},
@@ -1056,6 +1051,16 @@ def test_skipped_checks_say_why() -> None:
     skipped = {r.code: r.skipped for r in analyze(state).runs if r.pod == "lb-fe-a" and r.skipped}
     assert skipped["MDB110"] == "section rules ERROR: permission denied: EPERM"
     assert "MDB101" not in skipped
+
+
+def test_bird_invisible_to_the_agent_is_missing_data_not_an_error() -> None:
+    state = on("lb-fe-a", section("bird", "ABSENT", "no bird process"))(HEALTHY)
+    result = analyze(state)
+    assert problems(result) == set()
+    info = [f for f in result.findings if f.pod == "lb-fe-a" and f.evidence["section"] == "bird"]
+    assert info and "PID namespace" in info[0].hint
+    skipped = {r.code for r in result.runs if r.pod == "lb-fe-a" and r.skipped}
+    assert {"MDB101", "MDB102"} <= skipped
 
 
 def test_unreachable_pod_gets_only_mdb002_runs() -> None:
