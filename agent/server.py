@@ -26,7 +26,7 @@ from typing import Protocol
 
 import grpc
 
-from meridio_debug.agent import version
+from meridio_debug.agent import capture, version
 from meridio_debug.agent.collectors import SECTIONS, Collector, run_collectors
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
@@ -90,6 +90,7 @@ class AgentService(pb_grpc.AgentServicer):
         self._watcher_factory = watcher_factory
         self.activity = activity or Activity()
         self._started_ns = time.time_ns()
+        self._captures = capture.Registry()
 
     def _info(self) -> pb.Info:
         info = pb.Info(
@@ -102,6 +103,7 @@ class AgentService(pb_grpc.AgentServicer):
             started_unix_ns=self._started_ns,
         )
         info.capabilities.append("snapshot")
+        info.capabilities.append("capture")
         if self._watcher_factory is not None:
             info.capabilities.append("watch")
         for collector in self._collectors:
@@ -215,3 +217,48 @@ class AgentService(pb_grpc.AgentServicer):
             stop.set()
             watcher.close()
             await asyncio.to_thread(thread.join, 2.0)
+
+    async def Capture(
+        self,
+        request: pb.CaptureRequest,
+        context: grpc.aio.ServicerContext[pb.CaptureRequest, pb.CaptureChunk],
+    ) -> AsyncIterator[pb.CaptureChunk]:
+        """Thin: agent/capture.py does the work; here only errors become statuses."""
+        self.activity.touch()
+        statuses = (
+            (capture.InvalidCapture, grpc.StatusCode.INVALID_ARGUMENT),
+            (capture.InterfaceNotFound, grpc.StatusCode.NOT_FOUND),
+            (capture.CaptureUnavailable, grpc.StatusCode.UNAVAILABLE),
+        )
+        stream = self._captures.run(request)
+        self.activity.active_streams += 1
+        try:
+            try:
+                first = await anext(stream)
+            except capture.CaptureError as exc:
+                code = next(
+                    (c for t, c in statuses if isinstance(exc, t)), grpc.StatusCode.INTERNAL
+                )
+                await context.abort(code, str(exc))
+                raise  # unreachable: abort raises
+            except Exception as exc:  # never a crash: the stream ends, the agent serves on
+                log.exception("capture failed to start")
+                await context.abort(grpc.StatusCode.INTERNAL, f"capture failed: {exc}")
+                raise
+            yield first
+            async for chunk in stream:
+                yield chunk
+                if chunk.HasField("stats") and chunk.stats.end_reason.startswith("error"):
+                    await context.abort(grpc.StatusCode.INTERNAL, chunk.stats.end_reason)
+        finally:
+            await stream.aclose()
+            self.activity.active_streams -= 1
+            self.activity.touch()
+
+    async def StopCapture(
+        self,
+        request: pb.StopCaptureRequest,
+        context: grpc.aio.ServicerContext[pb.StopCaptureRequest, pb.StopCaptureReply],
+    ) -> pb.StopCaptureReply:
+        self.activity.touch()
+        return pb.StopCaptureReply(found=self._captures.stop(request.capture_id))

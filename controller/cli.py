@@ -125,6 +125,10 @@ def build_parser() -> ArgumentParser:
     )
     p.set_defaults(func=cmd_watch)
 
+    from meridio_debug.controller import capture
+
+    capture.add_parser(sub, add_target_args)
+
     from meridio_debug.controller import cli_lab
 
     cli_lab.add_parser(sub)

@@ -75,3 +75,26 @@ class AgentClient:
             raise self._error("Watch", exc) from exc
         finally:
             call.cancel()
+
+    async def capture(self, request: pb.CaptureRequest) -> AsyncIterator[pb.CaptureChunk]:
+        """Stream a capture's chunks (start, batches, stats); ends after the final stats."""
+        call = self._stub.Capture(request)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._error("Capture", exc) from exc
+        finally:
+            call.cancel()
+
+    async def stop_capture(self, capture_id: str, timeout: float = 5.0) -> bool:
+        """Ask the agent to end a capture cleanly (its stream then sends the final stats)."""
+        try:
+            reply: pb.StopCaptureReply = await self._stub.StopCapture(
+                pb.StopCaptureRequest(capture_id=capture_id), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error("StopCapture", exc) from exc
+        return reply.found

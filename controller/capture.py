@@ -1,0 +1,574 @@
+"""``meridio-debug capture``: capture in many pods at once into one pcapng (or lines).
+
+Why it is built this way:
+
+- Each selected pod's agent captures with a TPACKET_V3 ring and a kernel BPF
+  filter (agent/capture.py) and streams batches; this module merges the pods'
+  streams in timestamp order and writes one pcapng with one interface per pod
+  and interface, named ``POD/IFACE`` so Wireshark shows where each packet was.
+- Merging uses the agents' watermarks (every packet older than it was sent):
+  a packet is written once every other live stream has promised nothing
+  older can still come. A single stream is written as it arrives, and a
+  stalled stream cannot hold memory hostage: past ``MERGE_BYTES`` pending,
+  everything is released.
+- Stopping is cooperative: on Ctrl-C/SIGTERM, or when --count/--max-bytes is
+  reached, each agent is asked to StopCapture, sends what its ring still holds
+  and its final counters, and the file is closed with interface statistics
+  (ISB). A second signal stops at once; the file is valid either way because
+  only whole blocks are ever written.
+- Every batch is flushed, so ``-w - | wireshark -k -i -`` is live.
+
+Counters reported per pod: packets written, dropped by the kernel (ring
+full), dropped by the agent (this side was too slow); sent packets =
+captured + both drop counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TextIO
+
+from meridio_debug.controller import packet_summary
+from meridio_debug.controller.client import AgentClient
+from meridio_debug.controller.errors import MeridioDebugError, UsageError
+from meridio_debug.controller.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
+from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.protos import agent_pb2 as pb
+
+MERGE_BYTES = 64 << 20  # pending packets held for ordering, at most
+STOP_GRACE_S = 5.0  # after a stop request, wait this long for the agents' final stats
+FLAGS = (*PKTTYPE_FLAGS, 0, 0, 0)  # sll_pkttype 5-7 (loopback, user, kernel): no direction
+
+
+class Sink:
+    """Where merged packets go: a pcapng Writer or a Printer (same calls)."""
+
+    packets: int
+    full: bool
+
+    def add_interface(self, iface: Interface) -> int:
+        raise NotImplementedError
+
+    def write(self, packets: list[Packet], limit: int = 0) -> int:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
+        raise NotImplementedError
+
+
+class PcapngSink(Sink):
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.packets = 0
+        self.full = False
+
+    def add_interface(self, iface: Interface) -> int:
+        return self.writer.add_interface(iface)
+
+    def write(self, packets: list[Packet], limit: int = 0) -> int:
+        n = self.writer.write(packets, limit)
+        self.packets, self.full = self.writer.packets, self.writer.full
+        return n
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
+        self.writer.close(stats)
+
+
+class Printer(Sink):
+    """``--print``: one tcpdump-like line per packet; only printed packets are decoded."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._ifaces: list[Interface] = []
+        self.packets = 0
+        self.full = False
+
+    def add_interface(self, iface: Interface) -> int:
+        self._ifaces.append(iface)
+        return len(self._ifaces) - 1
+
+    def write(self, packets: list[Packet], limit: int = 0) -> int:
+        lines: list[str] = []
+        for ts, ifid, flags, frame, _orig in packets:
+            if limit and self.packets + len(lines) >= limit:
+                break
+            iface = self._ifaces[ifid]
+            direction = "In " if flags & 3 == 1 else "Out" if flags & 3 == 2 else "   "
+            clock = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
+            summary = packet_summary.summarize(frame, iface.linktype)
+            lines.append(f"{clock}.{ts % 1_000_000_000:09d} {iface.name} {direction} {summary}\n")
+        self._out.write("".join(lines))
+        self.packets += len(lines)
+        return len(lines)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
+        self._out.flush()
+
+
+@dataclass
+class PodState:
+    """One pod's stream as the merger sees it."""
+
+    pod: PodRef
+    snaplen: int = 0
+    names: dict[int, tuple[str, int]] = field(default_factory=dict)  # ifindex -> (name, linktype)
+    ifids: dict[int, int] = field(default_factory=dict)  # ifindex -> interface id in the file
+    point_ifids: dict[str, int] = field(default_factory=dict)  # "any"/IFACE -> interface id
+    capture_id: str = ""
+    client: AgentClient | None = None
+    stats: pb.CaptureStats | None = None
+    final: bool = False
+    error: str = ""
+    live: bool = False
+    pending: list[Packet] = field(default_factory=list)
+    pending_bytes: int = 0
+    watermark: int = 0
+    received: int = 0
+
+
+class Merger:
+    """Orders packets of many pods by timestamp, writing what no stream can precede any more."""
+
+    def __init__(self, sink: Sink, limit: int, on_full: Callable[[], None]) -> None:
+        self.sink = sink
+        self.limit = limit
+        self._on_full = on_full
+        self.states: list[PodState] = []
+
+    def interface(self, st: PodState, ifindex: int) -> int:
+        ifid = st.ifids.get(ifindex)
+        if ifid is None:
+            name, linktype = st.names.get(ifindex, (f"if{ifindex}", 1))
+            ifid = self.sink.add_interface(
+                Interface(linktype, st.snaplen, f"{st.pod.name}/{name}", _description(st.pod))
+            )
+            st.ifids[ifindex] = ifid
+        return ifid
+
+    def add_batch(self, st: PodState, batch: pb.PacketBatch) -> None:
+        for iface in batch.new_interfaces:
+            st.names[iface.index] = (iface.name, iface.linktype)
+        if batch.ts_ns:
+            for index in set(batch.ifindex):
+                self.interface(st, index)
+            ifids, data = st.ifids, batch.data
+            packets: list[Packet] = []
+            append = packets.append
+            off = 0
+            for ts, ifx, ptype, cap, orig in zip(
+                batch.ts_ns, batch.ifindex, batch.pkttype, batch.caplen, batch.origlen, strict=True
+            ):
+                append((ts, ifids[ifx], FLAGS[ptype & 7], data[off : off + cap], orig))
+                off += cap
+            st.pending.extend(packets)
+            st.pending_bytes += len(data)
+            st.received += len(packets)
+        st.watermark = max(st.watermark, batch.watermark_ns)
+        self.release()
+
+    def release(self, everything: bool = False) -> None:
+        live = [s for s in self.states if s.live]
+        out: list[Packet]
+        if everything or len(live) <= 1 or sum(s.pending_bytes for s in self.states) > MERGE_BYTES:
+            out = [p for s in self.states for p in s.pending]
+            for s in self.states:
+                s.pending, s.pending_bytes = [], 0
+            if len(self.states) > 1:
+                out.sort(key=_ts)
+        else:
+            mark = min(s.watermark for s in live)
+            out = []
+            for s in self.states:
+                if not s.pending:
+                    continue
+                s.pending.sort(key=_ts)
+                cut = _count_upto(s.pending, mark)
+                if cut:
+                    out.extend(s.pending[:cut])
+                    del s.pending[:cut]
+                    s.pending_bytes = sum(len(p[3]) for p in s.pending)
+            out.sort(key=_ts)
+        if out and not self.sink.full:
+            try:
+                self.sink.write(out, self.limit)
+                self.sink.flush()
+            except BrokenPipeError:  # the reader (wireshark, head) is gone: stop
+                self.sink.full = True
+            if self.sink.full or (self.limit and self.sink.packets >= self.limit):
+                self._on_full()
+
+
+def _ts(p: Packet) -> int:
+    return p[0]
+
+
+def _count_upto(packets: list[Packet], mark: int) -> int:
+    lo, hi = 0, len(packets)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if packets[mid][0] <= mark:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _description(pod: PodRef) -> str:
+    return f"meridio-debug capture in {pod.runtime} pod {pod.name} ({pod.location})"
+
+
+@dataclass(frozen=True)
+class Options:
+    interfaces: tuple[str, ...] = ("any",)
+    filter: str = ""
+    duration: float = 0.0
+    count: int = 0
+    max_bytes: int = 0
+    snaplen: int = 0
+    rotate: int = 0
+
+
+class Capture:
+    """One multi-pod capture run: start every pod, merge, stop cleanly, close the sink."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: Options,
+        sink: Sink,
+        log: Callable[[str], None],
+    ) -> None:
+        self.runtime = runtime
+        self.options = options
+        self.sink = sink
+        self.log = log
+        self.merger = Merger(sink, options.count, self.request_stop)
+        self._stop_requested = False
+        self._started = 0
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stoppers: set[asyncio.Future[None]] = set()
+        self.start_ns = time.time_ns()
+
+    def request(self) -> pb.CaptureRequest:
+        o = self.options
+        return pb.CaptureRequest(
+            interfaces=list(o.interfaces),
+            filter=o.filter,
+            snaplen=o.snaplen,
+            duration_s=o.duration,
+            max_packets=o.count,
+            max_bytes=o.max_bytes if not o.rotate else 0,
+        )
+
+    def request_stop(self) -> None:
+        """Ask every agent to end its capture; their streams then finish with final stats."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        # Agents that do not answer in time are cut off: the file is closed anyway.
+        asyncio.get_running_loop().call_later(STOP_GRACE_S, self.force_stop)
+        for st in self.merger.states:
+            if st.live and st.client is not None and st.capture_id:
+                self._stoppers.add(asyncio.ensure_future(self._stop_one(st.client, st.capture_id)))
+
+    def force_stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    @staticmethod
+    async def _stop_one(client: AgentClient, capture_id: str) -> None:
+        with contextlib.suppress(MeridioDebugError):
+            await client.stop_capture(capture_id)
+
+    async def _pod(self, st: PodState, total: int) -> None:
+        try:
+            async with self.runtime.open(st.pod) as client:
+                st.client = client
+                async for chunk in client.capture(self.request()):
+                    kind = chunk.WhichOneof("kind")
+                    if kind == "batch":
+                        self.merger.add_batch(st, chunk.batch)
+                    elif kind == "stats":
+                        st.stats = chunk.stats
+                        st.watermark = max(st.watermark, chunk.stats.watermark_ns)
+                        if chunk.stats.final:
+                            st.final = True
+                    elif kind == "start":
+                        self._on_start(st, chunk.start)
+                        self._started += 1
+                        if self._started == total:
+                            self._ready.set()
+                        if self._stop_requested:
+                            await self._stop_one(client, st.capture_id)
+        except MeridioDebugError as exc:
+            st.error = str(exc)
+        except asyncio.CancelledError:
+            if not st.final:
+                st.error = "stopped before the agent sent its final counters"
+        finally:
+            st.live = False
+            if not st.capture_id:  # never started: do not hold the others' "ready"
+                self._started += 1
+                if self._started >= total:
+                    self._ready.set()
+            self.merger.release()
+
+    def _on_start(self, st: PodState, start: pb.CaptureStart) -> None:
+        st.capture_id = start.capture_id
+        st.snaplen = start.snaplen
+        st.live = True
+        for iface in start.interfaces:
+            st.names[iface.index] = (iface.name, iface.linktype)
+        by_name = {name: index for index, (name, _) in st.names.items()}
+        for point in start.points:
+            if point == "any":
+                st.point_ifids[point] = self.sink.add_interface(
+                    Interface(1, st.snaplen, f"{st.pod.name}/any", _description(st.pod))
+                )
+            else:
+                st.point_ifids[point] = self.merger.interface(st, by_name[point])
+
+    async def run(self, on_ready: Callable[[list[PodState]], None]) -> list[PodState]:
+        pods = self.runtime.pods()
+        states = [PodState(p) for p in pods]
+        self.merger.states = states
+        tasks = [asyncio.create_task(self._pod(st, len(states))) for st in states]
+        self._tasks = tasks
+        if self.options.duration:  # the agents stop themselves; this is the safety net
+            asyncio.get_running_loop().call_later(self.options.duration + 2.0, self.request_stop)
+
+        async def announce() -> None:
+            await self._ready.wait()
+            on_ready(states)
+
+        announcer = asyncio.ensure_future(announce())
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # second signal: no more waiting
+            self.force_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            announcer.cancel()
+        self.merger.release(everything=True)
+        self.sink.close(self.isb_stats(states))
+        return states
+
+    def isb_stats(self, states: Sequence[PodState]) -> list[tuple[int, int, int, int, int]]:
+        """(ifid, now, start, received, dropped) per interface of each pod, from the last stats."""
+        now = time.time_ns()
+        out: list[tuple[int, int, int, int, int]] = []
+        for st in states:
+            stats = st.stats
+            if stats is None:
+                continue
+            points = {p.point: p for p in stats.points}
+            counts = {c.ifindex: c for c in stats.interfaces}
+            for point, ifid in st.point_ifids.items():
+                ps = points.get(point)
+                kernel_recv = ps.kernel_packets if ps else 0
+                kernel_drop = ps.kernel_drops if ps else 0
+                agent_drop = stats.agent_drops if point == "any" else 0
+                if point != "any":
+                    index = next((i for i, (n, _) in st.names.items() if n == point), -1)
+                    agent_drop = counts[index].agent_drops if index in counts else 0
+                out.append((ifid, now, self.start_ns, kernel_recv, kernel_drop + agent_drop))
+            named = set(st.point_ifids.values())
+            for index, ifid in st.ifids.items():
+                if ifid in named:
+                    continue
+                c = counts.get(index)
+                if c is not None:
+                    out.append((ifid, now, self.start_ns, c.packets + c.agent_drops, c.agent_drops))
+        return out
+
+
+def summary_lines(states: Sequence[PodState]) -> list[str]:
+    lines = []
+    for st in states:
+        s = st.stats
+        if s is None:
+            lines.append(f"{st.pod.name}: no capture ({st.error or 'no answer'})")
+            continue
+        text = (
+            f"{st.pod.name}: {st.received} packets captured; dropped: {s.kernel_drops} by the kernel "
+            f"(ring full), {s.agent_drops} by the agent (consumer too slow)"
+        )
+        if s.final:
+            text += f"; ended: {s.end_reason}"
+        else:
+            text += "; final counters not received (numbers as of the last update)"
+        if st.error:
+            text += f"; error: {st.error}"
+        lines.append(text)
+    return lines
+
+
+# --- command line --------------------------------------------------------------------
+
+HELP = "capture packets in pods at once into one pcapng (or print them), live to Wireshark"
+DESCRIPTION = """\
+Capture in every selected pod at once with the agent's TPACKET_V3 ring and a
+kernel BPF filter, and write ONE pcapng: packets in time order, one interface
+per pod and interface named POD/IFACE, direction per packet, and interface
+statistics (received, dropped) at the end. Runs until --duration, --count or
+--max-bytes is reached, or Ctrl-C / SIGTERM; always leaves a valid file.
+Prints on stderr what was captured and dropped, per pod."""
+EPILOG = """\
+examples:
+  meridio-debug capture --lab lb-fe-a proxy-a -f 'udp port 4000' --duration 10 -w vip.pcapng
+  meridio-debug capture --netns ns1 --netns ns2 -i eth0 -c 1000 -w two.pcapng
+  meridio-debug capture --lab lb-fe-a -w - | wireshark -k -i -
+  meridio-debug capture --lab --print -f 'host 20.0.0.1'
+  meridio-debug capture --lab -w ring.pcapng --rotate 5 --max-bytes 100000000
+
+exit codes: 0 ok, 1 a pod could not capture, 2 usage error"""
+
+
+def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser(
+        "capture",
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_target_args(p)
+    p.add_argument(
+        "-i",
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="interface in each pod (repeatable; default: any = all interfaces)",
+    )
+    p.add_argument("-f", "--filter", default="", help="BPF filter, pcap-filter(7) syntax")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after S seconds (default: Ctrl-C, at most 1 h)",
+    )
+    p.add_argument("-c", "--count", type=int, default=0, help="stop after N packets in total")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=0,
+        help="stop when the file reaches N bytes (with --rotate: size of each file)",
+    )
+    p.add_argument("--snaplen", type=int, default=0, help="bytes kept per packet (default 262144)")
+    p.add_argument(
+        "--rotate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep a ring of N files of --max-bytes each (FILE0.pcapng, FILE1.pcapng, ...)",
+    )
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-w", "--write", metavar="FILE", help="pcapng file, or - for stdout")
+    out.add_argument(
+        "--print", action="store_true", help="print one decoded line per packet instead"
+    )
+    p.set_defaults(func=cmd_capture)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    if args.duration < 0 or args.count < 0 or args.max_bytes < 0 or args.snaplen < 0:
+        raise UsageError("--duration, --count, --max-bytes and --snaplen must be >= 0")
+    if args.rotate < 0 or (args.rotate and not args.max_bytes):
+        raise UsageError("--rotate N needs N >= 1 and --max-bytes (the size of each file)")
+    if args.rotate and args.write in (None, "-"):
+        raise UsageError("--rotate writes files: give -w FILE")
+    interfaces = tuple(args.interface) or ("any",)
+    return Options(
+        interfaces=interfaces,
+        filter=args.filter,
+        duration=args.duration,
+        count=args.count,
+        max_bytes=args.max_bytes,
+        snaplen=args.snaplen,
+        rotate=args.rotate,
+    )
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from meridio_debug.controller.cli import make_runtime
+
+    options = options_from(args)
+    runtime = make_runtime(args)
+
+    def log(text: str) -> None:
+        print(f"meridio-debug: {text}", file=sys.stderr, flush=True)
+
+    sink: Sink
+    if args.print:
+        sink = Printer(sys.stdout)
+    else:
+        stream: BinaryIO | None = sys.stdout.buffer if args.write == "-" else None
+        try:
+            writer = Writer(
+                None if stream else args.write,
+                stream,
+                max_bytes=options.max_bytes,
+                rotate=options.rotate,
+            )
+        except OSError as exc:
+            raise MeridioDebugError(f"cannot write {args.write}: {exc}") from exc
+        sink = PcapngSink(writer)
+    states = asyncio.run(run_capture(runtime, options, sink, log))
+    for line in summary_lines(states):
+        log(line)
+    if isinstance(sink, PcapngSink) and sink.writer.files:
+        log(f"wrote {sink.packets} packets to {', '.join(sink.writer.files)}")
+    return 1 if any(st.error for st in states) else 0
+
+
+async def run_capture(
+    runtime: Runtime, options: Options, sink: Sink, log: Callable[[str], None]
+) -> list[PodState]:
+    """Run until the limits or SIGINT/SIGTERM (a second signal stops without waiting)."""
+    cap = Capture(runtime, options, sink, log)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(cap.run(lambda states: _ready(states, log)))
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            cap.request_stop()
+        else:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await task
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _ready(states: Sequence[PodState], log: Callable[[str], None]) -> None:
+    live = [f"{st.pod.name} ({', '.join(st.point_ifids)})" for st in states if st.live]
+    if live:
+        log(f"capturing in {', '.join(live)} (Ctrl-C to stop)")
+    for st in states:
+        if st.error:
+            log(f"{st.pod.name}: {st.error}")

@@ -1,0 +1,198 @@
+"""A small pcapng writer: what a multi-pod capture needs, and nothing else.
+
+Why our own: the file must carry one interface per pod and interface
+(``POD/IFACE``), the direction of each packet (EPB flags from the agent's
+sll_pkttype) and the capture's drop counters (ISB), in nanoseconds, written in
+batches and flushed per batch so a pipe into ``wireshark -k -i -`` is live and a
+killed capture still leaves a readable file. No pcapng library in the standard
+library does this, and the controller must not import scapy (import-linter).
+
+Blocks written (pcapng spec, draft-ietf-opsawg-pcapng): SHB (once per file),
+IDB (if_name, if_description, if_tsresol=9), EPB (epb_flags), ISB (isb_ifrecv,
+isb_ifdrop, isb_starttime, isb_endtime). Little-endian, 32-bit aligned.
+
+Rotation (``rotate`` files of at most ``max_bytes`` each, like tcpdump -C/-W):
+every file is a complete section that repeats the IDBs in the same order, so
+interface ids mean the same thing in every file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+SHB_TYPE = 0x0A0D0D0A
+IDB_TYPE = 0x00000001
+EPB_TYPE = 0x00000006
+ISB_TYPE = 0x00000005
+BYTE_ORDER_MAGIC = 0x1A2B3C4D
+
+# EPB flags: bits 0-1 direction (1 inbound, 2 outbound), bits 2-4 reception type
+# (1 unicast, 2 multicast, 3 broadcast, 4 promiscuous), indexed by sll_pkttype
+# (PACKET_HOST, _BROADCAST, _MULTICAST, _OTHERHOST, _OUTGOING).
+PKTTYPE_FLAGS = (1 | 1 << 2, 1 | 3 << 2, 1 | 2 << 2, 1 | 4 << 2, 2)
+INBOUND, OUTBOUND = 1, 2
+
+_EPB_HEAD = struct.Struct("<IIIIIII")
+_EPB_TAIL = struct.Struct("<HHIHHI")
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+# One packet on its way to a file: (ts_ns, interface id, epb flags, frame, original length)
+Packet = tuple[int, int, int, bytes, int]
+
+
+def flags_for(pkttype: int) -> int:
+    return PKTTYPE_FLAGS[pkttype] if pkttype < len(PKTTYPE_FLAGS) else 0
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + _PADS[len(value) & 3]
+
+
+def _block(block_type: int, body: bytes) -> bytes:
+    length = 12 + len(body)
+    return struct.pack("<II", block_type, length) + body + struct.pack("<I", length)
+
+
+def shb(application: str) -> bytes:
+    body = struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1)
+    body += _option(4, application.encode()) + _option(0, b"")
+    return _block(SHB_TYPE, body)
+
+
+def idb(linktype: int, snaplen: int, name: str, description: str) -> bytes:
+    body = struct.pack("<HHI", linktype, 0, snaplen)
+    body += _option(2, name.encode()) + _option(3, description.encode())
+    body += _option(9, b"\x09") + _option(0, b"")
+    return _block(IDB_TYPE, body)
+
+
+def epb(ts_ns: int, ifid: int, flags: int, frame: bytes, origlen: int) -> bytes:
+    caplen = len(frame)
+    pad = (-caplen) & 3
+    length = 44 + caplen + pad
+    return b"".join(
+        (
+            _EPB_HEAD.pack(
+                EPB_TYPE, length, ifid, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen, origlen
+            ),
+            frame,
+            _PADS[pad],
+            _EPB_TAIL.pack(2, 4, flags, 0, 0, length),
+        )
+    )
+
+
+def isb(ifid: int, ts_ns: int, start_ns: int, recv: int, drop: int) -> bytes:
+    body = struct.pack("<III", ifid, ts_ns >> 32, ts_ns & 0xFFFFFFFF)
+    body += _option(2, struct.pack("<II", start_ns >> 32, start_ns & 0xFFFFFFFF))
+    body += _option(3, struct.pack("<II", ts_ns >> 32, ts_ns & 0xFFFFFFFF))
+    body += _option(4, struct.pack("<Q", recv)) + _option(5, struct.pack("<Q", drop))
+    body += _option(0, b"")
+    return _block(ISB_TYPE, body)
+
+
+@dataclass(frozen=True)
+class Interface:
+    linktype: int
+    snaplen: int
+    name: str
+    description: str
+
+
+class Writer:
+    """Writes a pcapng stream to a path (with optional rotation) or to an open binary stream."""
+
+    def __init__(
+        self,
+        path: str | None,
+        stream: BinaryIO | None = None,
+        max_bytes: int = 0,
+        rotate: int = 0,
+        application: str = "meridio-debug",
+    ) -> None:
+        if (path is None) == (stream is None):
+            raise ValueError("give a path or a stream")
+        self._path = path
+        self._stream = stream
+        self._max_bytes = max_bytes
+        self._rotate = rotate
+        self._application = application
+        self.interfaces: list[Interface] = []
+        self.packets = 0
+        self.files: list[str] = []
+        self._file_index = -1
+        self._size = 0
+        self.full = False  # max_bytes reached without rotation: nothing more fits
+        self._out: BinaryIO
+        self._open_next()
+
+    def file_name(self, index: int) -> str:
+        assert self._path is not None
+        if not self._rotate:
+            return self._path
+        stem, ext = os.path.splitext(self._path)
+        return f"{stem}{index:0{len(str(self._rotate - 1))}d}{ext or '.pcapng'}"
+
+    def _open_next(self) -> None:
+        if self._stream is not None:
+            self._out = self._stream
+        else:
+            self._file_index += 1
+            name = self.file_name(self._file_index % max(self._rotate, 1))
+            self._out = open(name, "wb")  # noqa: SIM115 - closed in close()/rotation
+            if name not in self.files:
+                self.files.append(name)
+        head = [shb(self._application)]
+        head += [idb(i.linktype, i.snaplen, i.name, i.description) for i in self.interfaces]
+        data = b"".join(head)
+        self._out.write(data)
+        self._size = len(data)
+
+    def add_interface(self, iface: Interface) -> int:
+        """Declare an interface; returns its id (IDB written now, repeated in later files)."""
+        self.interfaces.append(iface)
+        block = idb(iface.linktype, iface.snaplen, iface.name, iface.description)
+        self._out.write(block)
+        self._size += len(block)
+        return len(self.interfaces) - 1
+
+    def write(self, packets: Iterable[Packet], limit: int = 0) -> int:
+        """Write packets (stopping at ``limit`` packets in total, 0: none); returns how many."""
+        blocks: list[bytes] = []
+        size = self._size
+        written = 0
+        for ts, ifid, flags, frame, origlen in packets:
+            if self.full or (limit and self.packets + written >= limit):
+                break
+            block = epb(ts, ifid, flags, frame, origlen)
+            if self._max_bytes and size + len(block) > self._max_bytes:
+                if not self._rotate or self._stream is not None:
+                    self.full = True
+                    break
+                self._out.write(b"".join(blocks))
+                blocks = []
+                self._out.close()
+                self._open_next()
+                size = self._size
+            blocks.append(block)
+            size += len(block)
+            written += 1
+        if blocks:
+            self._out.write(b"".join(blocks))
+        self._size = size
+        self.packets += written
+        return written
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
+        """Write ISBs ``(ifid, ts_ns, start_ns, recv, drop)`` and close (a stream is only flushed)."""
+        self._out.write(b"".join(isb(*s) for s in stats))
+        self._out.flush()
+        if self._stream is None:
+            self._out.close()
