@@ -10,12 +10,13 @@ with VIPs and policy routes, proxies with N/5 + 2 ports.
 Prints the median of repeats per size and the growth ratio against the
 25-target baseline measured in the same run (never absolute assertions):
 
-    .venv/bin/python bench/analysis_bench.py [--repeats 7]
+    .venv/bin/python bench/analysis_bench.py [--repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -44,9 +45,14 @@ def median_ms(state: TrenchState, repeats: int) -> float:
     for _ in range(repeats):
         # A fresh (equal) state each time so the per-state index cache is not reused.
         fresh = TrenchState(pods=state.pods, config=state.config)
-        start = time.perf_counter()
-        result = analyze(fresh)
-        times.append((time.perf_counter() - start) * 1000.0)
+        gc.collect()
+        gc.disable()  # a collection landing in one size's runs is noise, not growth
+        try:
+            start = time.perf_counter()
+            result = analyze(fresh)
+            times.append((time.perf_counter() - start) * 1000.0)
+        finally:
+            gc.enable()
         if result.at_least(Severity.WARNING):
             raise SystemExit(
                 f"synthetic trench is not healthy: {result.at_least(Severity.WARNING)[:3]}"
@@ -56,7 +62,7 @@ def median_ms(state: TrenchState, repeats: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     results: list[tuple[int, int, float]] = []
     for targets in SIZES:
