@@ -327,9 +327,12 @@ def check_target_nexthops(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
         up = [i for i in ifaces if pod.link_up(i) and (not hop.dev or hop.dev == i)]
         if up and not {"dead", "linkdown"} & set(hop.flags):
             continue
+        if hop.dev and ifaces and hop.dev not in ifaces:
+            where = f"routed out of {hop.dev}, but {addr} is on {', '.join(ifaces)}'s subnet"
+        else:
+            where = "not in a connected subnet of an UP conduit interface"
         yield Issue(
-            summary=f"next hop {addr} of table {rule.table} is not in a connected subnet of an "
-            "UP conduit interface",
+            summary=f"next hop {addr} of table {rule.table} is {where}",
             evidence={
                 "rule": str(rule),
                 "table": rule.table,
