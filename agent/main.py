@@ -109,6 +109,7 @@ def check_unix_path(path: str) -> None:
 
 async def serve(address: ListenAddress, idle_timeout: float) -> int:
     from meridio_debug.agent.collectors.registry import default_collectors, watcher_factory
+    from meridio_debug.agent.probe import add_probe_service
     from meridio_debug.agent.server import Activity, AgentService
     from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 
@@ -128,6 +129,7 @@ async def serve(address: ListenAddress, idle_timeout: float) -> int:
         ]
     )
     pb_grpc.add_AgentServicer_to_server(service, server)
+    add_probe_service(server, activity)
     try:
         bound = server.add_insecure_port(address.grpc_target)
     except RuntimeError as exc:
