@@ -18,7 +18,8 @@ rules plus a few links, addresses, neighbours and fdb entries:
   three processes, output to /dev/null.
 
 Prints medians, the ratio ours/iproute2, and the agent's start-to-serving time
-(process start in the namespace until GetInfo answers over its unix socket).
+(process start in the namespace until GetInfo answers over its unix socket),
+a Snapshot RPC end to end and the agent's resident memory.
 
     .venv/bin/python bench/snapshot_bench.py [--routes 2000 --tables 200 --rules 200 --repeat 20]
 """
@@ -158,6 +159,7 @@ def measure_agent_start(ns: str, repeat: int = 5) -> str:
         return f"not measured ({exc})"
     starts: list[float] = []
     snapshots: list[float] = []
+    rss: list[float] = []
     for i in range(repeat):
         path = f"/tmp/mdt-bench-{os.getpid()}-{i}.sock"
         code = "import sys; from meridio_debug.agent.main import main; sys.exit(main())"
@@ -188,6 +190,7 @@ def measure_agent_start(ns: str, repeat: int = 5) -> str:
                 t = time.perf_counter()
                 stub.Snapshot(request, timeout=30)
                 snapshots.append((time.perf_counter() - t) * 1000)
+                rss.append(rss_mib(proc.pid))
         finally:
             proc.terminate()
             try:
@@ -201,8 +204,17 @@ def measure_agent_start(ns: str, repeat: int = 5) -> str:
     return (
         f"{statistics.median(starts):.0f} ms median start-to-serving over {repeat} starts "
         f"(min {min(starts):.0f}, max {max(starts):.0f}; via `ip netns exec`); "
-        f"netlink Snapshot RPC end-to-end {statistics.median(snapshots):.1f} ms"
+        f"netlink Snapshot RPC end-to-end {statistics.median(snapshots):.1f} ms; "
+        f"RSS after two snapshots {statistics.median(rss):.0f} MiB"
     )
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` (``ip netns exec`` execs the agent, so it is the agent's)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> int:
@@ -222,7 +234,7 @@ def main() -> int:
     try:
         t = time.perf_counter()
         build(ns, args.routes, args.tables, args.rules)
-        print(f"namespace {ns} built in {time.perf_counter() - t:.1f} s")
+        print(f"namespace {ns} built in {(time.perf_counter() - t) * 1000:.0f} ms")
         with tempfile.NamedTemporaryFile("w", suffix=".batch") as batch:
             batch.write(BATCH)
             batch.flush()

@@ -63,6 +63,19 @@ while not select.select([sys.stdin], [], [], 0)[0]:
 watcher.close()
 """
 
+SLOW_WATCH = """
+import select, sys
+from google.protobuf import json_format
+from meridio_debug.agent.watch import NetlinkWatcher
+watcher = NetlinkWatcher({"route"}, rcvbuf=4096)  # tiny queue: overflows on a burst
+print("ready", flush=True)
+sys.stdin.readline()  # "go": start reading only after the burst
+while not select.select([sys.stdin], [], [], 0)[0]:
+    for event in watcher.events(0.1):
+        print(json_format.MessageToJson(event, indent=None), flush=True)
+watcher.close()
+"""
+
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -708,49 +721,73 @@ def test_sysctls_read_in_the_namespace(ns: str) -> None:
 # --- watch -----------------------------------------------------------------------------------
 
 
+class Child:
+    """A watcher child process in a namespace, read line by line from its raw stdout.
+
+    select() on a buffered pipe file misses lines already in its buffer, so
+    lines are split here from os.read() chunks.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None and proc.stdin is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.pending = b""
+
+    def line(self, timeout: float) -> str | None:
+        """The next line, or None on timeout or end of output."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def events(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 10
+    ) -> list[dict[str, Any]]:
+        """Events the child printed, until ``done(events)`` or ``timeout``."""
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while not done(events):
+            line = self.line(deadline - time.monotonic())
+            if line is None:
+                break
+            events.append(json.loads(line))
+        return events
+
+    def stop(self) -> None:
+        self.send("stop\n")
+        self.proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
-def watcher_in(ns: str, script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+def watcher_in(ns: str, script: str, *args: str) -> Iterator[Child]:
     """A watcher child process in ``ns`` that has subscribed (it printed "ready")."""
     with subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     ) as proc:
         try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 30)
-            assert ready and proc.stdout.readline().strip() == "ready", "watcher did not start"
-            yield proc
+            child = Child(proc)
+            assert child.line(30) == "ready", "watcher did not start"
+            yield child
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-
-
-def read_events(
-    proc: subprocess.Popen[str], done: Callable[[list[dict[str, Any]]], bool], timeout: float = 10
-) -> list[dict[str, Any]]:
-    """Events the child printed, until ``done(events)`` or ``timeout``."""
-    assert proc.stdout is not None
-    events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not done(events):
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            events.append(json.loads(line))
-    return events
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("stop\n")
-    proc.stdin.flush()
-    proc.wait(timeout=10)
 
 
 def test_watch_reports_changes_in_order(ns: str) -> None:
@@ -770,11 +807,11 @@ def test_watch_reports_changes_in_order(ns: str) -> None:
         ("rule", "new", ["-6", "rule", "add", "from", "fd77::/64", "lookup", "777", "pref", "778"]),
     ]  # fmt: skip
     wanted = [(kind, action) for kind, action, _ in steps]
-    with watcher_in(ns, WATCH, "link", "address", "route", "rule", "neighbour") as proc:
+    with watcher_in(ns, WATCH, "link", "address", "route", "rule", "neighbour") as child:
         for _kind, _action, cmd in steps:
             run("ip", "-n", ns, *cmd)
-        events = read_events(proc, lambda evs: direct_events(evs) == wanted)
-        stop(proc)
+        events = child.events(lambda evs: direct_events(evs) == wanted)
+        child.stop()
     seqs = [int(e["seq"]) for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert all(int(e["unixNs"]) > 0 and int(e["monotonicNs"]) > 0 for e in events)
@@ -819,3 +856,24 @@ def direct_events(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
             seen.add((kind, action, ident))
             out.append((kind, action))
     return out
+
+
+def test_watch_overflow_is_an_event_and_watching_goes_on(ns: str) -> None:
+    burst = [f"route add 10.200.{i // 256}.{i % 256}/32 dev v0 table 778" for i in range(400)]
+    with watcher_in(ns, SLOW_WATCH) as child:
+        batch(burst)
+        child.send("go\n")
+        events = child.events(lambda evs: any(e.get("overflow") for e in evs), timeout=5)
+        run("ip", "-n", ns, "route", "add", "10.201.0.0/24", "dev", "v0", "table", "778")
+        events += child.events(
+            lambda evs: any("10.201.0.0/24" in e.get("summary", "") for e in evs)
+        )
+        child.stop()
+    run("ip", "-n", ns, "route", "flush", "table", "778")
+    overflow = [e for e in events if e.get("overflow")]
+    assert overflow, "no overflow event after a burst into a 4 KiB queue"
+    assert "ENOBUFS" in overflow[0]["summary"]
+    routes = [e for e in events if e.get("kind") == "route"]
+    assert len(routes) < len(burst), "nothing was dropped: the burst was too small"
+    seen = "\n".join(f"{e['seq']} {e.get('overflow', '')} {e.get('summary')}" for e in events)
+    assert "10.201.0.0/24 dev v0 table 778" in routes[-1]["summary"], seen
