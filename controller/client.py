@@ -14,6 +14,8 @@ import grpc
 from meridio_debug.controller.errors import AgentCallError
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
+from meridio_debug.protos import probe_pb2 as ppb
+from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -27,6 +29,7 @@ class AgentClient:
     def __init__(self, channel: grpc.aio.Channel, pod: str) -> None:
         self._channel = channel
         self._stub = pb_grpc.AgentStub(channel)
+        self._probe = ppb_grpc.ProbeStub(channel)
         self.pod = pod
 
     def _error(self, what: str, exc: grpc.RpcError) -> AgentCallError:
@@ -98,3 +101,15 @@ class AgentClient:
         except grpc.RpcError as exc:
             raise self._error("StopCapture", exc) from exc
         return reply.found
+
+    async def route_get(
+        self, queries: Sequence[ppb.RouteQuery], timeout: float = 10.0
+    ) -> list[ppb.RouteResult]:
+        """The kernel's FIB lookups for ``queries`` (Probe.RouteGet), one result per query."""
+        try:
+            reply: ppb.RouteGetReply = await self._probe.RouteGet(
+                ppb.RouteGetRequest(queries=list(queries)), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise self._error("RouteGet", exc) from exc
+        return list(reply.results)

@@ -429,6 +429,7 @@ def nft_state_from_json(ruleset: Mapping[str, Any]) -> NftState:
                             vip_set=vip_set,
                             marks=values,
                             modulus=modulus,
+                            **_hash_params(expr),
                         )
                     )
                 elif "queue" in expr:
@@ -545,6 +546,34 @@ def _mark_map(expr: Mapping[str, Any]) -> tuple[int, tuple[int, ...], int] | Non
                 if mark is not None:
                     marks.append(mark)
     return family, tuple(marks), modulus
+
+
+def _hash_params(expr: Mapping[str, Any]) -> dict[str, Any]:
+    """hash kind, seed, offset and (hash value, mark) pairs of a mark map (for the trace)."""
+    value = expr["mangle"].get("value")
+    if not isinstance(value, Mapping) or not isinstance(value.get("map"), Mapping):
+        return {}
+    nft_map = value["map"]
+    out: dict[str, Any] = {}
+    hash_key = nft_map.get("key")
+    if isinstance(hash_key, Mapping):
+        for hash_kind in ("jhash", "symhash", "numgen"):
+            spec = hash_key.get(hash_kind)
+            if isinstance(spec, Mapping):
+                out["hash"] = hash_kind
+                out["seed"] = _as_int(spec.get("seed"))
+                out["offset"] = _as_int(spec.get("offset")) or 0
+    data = nft_map.get("data")
+    pairs: Any = data.get("set", []) if isinstance(data, Mapping) else []
+    entries: list[tuple[int, int]] = []
+    if isinstance(pairs, Sequence):
+        for pair in pairs:
+            if isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2:
+                key, mark = _as_int(pair[0]), _as_int(pair[1])
+                if key is not None and mark is not None:
+                    entries.append((key, mark))
+    out["entries"] = tuple(entries)
+    return out
 
 
 def _queue_num(spec: Any) -> str:

@@ -347,6 +347,11 @@ class NftMarkMap:
     vip_set: str  # name of the set matched by ``daddr @set`` in the same rule, "" if none
     marks: tuple[int, ...]
     modulus: int = 0
+    # What a trace needs to compute the mark offline (controller/trace/hashing.py):
+    hash: str = ""  # jhash, symhash, numgen; "" for a constant mark
+    seed: int | None = None  # jhash seed; None when nft picked a random one (not computable)
+    offset: int = 0
+    entries: tuple[tuple[int, int], ...] = ()  # (hash value, mark) pairs of the map
 
 
 @dataclass(frozen=True, slots=True)
