@@ -32,6 +32,7 @@ import contextlib
 import errno
 import os
 import select
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -279,8 +280,14 @@ class NetlinkWatcher:
         self.kinds = frozenset(wanted)
         groups = sorted({g for kind in self.kinds for g in GROUPS[kind]})
         self._sock = sock if sock is not None else RtnlSocket(groups, rcvbuf=rcvbuf)
-        self._sock.sock.setblocking(False)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._sock.sock.setblocking(False)
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self._sock.close()
+            raise NetlinkError(
+                f"netlink watch: cannot set up: {exc.strerror}", exc.errno or 0
+            ) from exc
         self._names = IfNames()
         self._seq = 0
         self._closed = False
@@ -379,6 +386,12 @@ class NetlinkWatcher:
                 ) from exc
             unix_ns, mono_ns = time.time_ns(), time.monotonic_ns()
             for mtype, _flags, _seq, body in messages:
-                event = event_from_message(mtype, body, self._names, self.kinds)
+                try:
+                    event = event_from_message(mtype, body, self._names, self.kinds)
+                except (struct.error, IndexError, ValueError) as exc:
+                    # A message we cannot decode must not end the stream (the agent never dies).
+                    kind, action = MESSAGE_KINDS.get(mtype, ("", ""))
+                    summary = f"undecodable rtnetlink message type {mtype}: {exc}"
+                    event = pb.Event(kind=kind, action=action, summary=summary)
                 if event is not None:
                     out.append(self._stamp(event, unix_ns, mono_ns))

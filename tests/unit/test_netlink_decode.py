@@ -655,12 +655,13 @@ class FakeMulticast:
 
 def test_watcher_reports_overflow_and_goes_on() -> None:
     fake = FakeMulticast()
-    watcher = NetlinkWatcher(KINDS, sock=rtnl.RtnlSocket(sock=fake))  # type: ignore[arg-type]
     datagrams = [bytes.fromhex(raw) for raw in EVENTS["datagrams"]]
-    fake.deliver(datagrams[0])
-    fake.deliver(OSError(errno.ENOBUFS, "No buffer space available"))
-    fake.deliver(datagrams[1])
-    events = list(watcher.events(1.0))
+    with NetlinkWatcher(KINDS, sock=rtnl.RtnlSocket(sock=fake)) as watcher:  # type: ignore[arg-type]
+        fake.deliver(datagrams[0])
+        fake.deliver(OSError(errno.ENOBUFS, "No buffer space available"))
+        fake.deliver(datagrams[1])
+        events = list(watcher.events(1.0))
+        assert list(watcher.events(0.05)) == []
     assert [(e.seq, e.kind, e.overflow) for e in events] == [
         (1, "route", False),
         (2, "", True),
@@ -668,9 +669,19 @@ def test_watcher_reports_overflow_and_goes_on() -> None:
     ]
     assert "ENOBUFS" in events[1].summary
     assert events[0].unix_ns > 0 and events[0].monotonic_ns > 0
-    assert list(watcher.events(0.05)) == []
-    watcher.close()
-    assert list(watcher.events(0.05)) == []
+    assert watcher.closed and list(watcher.events(0.05)) == []
+
+
+def test_watcher_survives_an_undecodable_message() -> None:
+    fake = FakeMulticast()
+    with NetlinkWatcher(KINDS, sock=rtnl.RtnlSocket(sock=fake)) as watcher:  # type: ignore[arg-type]
+        fake.deliver(message(rtnl.RTM_NEWROUTE, b"\x02\x18", 0))  # a truncated struct rtmsg
+        fake.deliver(bytes.fromhex(EVENTS["datagrams"][0]))
+        events = list(watcher.events(1.0))
+    assert events[0].kind == "route"
+    assert events[0].summary.startswith("undecodable rtnetlink message type 24")
+    # the device name is resolved on this host (the recording's ifindex), so not compared
+    assert events[1].summary.startswith("10.99.0.0/24 via 10.0.0.5 dev ")
 
 
 def test_watcher_close_unblocks_a_reader() -> None:
