@@ -140,3 +140,34 @@ def test_watch_streams_changes_in_order(netns: str) -> None:
             proc.send_signal(signal.SIGINT)
             proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_agent_that_cannot_start_is_one_line_and_leaves_nothing(netns: str) -> None:
+    import asyncio
+    import glob
+
+    from meridio_debug.controller.errors import RuntimeUnavailable
+    from meridio_debug.controller.runtime import PodRef
+    from meridio_debug.controller.runtime.local import LocalRuntime
+
+    before = set(glob.glob("/tmp/meridio-debug-agent-*"))
+    pod = PodRef(name="p", role="unknown", location=netns, runtime="local")
+    runtime = LocalRuntime([pod], python="/nonexistent/python3", start_timeout=5)
+
+    async def go() -> None:
+        async with runtime.open(pod):
+            pass
+
+    with pytest.raises(RuntimeUnavailable) as info:
+        asyncio.run(go())
+    message = str(info.value)
+    assert "agent exited with code" in message and "\n" not in message
+    assert set(glob.glob("/tmp/meridio-debug-agent-*")) == before
+
+
+def test_agent_start_to_serving_and_section_timings_are_reported(netns: str) -> None:
+    res = run_cli("snapshot", "--netns", netns, "-o", "json")
+    pod = json.loads(res.stdout)["pods"][0]
+    assert pod["agent"]["protocol_version"] >= 1
+    assert {c["name"] for c in pod["agent"]["collectors"]} >= {"links", "routes", "bird"}
+    assert all(s["duration_ms"] >= 0 for s in pod["section_status"])
