@@ -80,7 +80,7 @@ def epb(ts_ns: int, ifid: int, flags: int, frame: bytes, origlen: int) -> bytes:
                 EPB_TYPE, length, ifid, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen, origlen
             ),
             frame,
-            _PADS[pad],
+            _PADS[caplen & 3],
             _EPB_TAIL.pack(2, 4, flags, 0, 0, length),
         )
     )

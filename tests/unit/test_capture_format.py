@@ -1,0 +1,139 @@
+"""The controller's pcapng writer and packet summaries, without root or tshark.
+
+The netns tier reads real captures back with tshark; here the block layout is
+checked byte by byte (lengths, alignment, flags, rotation) and the decoder is
+fed odd frames, because --print must never raise on what the wire brings.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import pytest
+
+from meridio_debug.controller import packet_summary
+from meridio_debug.controller.pcapng import (
+    EPB_TYPE,
+    IDB_TYPE,
+    ISB_TYPE,
+    SHB_TYPE,
+    Interface,
+    Writer,
+    flags_for,
+)
+
+
+def blocks(data: bytes) -> list[tuple[int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        btype, length = struct.unpack_from("<II", data, pos)
+        assert length % 4 == 0 and struct.unpack_from("<I", data, pos + length - 4)[0] == length
+        out.append((btype, data[pos + 8 : pos + length - 4]))
+        pos += length
+    assert pos == len(data)
+    return out
+
+
+def udp_frame(payload: bytes = b"hello") -> bytes:
+    udp = struct.pack("!HHHH", 1234, 9, 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        17,
+        0,
+        bytes([10, 0, 0, 1]),
+        bytes([10, 0, 0, 2]),
+    )
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
+
+
+def test_stream_has_shb_idb_epb_isb_with_direction_and_ns_timestamps() -> None:
+    out = io.BytesIO()
+    w = Writer(None, out)
+    ifid = w.add_interface(Interface(1, 262144, "pod-a/eth0", "test"))
+    frame = udp_frame(b"abc")  # odd length: padded
+    w.write([(1_700_000_000_123_456_789, ifid, flags_for(4), frame, 99)])
+    w.close([(ifid, 1_700_000_001_000_000_000, 1_700_000_000_000_000_000, 10, 2)])
+    kinds = [(t, body) for t, body in blocks(out.getvalue())]
+    assert [t for t, _ in kinds] == [SHB_TYPE, IDB_TYPE, EPB_TYPE, ISB_TYPE]
+    idb = kinds[1][1]
+    assert b"pod-a/eth0" in idb and struct.pack("<HH", 9, 1) + b"\x09" in idb
+    epb = kinds[2][1]
+    _, hi, lo, caplen, origlen = struct.unpack_from("<IIIII", epb)
+    assert (hi << 32 | lo, caplen, origlen) == (1_700_000_000_123_456_789, len(frame), 99)
+    assert epb[20 : 20 + caplen] == frame
+    flags_opt = epb[20 + caplen + (-caplen & 3) :][:8]
+    assert struct.unpack("<HHI", flags_opt) == (2, 4, 2)  # outbound
+    isb = kinds[3][1]
+    assert struct.pack("<HHQ", 4, 8, 10) in isb and struct.pack("<HHQ", 5, 8, 2) in isb
+
+
+def test_direction_and_reception_type_from_pkttype() -> None:
+    assert flags_for(0) == 1 | 1 << 2  # host: inbound unicast
+    assert flags_for(1) & 3 == 1 and flags_for(4) == 2
+    assert flags_for(7) == 0
+
+
+def test_rotation_repeats_interfaces_and_respects_the_size(tmp_path: Path) -> None:
+    w = Writer(str(tmp_path / "r.pcapng"), max_bytes=2000, rotate=2)
+    ifid = w.add_interface(Interface(1, 65535, "p/x", ""))
+    w.write([(i, ifid, 1, udp_frame(b"%04d" % i), 50) for i in range(100)])
+    w.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["r0.pcapng", "r1.pcapng"]
+    for f in files:
+        data = f.read_bytes()
+        assert len(data) <= 2000
+        assert [t for t, _ in blocks(data)][:2] == [SHB_TYPE, IDB_TYPE]
+
+
+def test_max_bytes_without_rotation_stops_writing() -> None:
+    out = io.BytesIO()
+    w = Writer(None, out, max_bytes=1000)
+    ifid = w.add_interface(Interface(1, 65535, "p/x", ""))
+    n = w.write([(i, ifid, 1, udp_frame(), 50) for i in range(100)])
+    assert 0 < n < 100 and w.full and len(out.getvalue()) <= 1000
+
+
+@pytest.mark.parametrize(
+    ("frame", "text"),
+    [
+        (udp_frame(b"hello"), "IP 10.0.0.1.1234 > 10.0.0.2.9: UDP, length 5"),
+        (udp_frame()[:12] + b"\x81\x00\x00\x64" + udp_frame()[12:], "vlan 100, IP 10.0.0.1.1234"),
+        (
+            b"\x02" * 12
+            + b"\x08\x06"
+            + bytes.fromhex("0001080006040001")
+            + b"\x02" * 6
+            + bytes([10, 0, 0, 1])
+            + b"\0" * 6
+            + bytes([10, 0, 0, 2]),
+            "ARP, Request who-has 10.0.0.2 tell 10.0.0.1",
+        ),
+        (b"\x02" * 12 + b"\x08\x00" + b"\x45", "IP (truncated)"),
+        (b"\x02" * 5, "truncated frame"),
+    ],
+)
+def test_summaries(frame: bytes, text: str) -> None:
+    assert text in packet_summary.summarize(frame)
+
+
+def test_tcp_and_icmp6_summaries() -> None:
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x02, 1024, 0, 0)
+    ip6 = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
+    assert (
+        packet_summary.summarize(ip6 + tcp, packet_summary.LINKTYPE_RAW)
+        == "IP6 ::1.40000 > ::2.80: Flags [S], seq 1, length 0"
+    )
+    icmp6 = bytes([128, 0, 0, 0])
+    ip6 = struct.pack("!IHBB", 6 << 28, 4, 58, 64) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
+    assert packet_summary.summarize(b"\x02" * 12 + b"\x86\xdd" + ip6 + icmp6).endswith(
+        "ICMP6 echo request"
+    )
