@@ -135,6 +135,9 @@ def build_parser() -> ArgumentParser:
     from meridio_debug.controller import cli_analyze
 
     cli_analyze.add_parser(sub)
+    from meridio_debug.controller import cli_trace
+
+    cli_trace.add_parser(sub, add_target_args)
     return parser
 
 

@@ -561,8 +561,14 @@ def _hash_params(expr: Mapping[str, Any]) -> dict[str, Any]:
             spec = hash_key.get(hash_kind)
             if isinstance(spec, Mapping):
                 out["hash"] = hash_kind
-                out["seed"] = _as_int(spec.get("seed"))
                 out["offset"] = _as_int(spec.get("offset")) or 0
+                # The seed is kept only when the key is the bare source address
+                # (what controller/trace/hashing.py computes); a concatenation
+                # (saddr . dport) or another field leaves it unknown.
+                inner = spec.get("expr")
+                payload = inner.get("payload") if isinstance(inner, Mapping) else None
+                if isinstance(payload, Mapping) and payload.get("field") == "saddr":
+                    out["seed"] = _as_int(spec.get("seed"))
     data = nft_map.get("data")
     pairs: Any = data.get("set", []) if isinstance(data, Mapping) else []
     entries: list[tuple[int, int]] = []

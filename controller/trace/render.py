@@ -1,0 +1,242 @@
+"""Trace output for people: a table for the terminal, one self-contained HTML page with an SVG.
+
+Why an SVG drawn here (no JS, no external assets): a trace is attached to a
+ticket or a CI artefact and must open anywhere, offline. The drawing is the
+path as Meridio people picture it -- gateway, LB, proxy, target left to
+right on top (forward), and back right to left underneath (return) -- with
+the first broken hop in red and the hops after it greyed (never reached).
+JSON is ``TraceResult.to_dict()`` (the contract); this module only renders.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Final
+
+from meridio_debug.controller.trace.types import Hop, TracePath, TraceResult
+
+_ARROW: Final = {"forward": "→", "return": "←"}
+
+
+def _status(path: TracePath) -> str:
+    first = path.first_broken
+    if first is None:
+        return "whole"
+    code = f" [{first.code}]" if first.code else ""
+    return f"broken at {first.pod} ({first.direction}){code}"
+
+
+def render_table(result: TraceResult) -> str:
+    """Hop by hop, the chosen path (or every candidate), then the verdict."""
+    lines = [f"flow  {result.flow}"]
+    lines.extend(f"note  {note}" for note in result.notes)
+    chosen = result.chosen
+    shown: Sequence[TracePath] = [chosen] if chosen is not None else result.paths
+    for path in shown:
+        flag = "chosen" if path.chosen else "candidate"
+        lines.append("")
+        lines.append(f"path to {path.target} ({flag}): {_status(path)}")
+        rows = [("#", "DIR", "POD", "ROLE", "STATE", "CODE", "WHY")]
+        for i, hop in enumerate(path.hops, 1):
+            rows.append(
+                (
+                    str(i),
+                    _ARROW[hop.direction],
+                    hop.pod,
+                    hop.role,
+                    "ok" if hop.ok else "BROKEN",
+                    hop.code or "",
+                    hop.reason,
+                )
+            )
+        widths = [max(len(r[c]) for r in rows) for c in range(6)]
+        for row in rows:
+            head = "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:6]))
+            lines.append(f"  {head}  {row[6]}")
+    others = [p for p in result.paths if p is not chosen and chosen is not None]
+    if others:
+        lines.append("")
+        lines.append("other candidates:")
+        lines.extend(f"  {p.target}: {_status(p)}" for p in others)
+    lines.append("")
+    broken = result.first_broken
+    if broken is None:
+        lines.append("verdict  the path is whole, both directions")
+    else:
+        code = f" [{broken.code}]" if broken.code else ""
+        lines.append(f"verdict  BROKEN at {broken.pod} ({broken.direction}){code}: {broken.reason}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- HTML / SVG
+
+_COLUMNS: Final = {"gateway": 0, "lb-fe": 1, "proxy": 2, "target": 3}
+_BOX_W, _BOX_H = 200, 74
+_COL_X: Final = (30, 290, 550, 810)
+_ROW_Y: Final = {"forward": 70, "return": 300}
+_OK, _BAD, _GREY = "#2e7d32", "#c62828", "#9e9e9e"
+_CSS: Final = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
+.verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; }
+.whole { background: #e8f5e9; color: #1b5e20; } .broken { background: #ffebee; color: #b71c1c; }
+table { border-collapse: collapse; font-size: 13px; margin-top: 8px; }
+td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; } tr.bad td { background: #ffebee; } tr.unreached td { color: #999; }
+code { font-size: 12px; }
+"""
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _positions(path: TracePath) -> list[tuple[float, float]]:
+    """Top-left corner of each hop's box: column by role, row by direction."""
+    out: list[tuple[float, float]] = []
+    seen: dict[tuple[int, str], int] = {}
+    for hop in path.hops:
+        col = _COLUMNS.get(hop.role, 3)
+        key = (col, hop.direction)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        dy = n * (_BOX_H + 12) * (1 if hop.direction == "return" else -1)
+        out.append((_COL_X[col], _ROW_Y[hop.direction] + dy + 40))
+    return out
+
+
+def render_svg(path: TracePath) -> str:
+    """The path as an inline SVG: boxes per hop, arrows between consecutive hops."""
+    pos = _positions(path)
+    first = path.first_broken
+    broken_at = path.hops.index(first) if first is not None else len(path.hops)
+    top = min((y for _x, y in pos), default=0) - 50
+    bottom = max((y for _x, y in pos), default=0) + _BOX_H + 40
+    height = bottom - min(top, 0)
+    shift = -min(top, 0)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="1040" height="{height:.0f}" '
+        f'viewBox="0 0 1040 {height:.0f}" role="img" aria-label="trace path">',
+        "<defs>",
+    ]
+    for name, color in (("ok", _OK), ("bad", _BAD), ("grey", _GREY)):
+        parts.append(
+            f'<marker id="arrow-{name}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
+            f'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
+            f'fill="{color}"/></marker>'
+        )
+    parts.append("</defs>")
+    parts.append(
+        f'<text x="20" y="{22 + shift:.0f}" font-size="13" fill="#555">forward (client → VIP)</text>'
+    )
+    parts.append(
+        f'<text x="20" y="{_ROW_Y["return"] + shift + 22:.0f}" font-size="13" fill="#555">'
+        "return (VIP → client)</text>"
+    )
+    # arrows first, boxes on top
+    for i in range(1, len(pos)):
+        (x0, y0), (x1, y1) = pos[i - 1], pos[i]
+        y0, y1 = y0 + shift, y1 + shift
+        if i > broken_at:
+            color, marker = _GREY, "grey"
+        elif i == broken_at:
+            color, marker = _BAD, "bad"
+        else:
+            color, marker = _OK, "ok"
+        if pos[i - 1] == pos[i]:
+            continue
+        if abs(y0 - y1) > _BOX_H:  # the turn: forward row down to return row
+            sx, sy = x0 + _BOX_W / 2, y0 + _BOX_H
+            ex, ey = x1 + _BOX_W / 2, y1
+        elif x1 > x0:
+            sx, sy, ex, ey = x0 + _BOX_W, y0 + _BOX_H / 2, x1, y1 + _BOX_H / 2
+        else:
+            sx, sy, ex, ey = x0, y0 + _BOX_H / 2, x1 + _BOX_W, y1 + _BOX_H / 2
+        dash = ' stroke-dasharray="6 4"' if color == _GREY else ""
+        parts.append(
+            f'<line x1="{sx:.0f}" y1="{sy:.0f}" x2="{ex:.0f}" y2="{ey:.0f}" stroke="{color}" '
+            f'stroke-width="2.5"{dash} marker-end="url(#arrow-{marker})"/>'
+        )
+    for i, (hop, (x, y0)) in enumerate(zip(path.hops, pos, strict=True)):
+        y = y0 + shift
+        if i < broken_at:
+            stroke, fill = _OK, "#f1f8e9"
+        elif i == broken_at:
+            stroke, fill = _BAD, "#ffebee"
+        else:
+            stroke, fill = _GREY, "#fafafa"
+        width = 3 if i == broken_at else 1.5
+        parts.append(
+            f"<g><title>{_esc(hop.reason)}</title>"
+            f'<rect x="{x}" y="{y:.0f}" width="{_BOX_W}" height="{_BOX_H}" rx="8" '
+            f'fill="{fill}" stroke="{stroke}" stroke-width="{width}"/>'
+            f'<text x="{x + 10}" y="{y + 20:.0f}" font-size="14" font-weight="600" '
+            f'fill="#222">{i + 1}. {_esc(_clip(hop.pod, 20))}</text>'
+            f'<text x="{x + 10}" y="{y + 38:.0f}" font-size="11" fill="#666">'
+            f"{_esc(hop.role)} · {hop.direction}</text>"
+            f'<text x="{x + 10}" y="{y + 58:.0f}" font-size="12" fill="{stroke}">'
+            f"{_esc(_clip(_box_label(hop), 30))}</text></g>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _box_label(hop: Hop) -> str:
+    if hop.ok:
+        return hop.label or "ok"
+    return f"✗ {hop.code + ' ' if hop.code else ''}{hop.label or 'broken'}"
+
+
+def _hop_rows(path: TracePath) -> str:
+    first = path.first_broken
+    broken_at = path.hops.index(first) if first is not None else len(path.hops)
+    rows = []
+    for i, hop in enumerate(path.hops):
+        cls = "bad" if i == broken_at else ("unreached" if i > broken_at else "")
+        rows.append(
+            f'<tr class="{cls}"><td>{i + 1}</td><td>{_ARROW[hop.direction]} {hop.direction}</td>'
+            f"<td>{_esc(hop.pod)}</td><td>{_esc(hop.role)}</td>"
+            f"<td>{'ok' if hop.ok else 'BROKEN'}</td><td>{_esc(hop.code or '')}</td>"
+            f"<td><code>{_esc(hop.reason)}</code></td></tr>"
+        )
+    head = "<tr><th>#</th><th>dir</th><th>pod</th><th>role</th><th>state</th><th>code</th><th>why</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_html(result: TraceResult) -> str:
+    """One self-contained page: verdict, the drawn path, hop table, other candidates."""
+    broken = result.first_broken
+    if broken is None:
+        verdict = '<p class="verdict whole">The path is whole, both directions.</p>'
+    else:
+        code = f" [{broken.code}]" if broken.code else ""
+        verdict = (
+            f'<p class="verdict broken">Broken at {_esc(broken.pod)} ({broken.direction})'
+            f"{_esc(code)}: {_esc(broken.reason)}</p>"
+        )
+    body = [f"<h1>meridio-debug trace: <code>{_esc(str(result.flow))}</code></h1>", verdict]
+    body.extend(f"<p>{_esc(note)}</p>" for note in result.notes)
+    chosen = result.chosen
+    main = [chosen] if chosen is not None else list(result.paths)
+    for path in main:
+        flag = "chosen target" if path.chosen else "candidate target"
+        body.append(f"<h2>{flag}: {_esc(path.target)} — {_esc(_status(path))}</h2>")
+        body.append(render_svg(path))
+        body.append(_hop_rows(path))
+    others = [p for p in result.paths if chosen is not None and p is not chosen]
+    if others:
+        body.append("<h2>other candidate targets</h2><table><tr><th>target</th><th>state</th></tr>")
+        body.extend(
+            f"<tr><td>{_esc(p.target)}</td><td>{_esc(_status(p))}</td></tr>" for p in others
+        )
+        body.append("</table>")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>trace {_esc(str(result.flow))}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )

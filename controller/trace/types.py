@@ -1,0 +1,160 @@
+"""The trace's plain data: FIB questions, the kernel's answers, and the path.
+
+Why separate dataclasses (not the probe protobufs): the trace core is pure and
+must be testable with hand-built answers; the I/O layer
+(controller/trace_session.py) converts ``probe_pb2.RouteResult`` into
+``RouteAnswer`` at its boundary, exactly as convert.py does for snapshots.
+
+The JSON contract of ``trace -o json`` is ``TraceResult.to_dict()``: an
+object with ``flow``, ``paths`` (one per candidate target: ``target``,
+``chosen``, ``hops`` of ``{pod, role, direction, ok, reason, code}``) and
+``first_broken`` (``{pod, direction, reason, code}`` or null).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from meridio_debug.controller.model import Nexthop
+from meridio_debug.controller.trace.flow import Flow
+
+Direction = Literal["forward", "return"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteQuery:
+    """One ``ip route get`` to ask one pod's kernel (see protos/probe.proto)."""
+
+    id: str
+    dst: str
+    src: str = ""
+    iif: str = ""
+    oif: str = ""
+    mark: int = 0
+    ipproto: str = ""
+    sport: int = 0
+    dport: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAnswer:
+    """The kernel's answer: the selected next hop and the FIB entry that matched."""
+
+    ok: bool
+    errno: int = 0
+    error: str = ""
+    table: int = 0
+    type: str = ""
+    gateway: str = ""
+    dev: str = ""
+    prefsrc: str = ""
+    route_dst: str = ""
+    protocol: str = ""
+    metric: int = 0
+    nexthops: tuple[Nexthop, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """``table 5001: default via 172.16.1.6 dev conduit-a--232a`` (or the error)."""
+        if not self.ok:
+            return f"kernel: {self.error or f'errno {self.errno}'}"
+        parts = [f"table {self.table}:"]
+        if self.type not in ("unicast", ""):
+            parts.append(self.type)
+        parts.append(self.route_dst or "?")
+        if self.gateway:
+            parts.append(f"via {self.gateway}")
+        if self.dev:
+            parts.append(f"dev {self.dev}")
+        return " ".join(parts)
+
+
+# pod -> query id -> answer (a pod missing: its agent could not be asked)
+Answers = dict[str, dict[str, RouteAnswer]]
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One pod on the path, in one direction: fine, or broken and why."""
+
+    pod: str
+    role: str
+    direction: Direction
+    ok: bool
+    reason: str
+    code: str | None = None
+    label: str = ""  # a few words for the drawing (mark, table, port ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "role": self.role,
+            "direction": self.direction,
+            "ok": self.ok,
+            "reason": self.reason,
+            "code": self.code,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TracePath:
+    """The way to and back from one candidate target."""
+
+    target: str
+    chosen: bool
+    hops: tuple[Hop, ...]
+
+    @property
+    def first_broken(self) -> Hop | None:
+        return next((h for h in self.hops if not h.ok), None)
+
+    @property
+    def whole(self) -> bool:
+        return self.first_broken is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "chosen": self.chosen,
+            "hops": [h.to_dict() for h in self.hops],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    pod: str
+    direction: Direction
+    reason: str
+    code: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "direction": self.direction,
+            "reason": self.reason,
+            "code": self.code,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    flow: Flow
+    paths: tuple[TracePath, ...]
+    first_broken: Broken | None
+    notes: tuple[str, ...] = field(default=())  # how the choice was made, what is unknown
+
+    @property
+    def chosen(self) -> TracePath | None:
+        return next((p for p in self.paths if p.chosen), None)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_broken is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flow": self.flow.to_dict(),
+            "paths": [p.to_dict() for p in self.paths],
+            "first_broken": self.first_broken.to_dict() if self.first_broken else None,
+        }
