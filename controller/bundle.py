@@ -362,8 +362,7 @@ def read_bundle(path: str | Path) -> Evidence:
     return Evidence(
         items=tuple(items),
         config=_config_from_dict(meta.get("trench")),
-        source=f"bundle {p.name} ({meta.get('source') or meta.get('runtime') or 'unknown source'}, "
-        f"{meta.get('created', '?')})",
+        source=f"bundle {p.name} ({meta.get('source') or meta.get('runtime') or 'unknown source'})",
         runtime=str(meta.get("runtime", "")),
         created_unix_ns=created if isinstance(created, int) else 0,
         meta=meta,

@@ -229,7 +229,7 @@ def test_cli_replays_a_bundle_with_every_format(
          "--report", str(html)]
     )  # fmt: skip
     assert rc == 0
-    assert "lb-fe-a" in html.read_text()
+    assert "target-b2" in html.read_text()
     assert "target-b2  target   UNREACHABLE" in capsys.readouterr().out
 
 

@@ -29,7 +29,7 @@ def broken_trench() -> TrenchState:
     state = build_lab()
     state = dataclasses.replace(state, pods=tuple(p for p in state.pods if p.role != "gateway"))
     lb = snap(state, "lb-fe-a")
-    table = next(r.table for r in lb.rules if r.has_fwmark and r.family == 4)
+    table = next(r.table for r in lb.routes if r.family == 4 and r.gateway == "172.16.1.6")
     state = with_pod(
         state,
         "lb-fe-a",
@@ -213,3 +213,39 @@ def test_every_lb_check_is_a_testcase_of_an_lb_suite() -> None:
     for check in CHECKS:
         if check.roles == () or "lb-fe" in check.roles:
             assert f"{check.code} {check.title}" in names
+
+
+def test_the_picture_links_pods_by_subnet_and_colours_the_broken_path() -> None:
+    from meridio_debug.controller.report import topology
+
+    report = make_report()
+    topo = topology.build(report.state, report.result.findings)
+    ids = {n.id for n in topo.nodes}
+    assert {"gateway", "lb-fe-a", "lb-fe-b", "proxy-a", "proxy-b", "target-a1"} <= ids
+    pairs = {(e.a, e.b): e for e in topo.edges}
+    # every LB reaches every proxy (one conduit per node), each target its node's proxy
+    for lb in ("lb-fe-a", "lb-fe-b"):
+        for proxy in ("proxy-a", "proxy-b"):
+            assert (lb, proxy) in pairs
+    assert ("proxy-a", "target-a1") in pairs and ("proxy-b", "target-b1") in pairs
+    assert ("proxy-a", "target-b1") not in pairs
+    nodes = {n.id: n for n in topo.nodes}
+    assert nodes["lb-fe-a"].severity == Severity.ERROR  # MDB110
+    assert nodes["proxy-a"].severity == Severity.WARNING  # MDB208
+    assert nodes["target-b2"].unreachable
+    assert nodes["lb-fe-b"].severity is None
+    assert pairs[("gateway", "lb-fe-b")].severity is None
+    # the emptied table routed to target-a1: its path from lb-fe-a is red, lb-fe-b's is not
+    assert pairs[("lb-fe-a", "proxy-a")].severity == Severity.ERROR
+    assert pairs[("lb-fe-b", "proxy-a")].severity is None
+    assert pairs[("proxy-a", "target-a1")].severity == Severity.ERROR
+    assert pairs[("proxy-a", "target-a2")].severity is None
+
+
+def test_html_draws_every_pod_and_the_codes_on_broken_links() -> None:
+    page = render("html", make_report())
+    assert page.count("<svg") == 1
+    for pod in ("lb-fe-a", "lb-fe-b", "proxy-a", "proxy-b", "target-a1", "target-b2"):
+        assert f">{pod}</text>" in page
+    assert "FAIL" in page and "unreachable" in page
+    assert "rp_filter" in page  # evidence of the warning
