@@ -14,7 +14,7 @@ class AgentError(Exception):
     """Root of every error the agent raises on purpose."""
 
 
-class SectionAbsent(AgentError):  # noqa: N818 - it is a state, not a failure
+class SectionAbsent(AgentError):
     """The component behind a section does not exist here (reported as ABSENT, not ERROR)."""
 
 
