@@ -910,7 +910,7 @@ def _lb_return(ctx: _Ctx, lb: PodView, via: IpAddress) -> Hop:
             "return",
             False,
             f"reply from {vip} arriving on {conduit}: VIP egress table {tables[0]} has no "
-            f"default route ({ans.describe()})",
+            f"default route{_fallthrough(lb, tables, vip.version)} ({ans.describe()})",
             "MDB103",
             f"table {tables[0]} empty",
         )
@@ -934,6 +934,16 @@ def _lb_return(ctx: _Ctx, lb: PodView, via: IpAddress) -> Hop:
         None,
         f"table {ans.table} → {ans.dev}",
     )
+
+
+def _fallthrough(p: PodView, tables: Sequence[int], family: int) -> str:
+    """Where a lookup that misses the first table ends (Meridio: 4097's blackhole)."""
+    for table in tables[1:]:
+        for route in p.table_routes(table, family):
+            if route.is_default:
+                kind = route.type if not route.is_unicast else "default route"
+                return f"; it falls through to the {kind} of table {table}"
+    return ""
 
 
 def _gateway_return(ctx: _Ctx, gw: PodView, lb: PodView) -> Hop:
