@@ -1,0 +1,225 @@
+"""The trace core on model data: the healthy lab fixture, a tiny FIB standing in for kernels.
+
+Why a stand-in FIB: the core's job is to ask the right questions and to read
+the answers with the snapshots; the netns tier checks it against real
+kernels. Here ``fib()`` answers each planned query from the fixture's own
+rules and routes (priority order, fwmark/iif/source match, longest prefix,
+first next hop of a multipath route), so every break can be made in the
+model and the core must name it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+import pytest
+from lab_fixture import build_lab, change, drop, snap, with_pod
+
+from meridio_debug.controller.lab import build_spec, predict_target
+from meridio_debug.controller.model import PodSnapshot, TrenchState
+from meridio_debug.controller.trace import (
+    RouteAnswer,
+    RouteQuery,
+    TraceResult,
+    parse_flow,
+    plan,
+    trace,
+)
+
+
+def fib(s: PodSnapshot, q: RouteQuery) -> RouteAnswer:
+    dst = ipaddress.ip_address(q.dst)
+    src = ipaddress.ip_address(q.src) if q.src else None
+    for rule in sorted((r for r in s.rules if r.family == dst.version), key=lambda r: r.priority):
+        if rule.src and (src is None or src not in ipaddress.ip_network(rule.src)):
+            continue
+        if rule.has_fwmark and q.mark & (rule.fwmask or 0xFFFFFFFF) != rule.fwmark:
+            continue
+        if rule.iif and rule.iif != q.iif:
+            continue
+        if rule.action != "lookup":
+            continue
+        best = None
+        for route in s.routes:
+            if route.table != rule.table or route.family != dst.version:
+                continue
+            prefix = ipaddress.ip_network("0.0.0.0/0" if dst.version == 4 else "::/0")
+            if route.dst != "default":
+                prefix = ipaddress.ip_network(route.dst)
+            if dst in prefix and (best is None or prefix.prefixlen > best[0].prefixlen):
+                best = (prefix, route)
+        if best is None:
+            continue
+        route = best[1]
+        if route.type == "blackhole":
+            return RouteAnswer(ok=False, errno=22, error="Invalid argument")
+        if route.type not in ("unicast", "local", ""):
+            continue
+        hop = route.paths()[0] if route.paths() else None
+        return RouteAnswer(
+            ok=True,
+            table=rule.table,
+            type=route.type or "unicast",
+            gateway=hop.gateway if hop else "",
+            dev=(hop.dev if hop else "") or ("lo" if route.type == "local" else ""),
+            route_dst=route.dst,
+            nexthops=route.nexthops,
+        )
+    return RouteAnswer(ok=False, errno=101, error="Network is unreachable")
+
+
+def run(state: TrenchState, text: str) -> TraceResult:
+    flow = parse_flow(text)
+    answers = {
+        pod: {q.id: fib(snap(state, pod), q) for q in queries}
+        for pod, queries in plan(state, flow).items()
+    }
+    return trace(state, flow, answers)
+
+
+FLOW4 = "tcp 200.100.0.7:40000 -> 20.0.0.1:4000"
+FLOW6 = "tcp [200:100::7]:40000 -> [2000::1]:4000"
+
+
+@pytest.fixture(scope="module")
+def healthy() -> TrenchState:
+    return build_lab(with_config=True)
+
+
+@pytest.mark.parametrize("flow", [FLOW4, FLOW6, "icmp 200.100.0.9 -> 20.0.0.1"])
+def test_healthy_path_is_whole_and_names_the_hashed_target(healthy: TrenchState, flow: str) -> None:
+    result = run(healthy, flow)
+    assert result.first_broken is None, result.first_broken
+    assert result.chosen is not None
+    spec = build_spec("mdl-")
+    assert result.chosen.target == predict_target(spec, parse_flow(flow).src)
+    assert [h.direction for h in result.chosen.hops].count("return") == 4
+    assert len(result.paths) == 1  # the hash is computable: one candidate
+
+
+def test_every_client_source_matches_the_lab_prediction(healthy: TrenchState) -> None:
+    spec = build_spec("mdl-")
+    for src in spec.gateway.client_sources4[:16]:
+        result = run(healthy, f"udp {src}:1234 -> 20.0.0.1:4001")
+        assert result.chosen is not None and result.chosen.target == predict_target(spec, src)
+
+
+def test_unknown_vip_is_reported(healthy: TrenchState) -> None:
+    result = run(healthy, "tcp 200.100.0.7:1 -> 20.0.0.9:4000")
+    assert result.paths == ()
+    assert result.first_broken is not None and "not a VIP" in result.first_broken.reason
+
+
+def test_random_seed_makes_every_mark_a_candidate(healthy: TrenchState) -> None:
+    def no_seed(s: PodSnapshot) -> PodSnapshot:
+        maps = tuple(replace(m, seed=None) for m in s.nft.mark_maps)
+        return replace(s, nft=replace(s.nft, mark_maps=maps))
+
+    state = with_pod(with_pod(healthy, "lb-fe-a", no_seed), "lb-fe-b", no_seed)
+    result = run(state, FLOW4)
+    assert len(result.paths) == 4
+    assert not any(p.chosen for p in result.paths)
+    assert result.first_broken is None
+
+
+def _chosen(healthy: TrenchState, flow: str) -> tuple[str, str, str]:
+    """(entry LB, target, return proxy) of the healthy path."""
+    result = run(healthy, flow)
+    assert result.chosen is not None
+    hops = result.chosen.hops
+    lb = next(h.pod for h in hops if h.role == "lb-fe")
+    proxy = next(h.pod for h in hops if h.role == "proxy" and h.direction == "return")
+    return lb, result.chosen.target, proxy
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_breaks_are_named(healthy: TrenchState, family: int) -> None:
+    flow = FLOW4 if family == 4 else FLOW6
+    lb, target, proxy = _chosen(healthy, flow)
+    mark = build_spec("mdl-").target(target).fwmark
+    vip = "20.0.0.1" if family == 4 else "2000::1"
+    cases = [
+        (
+            lb,
+            lambda s: replace(
+                s, routes=drop(s.routes, lambda r: r.table == mark and r.family == family)
+            ),
+            (lb, "forward", "MDB110"),
+        ),
+        (
+            lb,
+            lambda s: replace(s, rules=drop(s.rules, lambda r: r.has_fwmark and r.fwmark == mark)),
+            (lb, "forward", "MDB113"),
+        ),
+        (
+            target,
+            lambda s: replace(
+                s,
+                addresses=drop(s.addresses, lambda a: a.address == vip),
+                routes=drop(s.routes, lambda r: r.type == "local" and r.dst.startswith(vip + "/")),
+            ),
+            (target, "forward", "MDB301"),
+        ),
+        (
+            target,
+            lambda s: replace(
+                s, rules=drop(s.rules, lambda r: r.src.startswith(vip) and r.family == family)
+            ),
+            (target, "return", "MDB302"),
+        ),
+        (
+            proxy,
+            lambda s: replace(
+                s,
+                routes=change(
+                    s.routes,
+                    lambda r: r.table == 1 and r.family == family,
+                    nexthops=tuple(
+                        h
+                        for r in s.routes
+                        if r.table == 1 and r.family == family
+                        for h in r.nexthops[:1]
+                    ),
+                ),
+            ),
+            (proxy, "return", "MDB204"),
+        ),
+    ]
+    for pod, mutate, expected in cases:
+        result = run(with_pod(healthy, pod, mutate), flow)
+        first = result.first_broken
+        assert first is not None, expected
+        assert (first.pod, first.direction, first.code) == expected, first
+
+
+def test_unenslaved_target_port(healthy: TrenchState) -> None:
+    _lb, target, _proxy = _chosen(healthy, FLOW4)
+    spec = build_spec("mdl-")
+    t = spec.target(target)
+    proxy = next(n.proxy for n in spec.nodes if n.letter == t.node)
+
+    def detach(s: PodSnapshot) -> PodSnapshot:
+        links = change(s.links, lambda link: link.name == t.proxy_ifname, master="")
+        fdb = drop(s.fdb, lambda e: e.ifname == t.proxy_ifname)
+        return replace(s, links=links, fdb=fdb)
+
+    result = run(with_pod(healthy, proxy, detach), FLOW4)
+    assert result.first_broken is not None
+    assert (result.first_broken.pod, result.first_broken.code) == (proxy, "MDB202")
+
+
+def test_unreachable_pod_is_mdb002(healthy: TrenchState) -> None:
+    _lb, target, _proxy = _chosen(healthy, FLOW4)
+    pods = tuple(
+        replace(p, snapshot=None, error="agent did not start") if p.pod == target else p
+        for p in healthy.pods
+    )
+    state = replace(healthy, pods=pods)
+    flow = parse_flow(FLOW4)
+    answers = {
+        pod: {q.id: fib(snap(state, pod), q) for q in queries}
+        for pod, queries in plan(state, flow).items()
+    }
+    result = trace(state, flow, answers)
+    assert result.first_broken is not None
