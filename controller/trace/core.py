@@ -544,7 +544,7 @@ def _lb_forward(ctx: _Ctx, lb: PodView, target: str, choice: MarkChoice) -> Hop:
             "MDB110",
             f"{label}: table {rule.table} empty",
         )
-    label = f"mark {mark} → table {ans.table} → {ans.dev}"
+    label = f"mark {mark} → table {ans.table}"
     addr = ip(ans.gateway) if ans.gateway else None
     owner = trench.target_ips.get(addr) if addr is not None else None
     head = f"{prefix} → rule '{rule}' → {ans.describe()}"
@@ -665,7 +665,7 @@ def _proxy_forward(
             False,
             f"port {port.name} towards {target.name} {what}: the bridge cannot reach the target",
             "MDB202",
-            f"{port.name} detached",
+            "port detached",
         )
     # The LB-side port the frame arrives on (fdb of the LB's conduit MAC, or veth peer).
     ingress = ""
@@ -688,7 +688,7 @@ def _proxy_forward(
                         f"port {in_port.name} from {lb.name} is "
                         f"{'not enslaved to ' + bridge.name if in_port.master != bridge.name else in_port.state}",
                         "MDB202",
-                        f"{in_port.name} detached",
+                        "LB port detached",
                     )
                 ingress = f"{in_port.name} (from {lb.name}) → "
     return Hop(

@@ -72,9 +72,9 @@ def render_table(result: TraceResult) -> str:
 # --------------------------------------------------------------------------- HTML / SVG
 
 _COLUMNS: Final = {"gateway": 0, "lb-fe": 1, "proxy": 2, "target": 3}
-_BOX_W, _BOX_H = 200, 74
-_COL_X: Final = (30, 290, 550, 810)
-_ROW_Y: Final = {"forward": 70, "return": 300}
+_BOX_W, _BOX_H = 224, 74
+_COL_X: Final = (16, 278, 540, 802)
+_ROW_Y: Final = {"forward": 40, "return": 210}
 _OK, _BAD, _GREY = "#2e7d32", "#c62828", "#9e9e9e"
 _CSS: Final = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
@@ -106,7 +106,7 @@ def _positions(path: TracePath) -> list[tuple[float, float]]:
         n = seen.get(key, 0)
         seen[key] = n + 1
         dy = n * (_BOX_H + 12) * (1 if hop.direction == "return" else -1)
-        out.append((_COL_X[col], _ROW_Y[hop.direction] + dy + 40))
+        out.append((_COL_X[col], _ROW_Y[hop.direction] + dy))
     return out
 
 
@@ -115,10 +115,10 @@ def render_svg(path: TracePath) -> str:
     pos = _positions(path)
     first = path.first_broken
     broken_at = path.hops.index(first) if first is not None else len(path.hops)
-    top = min((y for _x, y in pos), default=0) - 50
-    bottom = max((y for _x, y in pos), default=0) + _BOX_H + 40
-    height = bottom - min(top, 0)
+    top = min((y for _x, y in pos), default=0) - 30
+    bottom = max((y for _x, y in pos), default=0) + _BOX_H + 30
     shift = -min(top, 0)
+    height = bottom + shift
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="1040" height="{height:.0f}" '
         f'viewBox="0 0 1040 {height:.0f}" role="img" aria-label="trace path">',
@@ -132,11 +132,12 @@ def render_svg(path: TracePath) -> str:
         )
     parts.append("</defs>")
     parts.append(
-        f'<text x="20" y="{22 + shift:.0f}" font-size="13" fill="#555">forward (client → VIP)</text>'
+        f'<text x="16" y="{_ROW_Y["forward"] + shift - 12:.0f}" font-size="13" fill="#555">'
+        "forward (client → VIP)</text>"
     )
     parts.append(
-        f'<text x="20" y="{_ROW_Y["return"] + shift + 22:.0f}" font-size="13" fill="#555">'
-        "return (VIP → client)</text>"
+        f'<text x="16" y="{_ROW_Y["return"] + shift + _BOX_H + 18:.0f}" font-size="13" '
+        'fill="#555">return (VIP → client)</text>'
     )
     # arrows first, boxes on top
     for i in range(1, len(pos)):
@@ -179,8 +180,8 @@ def render_svg(path: TracePath) -> str:
             f'fill="#222">{i + 1}. {_esc(_clip(hop.pod, 20))}</text>'
             f'<text x="{x + 10}" y="{y + 38:.0f}" font-size="11" fill="#666">'
             f"{_esc(hop.role)} · {hop.direction}</text>"
-            f'<text x="{x + 10}" y="{y + 58:.0f}" font-size="12" fill="{stroke}">'
-            f"{_esc(_clip(_box_label(hop), 30))}</text></g>"
+            f'<text x="{x + 10}" y="{y + 58:.0f}" font-size="11.5" fill="{stroke}">'
+            f"{_esc(_clip(_box_label(hop), 33))}</text></g>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -189,7 +190,7 @@ def render_svg(path: TracePath) -> str:
 def _box_label(hop: Hop) -> str:
     if hop.ok:
         return hop.label or "ok"
-    return f"✗ {hop.code + ' ' if hop.code else ''}{hop.label or 'broken'}"
+    return f"✗ {hop.code + ': ' if hop.code else ''}{hop.label or 'broken'}"
 
 
 def _hop_rows(path: TracePath) -> str:
