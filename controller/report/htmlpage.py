@@ -86,16 +86,61 @@ def _state(sev: Severity | None, synthetic: bool = False) -> str:
     return "error" if sev >= Severity.ERROR else "warning" if sev >= Severity.WARNING else "ok"
 
 
-def _svg(topo: topology.Topology) -> str:
+Pos = dict[str, tuple[float, float, str, float]]  # id -> x, y, role, box height
+
+
+def _layout(topo: topology.Topology) -> tuple[Pos, float, bool]:
+    """Targets grouped under their proxy; each proxy centred on its targets; LBs and gateway
+    centred on the proxies. Many targets (a scaled trench) get compact one-line boxes."""
     columns = {role: topo.column(role) for role in topology.COLUMNS}
-    rows = max((len(v) for v in columns.values()), default=1) or 1
-    height = TOP + rows * ROW + 10
-    width = COL_X["target"] + BOX_W["target"] + 20
-    pos: dict[str, tuple[float, float, str]] = {}
-    for role, nodes in columns.items():
-        offset = TOP + (rows - len(nodes)) * ROW / 2
+    compact = len(columns["target"]) > 8
+    t_h, t_row = (30.0, 38.0) if compact else (float(BOX_H), float(ROW))
+    proxy_of: dict[str, str] = {}
+    for e in topo.edges:
+        if e.b in {n.id for n in columns["target"]}:
+            proxy_of.setdefault(e.b, e.a)
+    pos: Pos = {}
+    y = float(TOP)
+    placed: set[str] = set()
+    proxy_y: dict[str, float] = {}
+    for proxy in columns["proxy"]:
+        group = [t for t in columns["target"] if proxy_of.get(t.id) == proxy.id]
+        start = y
+        for t in group:
+            pos[t.id] = (COL_X["target"], y, "target", t_h)
+            placed.add(t.id)
+            y += t_row
+        if group:
+            centre = (start + y - t_row + t_h) / 2
+            y += t_row * 0.35  # a gap between nodes
+        else:
+            centre = y + BOX_H / 2
+            y += ROW
+        proxy_y[proxy.id] = max(centre - BOX_H / 2, TOP)
+    for t in columns["target"]:
+        if t.id not in placed:  # no proxy seen (unreachable target)
+            pos[t.id] = (COL_X["target"], y, "target", t_h)
+            y += t_row
+    # proxies: at their groups' centres, pushed apart so boxes never overlap
+    last = -1e9
+    for proxy in columns["proxy"]:
+        py = max(proxy_y[proxy.id], last + ROW)
+        pos[proxy.id] = (COL_X["proxy"], py, "proxy", float(BOX_H))
+        last = py
+    bottom = max([TOP + ROW, y, *(p[1] + p[3] + 10 for p in pos.values())])
+    for role in ("lb-fe", "gateway"):
+        nodes = columns[role]
+        span = len(nodes) * ROW
+        start = max(TOP, TOP + (bottom - TOP - span) / 2)
         for i, n in enumerate(nodes):
-            pos[n.id] = (COL_X[role], offset + i * ROW, role)
+            pos[n.id] = (COL_X[role], start + i * ROW, role, float(BOX_H))
+    height = max(bottom, *(p[1] + p[3] for p in pos.values())) + 16
+    return pos, height, compact
+
+
+def _svg(topo: topology.Topology) -> str:
+    pos, height, compact = _layout(topo)
+    width = COL_X["target"] + BOX_W["target"] + 20
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="trench topology" '
@@ -117,10 +162,10 @@ def _svg(topo: topology.Topology) -> str:
     for e in sorted(topo.edges, key=lambda e: order[_state(e.severity)]):
         if e.a not in pos or e.b not in pos:
             continue
-        ax, ay, arole = pos[e.a]
-        bx, by, _ = pos[e.b]
-        x1, y1 = ax + BOX_W[arole], ay + BOX_H / 2
-        x2, y2 = bx, by + BOX_H / 2
+        ax, ay, arole, ah = pos[e.a]
+        bx, by, _, bh = pos[e.b]
+        x1, y1 = ax + BOX_W[arole], ay + ah / 2
+        x2, y2 = bx, by + bh / 2
         mid = (x1 + x2) / 2
         st = _state(e.severity)
         width_px = 3.5 if st in ("error", "warning") else 2
@@ -148,18 +193,19 @@ def _svg(topo: topology.Topology) -> str:
     for n in topo.nodes:
         if n.id not in pos:
             continue
-        x, y, role = pos[n.id]
+        x, y, role, h = pos[n.id]
         st = _state(n.severity, n.synthetic)
         w = BOX_W[role]
+        one_line = compact and role == "target"
         dash = ' stroke-dasharray="6 4"' if n.unreachable or n.synthetic else ""
         tip = n.label + (" (unreachable)" if n.unreachable else "")
         out.append(
-            f'<g><title>{escape(tip)}</title><rect x="{x}" y="{y}" width="{w}" height="{BOX_H}" '
+            f'<g><title>{escape(tip)}</title><rect x="{x}" y="{y}" width="{w}" height="{h}" '
             f'rx="10" fill="{_FILL[st]}" stroke="{_STROKE[st]}" stroke-width="2"{dash}/>'
         )
         out.append(
-            f'<text x="{x + 12}" y="{y + 22}" font-size="14" font-weight="700" '
-            f'fill="#202124">{escape(n.label)}</text>'
+            f'<text x="{x + 12}" y="{y + (20 if one_line else 22)}" font-size="{13 if one_line else 14}" '
+            f'font-weight="700" fill="#202124">{escape(n.label)}</text>'
         )
         badge = ""
         if n.unreachable:
@@ -179,7 +225,12 @@ def _svg(topo: topology.Topology) -> str:
                 f'text-anchor="middle" font-size="11" font-weight="700" fill="#fff">'
                 f"{escape(badge)}</text>"
             )
-        for i, line in enumerate(n.detail[:2]):
+        if one_line and n.detail:
+            out.append(
+                f'<text x="{x + 96}" y="{y + 19}" font-size="10.5" fill="#5f6368" '
+                f'font-family="ui-monospace, Menlo, monospace">{escape(n.detail[0])}</text>'
+            )
+        for i, line in enumerate(() if one_line else n.detail[:2]):
             out.append(
                 f'<text x="{x + 12}" y="{y + 40 + i * 14}" font-size="11" fill="#5f6368" '
                 f'font-family="ui-monospace, Menlo, monospace">{escape(line)}</text>'
