@@ -52,6 +52,17 @@ def netns_inode(pid: int | str = "self", proc: str = PROC) -> int | None:
         return None
 
 
+def netns_denied(pid: int, proc: str = PROC) -> bool:
+    """True only when reading ``pid``'s ns/net is refused (EACCES/EPERM), not when it is gone."""
+    try:
+        os.stat(f"{proc}/{pid}/ns/net")
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def select_same_netns(
     candidates: Iterable[tuple[int, int | None]], own_inode: int | None, own_pid: int
 ) -> list[int]:
@@ -121,11 +132,13 @@ def find_program(program: str, proc: str = PROC) -> list[psutil.Process]:
         return found
     hidden = []
     for pid in sorted(psutil.pids()):
-        if pid == os.getpid() or netns_inode(pid, proc) is not None:
+        # Only a namespace we may not read hides a process; one that vanished or is a
+        # zombie (its ns links are gone: ENOENT) while we looked hides nothing.
+        if pid == os.getpid() or not netns_denied(pid, proc):
             continue
         with contextlib.suppress(psutil.Error):
             p = psutil.Process(pid)
-            if is_program(p, program):
+            if p.status() != psutil.STATUS_ZOMBIE and is_program(p, program):
                 hidden.append(pid)
     if hidden:
         raise CollectorError(
