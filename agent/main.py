@@ -121,7 +121,7 @@ async def serve(address: ListenAddress, idle_timeout: float) -> int:
             "network state; listen on 127.0.0.1/::1 (reached by port-forward) or a unix socket"
         )
     activity = Activity()
-    service = AgentService(default_collectors(), watcher_factory(), activity)
+    service = AgentService(default_collectors, watcher_factory(), activity)
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -82,15 +82,27 @@ class AgentService(pb_grpc.AgentServicer):
 
     def __init__(
         self,
-        collectors: Sequence[Collector],
+        collectors: Sequence[Collector] | Callable[[], Sequence[Collector]],
         watcher_factory: WatcherFactory | None,
         activity: Activity | None = None,
     ) -> None:
-        self._collectors = list(collectors)
+        # A factory defers importing the collectors (psutil, ctypes, parsers) to the
+        # first call, so the agent serves sooner after it starts.
+        self._collector_factory = collectors if callable(collectors) else None
+        self._collector_list = None if callable(collectors) else list(collectors)
+        self._collector_lock = threading.Lock()
         self._watcher_factory = watcher_factory
         self.activity = activity or Activity()
         self._started_ns = time.time_ns()
         self._captures = capture.Registry()
+
+    @property
+    def _collectors(self) -> list[Collector]:
+        with self._collector_lock:
+            if self._collector_list is None:
+                assert self._collector_factory is not None
+                self._collector_list = list(self._collector_factory())
+            return self._collector_list
 
     def _info(self) -> pb.Info:
         info = pb.Info(
