@@ -36,6 +36,10 @@ _ABSENT_HINTS = {
     "MDB113 was skipped",
 }
 
+# Components Meridio runs only in some roles: their absence elsewhere is the normal
+# state, not worth a finding (bird and nfqlb belong to the LB/FE pod).
+_ONLY_IN_ROLES = {"bird": frozenset({"lb-fe"}), "nfqlb": frozenset({"lb-fe"})}
+
 
 @pod_check("MDB001", Severity.WARNING, "a collector could not read its section", roles=())
 def check_section_errors(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
@@ -84,6 +88,9 @@ def check_absent_sections(pod: PodView, _trench: TrenchView) -> Iterator[Issue]:
     """Sections ABSENT: the component is not there (nfqlb in the lab, bird outside FEs)."""
     for status in pod.snap.sections:
         if status.state != "ABSENT":
+            continue
+        roles = _ONLY_IN_ROLES.get(status.name)
+        if roles is not None and pod.role not in roles and pod.role != "unknown":
             continue
         hint = _ABSENT_HINTS.get((pod.role, status.name), _ABSENT_HINT)
         yield Issue(
