@@ -285,6 +285,18 @@ def _split_addr(addr: Any) -> tuple[str, int]:
     return str(ip), int(port or 0)
 
 
+class _Owned:
+    """A per-process connection (which has no pid) with its owner's pid."""
+
+    def __init__(self, conn: Any, pid: int) -> None:
+        self.family = conn.family
+        self.type = conn.type
+        self.laddr = conn.laddr
+        self.raddr = conn.raddr
+        self.status = conn.status
+        self.pid = pid
+
+
 def socket_to_pb(conn: ConnLike, names: Mapping[int, str]) -> pb.Socket:
     """Convert one psutil connection to the proto; ``names`` maps pid → process name."""
     family = int(conn.family)
@@ -307,7 +319,15 @@ def socket_to_pb(conn: ConnLike, names: Mapping[int, str]) -> pb.Socket:
 
 
 class SocketsCollector:
-    """Section ``sockets``: TCP, UDP and unix sockets of the namespace, with owners."""
+    """Section ``sockets``: TCP, UDP and unix sockets of the namespace, with owners.
+
+    Sockets are read per process, for the processes of this network namespace only
+    (plus the agent). ``psutil.net_connections()`` would map socket inodes to owners
+    by walking the fd table of every process on the node: with one agent per pod on
+    a busy node that is the slowest part of a snapshot (276 ms per pod measured on a
+    48-pod lab) and grows with the node, not the pod. A socket no process of this
+    namespace holds (rare: a descriptor passed to another namespace) is not listed.
+    """
 
     name = "sockets"
 
@@ -317,19 +337,23 @@ class SocketsCollector:
     def available(self) -> tuple[bool, str]:
         if not os.path.exists(f"{PROC}/net/tcp"):
             return False, f"{PROC}/net/tcp missing"
-        return True, f"psutil net_connections(kind={self._kind!r})"
+        return True, f"psutil Process.net_connections(kind={self._kind!r}) per process"
 
     def collect(self, snap: pb.Snapshot) -> None:
-        try:
-            conns = psutil.net_connections(kind=self._kind)
-        except psutil.AccessDenied as exc:
-            raise CollectorError(f"psutil.net_connections: access denied ({exc})") from exc
         names: dict[int, str] = {}
-        for conn in conns:
-            pid = conn.pid
-            if pid and pid not in names:
-                try:
-                    names[pid] = psutil.Process(pid).name()
-                except psutil.Error:
-                    names[pid] = ""
-        snap.sockets.extend(socket_to_pb(c, names) for c in conns)
+        seen: set[tuple[object, ...]] = set()
+        for pid in [os.getpid(), *pids_in_own_netns()]:
+            try:
+                proc = psutil.Process(pid)
+                conns = proc.net_connections(kind=self._kind)
+                names[pid] = proc.name()
+            except psutil.NoSuchProcess:
+                continue  # exited in between
+            except psutil.AccessDenied as exc:
+                raise CollectorError(f"sockets of pid {pid}: access denied ({exc})") from exc
+            for c in conns:
+                key = (c.family, c.type, c.laddr, c.raddr, c.status)
+                if key in seen:
+                    continue  # the same socket inherited by a child process
+                seen.add(key)
+                snap.sockets.append(socket_to_pb(_Owned(c, pid), names))
