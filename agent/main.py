@@ -2,7 +2,9 @@
 
 Listening is deliberately narrow: a unix socket, or TCP on a loopback address
 (reached through the API server's port-forward). Any other TCP address needs
-mutual TLS, because the agent exposes a pod's whole network state.
+mutual TLS (``--tls-client-ca``/``--tls-client-ca-env``; agent/tls.py says
+why the agent makes its own key), because the agent exposes a pod's whole
+network state.
 
 The agent exits on its own after ``--idle-timeout`` seconds without a call, so
 an injected ephemeral container (which can never be removed) does not linger
@@ -107,7 +109,61 @@ def check_unix_path(path: str) -> None:
     )
 
 
-async def serve(address: ListenAddress, idle_timeout: float) -> int:
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS material: the agent's own certificate and key, and the CA its clients need."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes
+
+
+def tls_config(
+    client_ca: str | None, client_ca_env: str | None, cert: str | None, key: str | None
+) -> TlsConfig | None:
+    """Mutual TLS from the --tls-* flags; None without a client CA. ListenError saying what is wrong."""
+    from meridio_debug.agent import tls
+
+    if client_ca and client_ca_env:
+        raise ListenError("give the client CA once: --tls-client-ca or --tls-client-ca-env")
+    if bool(cert) != bool(key):
+        raise ListenError("--tls-cert and --tls-key go together")
+    if client_ca_env:
+        text = os.environ.get(client_ca_env, "")
+        if not text.strip():
+            raise ListenError(
+                f"--tls-client-ca-env {client_ca_env}: the variable is unset or empty"
+            )
+        ca_pem, where = text.encode(), f"${client_ca_env}"
+    elif client_ca:
+        try:
+            with open(client_ca, "rb") as f:
+                ca_pem = f.read()
+        except OSError as exc:
+            raise ListenError(f"--tls-client-ca {client_ca}: {exc.strerror}") from exc
+        where = client_ca
+    else:
+        if cert:
+            raise ListenError("--tls-cert without a client CA: mutual TLS needs --tls-client-ca")
+        return None
+    tls.check_ca(ca_pem, where)
+    if cert and key:
+        try:
+            with open(cert, "rb") as f:
+                cert_pem = f.read()
+            with open(key, "rb") as f:
+                key_pem = f.read()
+        except OSError as exc:
+            raise ListenError(f"cannot read the agent's certificate or key: {exc}") from exc
+    else:
+        cert_pem, key_pem = tls.self_signed()
+        # The controller pins this certificate, read from the container log.
+        print(tls.CERT_BANNER, file=sys.stderr)
+        print(cert_pem.decode().strip(), file=sys.stderr, flush=True)
+    return TlsConfig(cert_pem, key_pem, ca_pem)
+
+
+async def serve(address: ListenAddress, idle_timeout: float, tls: TlsConfig | None = None) -> int:
     from meridio_debug.agent.collectors.registry import default_collectors, watcher_factory
     from meridio_debug.agent.probe import add_probe_service
     from meridio_debug.agent.server import Activity, AgentService
@@ -115,7 +171,7 @@ async def serve(address: ListenAddress, idle_timeout: float) -> int:
 
     if address.scheme == "unix":
         check_unix_path(address.path)
-    elif not ipaddress.ip_address(address.host).is_loopback:
+    elif tls is None and not ipaddress.ip_address(address.host).is_loopback:
         raise ListenError(
             f"refusing to listen on {address.host} without mutual TLS: the agent exposes the pod's "
             "network state; listen on 127.0.0.1/::1 (reached by port-forward) or a unix socket"
@@ -131,7 +187,13 @@ async def serve(address: ListenAddress, idle_timeout: float) -> int:
     pb_grpc.add_AgentServicer_to_server(service, server)
     add_probe_service(server, activity)
     try:
-        bound = server.add_insecure_port(address.grpc_target)
+        if tls is not None:
+            from meridio_debug.agent.tls import server_credentials
+
+            creds = server_credentials(tls.cert_pem, tls.key_pem, tls.client_ca_pem)
+            bound = server.add_secure_port(address.grpc_target, creds)
+        else:
+            bound = server.add_insecure_port(address.grpc_target)
     except RuntimeError as exc:
         raise ListenError(f"cannot listen on {address.grpc_target}: {exc}") from exc
     if address.scheme == "tcp" and bound == 0:
@@ -181,6 +243,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="exit after this many seconds without a call (0: never; default 900)",
     )
     parser.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require mutual TLS: clients need a certificate signed by this CA (allows any address)",
+    )
+    parser.add_argument(
+        "--tls-client-ca-env",
+        metavar="VAR",
+        help="like --tls-client-ca, the CA certificate PEM read from this environment variable",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="the agent's certificate (default: a fresh self-signed one, printed to stderr)",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
@@ -193,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--idle-timeout must be >= 0")
     try:
         address = parse_listen(args.listen)
-        return asyncio.run(serve(address, args.idle_timeout))
+        tls = tls_config(args.tls_client_ca, args.tls_client_ca_env, args.tls_cert, args.tls_key)
+        return asyncio.run(serve(address, args.idle_timeout, tls))
     except ListenError as exc:
         print(f"meridio-debug-agent: {exc}", file=sys.stderr)
         return 1

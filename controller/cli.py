@@ -56,7 +56,15 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
         metavar="PID",
         help="the network namespace of a process (repeatable)",
     )
-    p.add_argument("pods", nargs="*", metavar="POD", help="lab pods to include (default: all)")
+    from meridio_debug.controller import cli_kube
+
+    cli_kube.add_cluster_args(p)
+    p.add_argument(
+        "pods",
+        nargs="*",
+        metavar="POD",
+        help="pods to include: lab pod names, or pod names with -n (default: all)",
+    )
 
 
 def add_output_arg(
@@ -132,6 +140,9 @@ def build_parser() -> ArgumentParser:
     from meridio_debug.controller import cli_lab
 
     cli_lab.add_parser(sub)
+    from meridio_debug.controller import cli_kube
+
+    cli_kube.add_parser(sub)
     from meridio_debug.controller import cli_analyze
 
     cli_analyze.add_parser(sub)
@@ -150,13 +161,18 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 def make_runtime(args: argparse.Namespace) -> Any:
     """The runtime for the chosen target flags (exactly one kind)."""
+    from meridio_debug.controller import cli_kube
     from meridio_debug.controller.runtime.local import LocalRuntime
 
-    chosen = [bool(args.lab), bool(args.netns), bool(args.netns_pid)]
+    cluster = cli_kube.wants_cluster(args)
+    chosen = [bool(args.lab), bool(args.netns), bool(args.netns_pid), cluster]
     if sum(chosen) != 1:
         raise UsageError(
-            "say where the pods are: exactly one of --lab, --netns NAME, --netns-pid PID"
+            "say where the pods are: exactly one of --lab, --netns NAME, --netns-pid PID, "
+            "or a cluster (-n NAMESPACE, --context, --kubeconfig, -l SELECTOR, --trench)"
         )
+    if cluster:
+        return cli_kube.cluster_runtime(args)
     if args.pods and not args.lab:
         raise UsageError("pod names go with --lab; use --netns NAME for namespaces")
     if args.lab:

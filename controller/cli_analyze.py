@@ -100,8 +100,8 @@ def evidence_from_args(args: argparse.Namespace) -> Evidence:
     """Evidence for the target flags: a bundle (--from), the lab, or namespaces."""
     bundle = getattr(args, "from_bundle", None)
     if bundle:
-        if args.lab or args.netns or args.netns_pid or args.pods:
-            raise UsageError("--from BUNDLE replays saved evidence: drop --lab/--netns/POD")
+        if args.lab or args.netns or args.netns_pid or args.pods or cluster_flags(args):
+            raise UsageError("--from BUNDLE replays saved evidence: drop --lab/--netns/-n/POD")
         return read_bundle(bundle)
     from meridio_debug.controller.cli import make_runtime
 
@@ -109,8 +109,17 @@ def evidence_from_args(args: argparse.Namespace) -> Evidence:
         runtime, config, source = lab_evidence_source(args.prefix, args.pods)
         return gather(runtime, config, source)
     runtime = make_runtime(args)  # validates the combination of flags
+    if cluster_flags(args):
+        return gather(runtime, None, f"namespace {runtime.namespace}")
     where = args.netns or [f"pid:{p}" for p in args.netns_pid]
     return gather(runtime, None, f"netns {','.join(map(str, where))}")
+
+
+def cluster_flags(args: argparse.Namespace) -> bool:
+    """Whether the Kubernetes runtime was asked for (-n, --context, ...; see cli_kube)."""
+    from meridio_debug.controller.cli_kube import wants_cluster
+
+    return wants_cluster(args)
 
 
 def _iso(unix_ns: int) -> str:
@@ -250,9 +259,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for item in args.suppress:
         if not item.partition("=")[0].strip():
             raise UsageError(f"--suppress {item!r}: give CODE or CODE=POD")
-    if not (args.from_bundle or args.lab or args.netns or args.netns_pid):
+    if not (args.from_bundle or args.lab or args.netns or args.netns_pid or cluster_flags(args)):
         raise UsageError(
-            "say where the pods are: --lab, --netns NAME, --netns-pid PID, or --from BUNDLE"
+            "say where the pods are: --lab, --netns NAME, --netns-pid PID, -n NAMESPACE, "
+            "or --from BUNDLE"
         )
     fail_on = _fail_on(args.fail_on)
     evidence = evidence_from_args(args)
@@ -272,8 +282,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    if not (args.lab or args.netns or args.netns_pid):
-        raise UsageError("say where the pods are: --lab, --netns NAME or --netns-pid PID")
+    if not (args.lab or args.netns or args.netns_pid or cluster_flags(args)):
+        raise UsageError(
+            "say where the pods are: --lab, --netns NAME, --netns-pid PID or -n NAMESPACE"
+        )
     evidence = evidence_from_args(args)
     meta = write_bundle(
         evidence,

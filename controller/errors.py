@@ -4,7 +4,9 @@
     ├── UsageError               bad input from the user (exit 2)
     ├── LabError                 the lab cannot be built, inspected or removed
     ├── RuntimeUnavailable       a pod/namespace cannot be reached (no such netns, agent won't start)
-    │   └── PodNotFound          the named pod/namespace does not exist
+    │   ├── PodNotFound          the named pod/namespace does not exist (or was deleted meanwhile)
+    │   ├── AccessDenied         the cluster refused a request: RBAC (names the verb and resource) or credentials
+    │   └── InjectionError       the agent container was refused (PSA 403, 422) or never ran (image pull, timeout)
     ├── AgentCallError           an RPC to an agent failed (wraps grpc.RpcError)
     └── BundleError              an evidence bundle is truncated, of another version, or not a bundle
 
@@ -37,6 +39,14 @@ class RuntimeUnavailable(MeridioDebugError):
 
 class PodNotFound(RuntimeUnavailable):
     """The named pod or namespace does not exist."""
+
+
+class AccessDenied(RuntimeUnavailable):
+    """The cluster refused a request for lack of rights (RBAC) or credentials."""
+
+
+class InjectionError(RuntimeUnavailable):
+    """An agent could not be injected or never became ready."""
 
 
 class AgentCallError(MeridioDebugError):

@@ -1,0 +1,746 @@
+"""Kubernetes runtime: agents as ephemeral containers in Meridio pods, reached by port-forward or mTLS.
+
+The only module that imports the ``kubernetes`` client (an import-linter
+contract says so): everything else sees ``PodRef``/``AgentClient`` and our own
+errors. Decisions that are not about the client live in runtime/k8s_spec.py.
+
+For each pod, ``open``:
+
+1. reads the pod and **reuses** a running (or starting) agent of the same
+   flavour (image, profile, transport, CA): ephemeral containers can be
+   neither removed nor restarted, so one is added only when none is usable,
+   with the next generation's name (k8s_spec.plan);
+2. otherwise **injects** one: a strategic-merge PATCH of
+   ``pods/{name}/ephemeralcontainers`` with ``{"spec": {"ephemeralContainers":
+   [agent]}}``, which also works for a pod's first ephemeral container (a JSON
+   patch appending to ``/spec/ephemeralContainers/-`` fails while the list does
+   not exist); then records it in the pod annotation
+   ``meridio-debug.nordix.org/agents`` (a second PATCH on the pod's metadata,
+   RBAC ``patch pods``; best effort: the deterministic names in the pod spec
+   are the source of truth, the annotation is for humans and ``agents``);
+   pod labels are never touched;
+3. **waits** until the container runs (failing at once on image-pull and
+   other permanent waiting reasons), then connects and waits until GetInfo
+   answers. A reused agent that exits at that very moment (its idle timeout)
+   is replaced once;
+4. **connects** through the API server's port-forward (default; the agent
+   listens on 127.0.0.1 in the pod, RBAC ``pods/portforward`` is the gate): a
+   private unix socket is relayed to ``kubernetes.stream.portforward``, one
+   websocket per connection, as ``kubectl port-forward`` does; or **directly**
+   to the pod IP with mutual TLS (controller/tls.py).
+
+Every ``ApiException`` becomes one of our errors (``from`` it) saying what
+failed for which pod and what to do: PSA refusals, RBAC denials with the
+missing verb and resource, deleted pods, 422s, timeouts.
+
+The client is synchronous; calls run in a thread pool so pods proceed
+concurrently under asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.stream import portforward
+
+from meridio_debug.controller.client import CHANNEL_OPTIONS, AgentClient
+from meridio_debug.controller.errors import (
+    AccessDenied,
+    AgentCallError,
+    InjectionError,
+    MeridioDebugError,
+    PodNotFound,
+    RuntimeUnavailable,
+    UsageError,
+)
+from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.runtime import k8s_spec as spec
+from meridio_debug.controller.tls import AGENT_TLS_NAME, ClientTls, agent_certificate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Progress = Callable[[str, str, str], None]  # (pod, state, detail)
+
+REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds per API request
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@dataclass
+class KubeOptions:
+    """What the cluster flags of the CLI say (``-n``, ``--context``, ``--image``, ...)."""
+
+    namespace: str | None = None
+    context: str | None = None
+    kubeconfig: str | None = None
+    trench: str | None = None
+    selector: str | None = None
+    names: Sequence[str] = ()
+    image: str = spec.DEFAULT_IMAGE
+    profile: str = "netadmin"
+    direct: bool = False
+    tls_dir: str | None = None
+    start_timeout: float = 60.0
+    idle_timeout: float = 900.0
+    annotate: bool = True
+
+
+@dataclass(frozen=True)
+class AgentHandle:
+    """A running agent: its pod, container name, port, and whether this run injected it."""
+
+    pod: str
+    name: str
+    port: int
+    injected: bool
+    pod_ip: str | None = None
+
+
+@dataclass
+class _Cluster:
+    """The loaded client configuration."""
+
+    api: Any  # kubernetes.client.ApiClient
+    pf_api: Any  # a second ApiClient for port-forward (see _open_portforward)
+    namespace: str
+    host: str
+    pf_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_cluster(opts: KubeOptions) -> _Cluster:
+    """Client configuration from the kubeconfig (or in-cluster); UsageError saying what is missing."""
+    namespace = opts.namespace
+    try:
+        kubeconfig = opts.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        default_file = Path.home() / ".kube" / "config"
+        if (
+            not kubeconfig
+            and not default_file.exists()
+            and os.environ.get("KUBERNETES_SERVICE_HOST")
+        ):
+            conf = k8s_client.Configuration()
+            k8s_config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
+            if namespace is None and IN_CLUSTER_NS.exists():
+                namespace = IN_CLUSTER_NS.read_text().strip()
+        else:
+            path = kubeconfig or str(default_file)
+            conf = k8s_client.Configuration()
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, context=opts.context, client_configuration=conf
+            )
+            if namespace is None:
+                _all, active = k8s_config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
+                if opts.context:
+                    active = next((c for c in _all if c.get("name") == opts.context), active)
+                namespace = (active or {}).get("context", {}).get("namespace")
+    except (ConfigException, OSError, ValueError, TypeError) as exc:
+        raise UsageError(
+            f"cannot load the Kubernetes configuration: {exc} "
+            "(--kubeconfig FILE, --context NAME, or run inside a cluster)"
+        ) from exc
+    conf.retries = 1
+    return _Cluster(
+        api=k8s_client.ApiClient(conf),
+        pf_api=k8s_client.ApiClient(conf),
+        namespace=namespace or "default",
+        host=str(conf.host),
+    )
+
+
+class KubernetesRuntime:
+    """Finds a trench's Meridio pods, injects or reuses agents, and connects to them."""
+
+    def __init__(
+        self,
+        opts: KubeOptions,
+        progress: Progress | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
+        if opts.profile not in spec.PROFILES:
+            raise UsageError(f"--profile must be one of {', '.join(spec.PROFILES)}")
+        if opts.direct and tls is None:
+            raise UsageError("--direct needs TLS material (controller/tls.py load_or_create)")
+        self.opts = opts
+        self._cluster = load_cluster(opts)
+        self.namespace = self._cluster.namespace
+        self._core = k8s_client.CoreV1Api(self._cluster.api)
+        self._pf_core = k8s_client.CoreV1Api(self._cluster.pf_api)
+        self._progress = progress
+        self._tls = tls
+        self.transport = "direct" if opts.direct else "port-forward"
+        self.key = spec.agent_key(
+            opts.image,
+            opts.profile,
+            self.transport,
+            tls.ca_fingerprint if opts.direct and tls else "",
+        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="meridio-debug-k8s"
+        )
+        self._pods: list[spec.MeridioPod] | None = None
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _report(self, pod: str, state: str, detail: str = "") -> None:
+        if self._progress is not None:
+            self._progress(pod, state, detail)
+        log.debug("%s/%s: %s %s", self.namespace, pod, state, detail)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _error(self, exc: Exception, what: str, pod: str | None = None) -> MeridioDebugError:
+        """Our error for a failed API request (see the module docstring)."""
+        where = f"{self.namespace}/{pod}" if pod else f"namespace {self.namespace}"
+        if not isinstance(exc, ApiException):
+            return RuntimeUnavailable(
+                f"{where}: cannot reach the API server at {self._cluster.host} ({what}): {exc}"
+            )
+        status = exc.status or 0
+        msg = spec.status_message(exc.body) or str(exc.reason or "")
+        if status == 0:
+            # A refused websocket upgrade (port-forward) arrives as status 0 whose reason is
+            # websocket-client's "Handshake status 403 Forbidden -+-+- {headers} -+-+- body".
+            m = re.match(r"Handshake status (\d+)", msg)
+            if m:
+                status = int(m.group(1))
+                body = msg.rsplit("-+-+-", 1)[-1].strip()
+                msg = spec.status_message(body[body.find("{") : body.rfind("}") + 1] or body)
+        if status == 0:
+            return RuntimeUnavailable(
+                f"{where}: cannot reach the API server at {self._cluster.host} ({what}): {msg}"
+            )
+        if status == 401:
+            return AccessDenied(
+                f"{where}: the API server did not accept our credentials ({what}): {msg}; "
+                "refresh the kubeconfig (or the service account token)"
+            )
+        if status == 403:
+            if "violates PodSecurity" in msg:
+                return InjectionError(
+                    f"{where}: Pod Security Admission refuses the agent ({self.opts.profile} "
+                    f"profile): {msg}. Ephemeral containers are checked like any container: "
+                    "the namespace's pod-security.kubernetes.io/enforce level must allow "
+                    "privileged containers (--profile privileged) or the capabilities "
+                    f"{', '.join(spec.NETADMIN_CAPS)} (--profile netadmin); ask an admin to "
+                    "label the namespace or exempt it"
+                )
+            denial = spec.rbac_denial(msg)
+            if denial:
+                verb, resource = denial
+                return AccessDenied(
+                    f"{where}: RBAC: not allowed to {verb} {resource} in namespace "
+                    f"{self.namespace} ({what}); grant verb {verb!r} on {resource!r} "
+                    "(deploy/rbac.yaml, README section RBAC)"
+                )
+            return AccessDenied(f"{where}: forbidden ({what}): {msg}")
+        if status == 404:
+            return PodNotFound(
+                f"{where}: pod not found while {what} (deleted or replaced meanwhile?)"
+            )
+        if status == 422:
+            return InjectionError(
+                f"{where}: the API server rejected the agent container ({what}): {msg}"
+            )
+        return RuntimeUnavailable(f"{where}: {what} failed: HTTP {status}: {msg}")
+
+    def _json(self, resp: Any) -> Any:
+        return json.loads(resp.data)
+
+    def _get_pod_sync(self, name: str) -> dict[str, Any]:
+        try:
+            resp = self._core.read_namespaced_pod(
+                name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, "reading the pod", name) from exc
+        pod: dict[str, Any] = self._json(resp)
+        return pod
+
+    async def get_pod(self, name: str) -> dict[str, Any]:
+        return await self._call(lambda: self._get_pod_sync(name))
+
+    def list_raw(self) -> list[dict[str, Any]]:
+        """Every pod of the namespace matching ``--selector``, as JSON."""
+        try:
+            resp = self._core.list_namespaced_pod(
+                self.namespace,
+                label_selector=self.opts.selector or None,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, "listing pods") from exc
+        items: list[dict[str, Any]] = self._json(resp).get("items", [])
+        return items
+
+    # --- discovery --------------------------------------------------------------------------
+
+    def meridio_pods(self) -> list[spec.MeridioPod]:
+        """The trench's Meridio pods (LB/FE, proxies, targets), once per runtime."""
+        if self._pods is None:
+            found = spec.discover(self.list_raw(), self.opts.trench, self.opts.names)
+            if self.opts.names:
+                missing = sorted(set(self.opts.names) - {p.name for p in found})
+                if missing:
+                    raise UsageError(
+                        f"namespace {self.namespace}: no Meridio pod named {', '.join(missing)}"
+                        + (f" in trench {self.opts.trench}" if self.opts.trench else "")
+                        + " (meridio-debug agents -n NS lists them)"
+                    )
+            self._pods = found
+        return list(self._pods)
+
+    def pods(self) -> list[PodRef]:
+        return [
+            PodRef(
+                name=p.name, role=p.role, location=f"{p.namespace}/{p.name}", runtime="kubernetes"
+            )
+            for p in self.meridio_pods()
+        ]
+
+    def agents(self) -> list[tuple[spec.MeridioPod, list[spec.AgentState], dict[str, Any]]]:
+        """Every Meridio pod with its meridio-debug agents and annotation records."""
+        raw = {p["metadata"]["name"]: p for p in self.list_raw()}
+        out = []
+        for mp in self.meridio_pods():
+            pod = raw.get(mp.name, {})
+            out.append((mp, spec.agents_of(pod), spec.annotation_records(pod)))
+        return out
+
+    # --- injection ----------------------------------------------------------------------------
+
+    def _patch_ephemeral_sync(self, pod: str, container: Mapping[str, Any]) -> None:
+        body = {"spec": {"ephemeralContainers": [dict(container)]}}
+        try:
+            self._core.patch_namespaced_pod_ephemeralcontainers(
+                pod,
+                self.namespace,
+                body,
+                _content_type="application/strategic-merge-patch+json",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(
+                exc, f"adding ephemeral container {container.get('name')}", pod
+            ) from exc
+
+    async def patch_ephemeral(self, pod: str, container: Mapping[str, Any]) -> None:
+        """Add one ephemeral container (strategic merge by name; the API appends or refuses)."""
+        await self._call(lambda: self._patch_ephemeral_sync(pod, container))
+
+    def _annotate_sync(self, pod: dict[str, Any], record: Mapping[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        try:
+            self._core.patch_namespaced_pod(
+                name,
+                self.namespace,
+                spec.annotation_patch(pod, record),
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            err = self._error(exc, f"annotating the pod with {spec.ANNOTATION}", name)
+            # Best effort: the agent runs; only the record for humans is missing.
+            log.warning("%s (the agent was injected; the annotation is informational)", err)
+            self._report(name, "warning", str(err))
+
+    def _container_for(self, name: str, target: str | None) -> dict[str, Any]:
+        return spec.agent_container(
+            name,
+            image=self.opts.image,
+            profile=self.opts.profile,
+            target=target,
+            idle_timeout=self.opts.idle_timeout,
+            direct=self.opts.direct,
+            client_ca_pem=self._tls.ca_pem.decode() if self.opts.direct and self._tls else None,
+        )
+
+    async def ensure_agent(self, name: str, avoid: str | None = None) -> AgentHandle:
+        """A running agent in pod ``name``: reused, or injected and waited for.
+
+        ``avoid`` is an agent that just proved unusable (e.g. it exited at its
+        idle timeout while we connected): never reuse it, inject a new one.
+        """
+        pod = await self.get_pod(name)
+        phase = pod.get("status", {}).get("phase")
+        if phase != "Running":
+            raise RuntimeUnavailable(
+                f"{self.namespace}/{name}: pod is {phase}: agents run only in running pods"
+            )
+        mp = spec.meridio_pod(pod)
+        target = mp.target_container if mp else None
+        plan = spec.plan(pod, self.key)
+        if not plan.inject and plan.name == avoid:
+            plan = spec.Plan(spec.next_name(pod, self.key), True, None)
+        if plan.inject:
+            count = len(spec.agents_of(pod))
+            if count >= spec.MAX_AGENTS_PER_POD:
+                raise InjectionError(
+                    f"{self.namespace}/{name}: the pod already has {count} meridio-debug "
+                    "agents (ephemeral containers cannot be removed); not adding more: "
+                    "restart the pod to clear them, or reuse one with the same --image/--profile"
+                )
+            container = self._container_for(plan.name, target)
+            self._report(name, "injecting", f"{plan.name} ({self.opts.image})")
+            await self.patch_ephemeral(name, container)
+            if self.opts.annotate:
+                record = {
+                    "name": plan.name,
+                    "image": self.opts.image,
+                    "profile": self.opts.profile,
+                    "transport": self.transport,
+                    "injectedAt": datetime.datetime.now(datetime.UTC).strftime(
+                        "%Y-%m-%dT%H:%M:%SZ"
+                    ),
+                }
+                await self._call(lambda: self._annotate_sync(pod, record))
+        else:
+            self._report(name, "reusing", plan.name)
+        running = await self._wait_running(name, plan.name)
+        port = spec.port_of(running) or spec.agent_port(plan.name)
+        return AgentHandle(name, plan.name, port, plan.inject, pod.get("status", {}).get("podIP"))
+
+    async def _wait_running(self, pod: str, agent: str) -> dict[str, Any]:
+        """Poll the pod until the agent container runs; InjectionError when it never will."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.start_timeout
+        delay = 0.05
+        last = ""
+        while True:
+            raw = await self.get_pod(pod)
+            states = {a.name: a for a in spec.agents_of(raw)}
+            st = states.get(agent)
+            if st is None:
+                raise InjectionError(
+                    f"{self.namespace}/{pod}: agent {agent} is not in the pod spec after the "
+                    "PATCH (an admission webhook may have removed it)"
+                )
+            if st.state == "running":
+                self._report(pod, "running", agent)
+                containers = raw.get("spec", {}).get("ephemeralContainers") or []
+                found: dict[str, Any] = next(c for c in containers if c.get("name") == agent)
+                return found
+            if st.state in ("terminated", "zombie"):
+                raise InjectionError(self._never_runs(pod, st))
+            if st.reason != last:
+                self._report(pod, "starting", f"{agent}: {st.reason}")
+                last = st.reason
+            if loop.time() > deadline:
+                raise InjectionError(
+                    f"{self.namespace}/{pod}: agent {agent} did not start within "
+                    f"{self.opts.start_timeout:g} s (last state: {st.reason}); "
+                    "--start-timeout waits longer (a first image pull can be slow)"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _never_runs(self, pod: str, st: spec.AgentState) -> str:
+        head = f"{self.namespace}/{pod}: agent {st.name}"
+        reason = st.reason.split(":", 1)[0]
+        if reason in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"):
+            return (
+                f"{head}: {spec.FATAL_WAITING[reason]} ({st.reason}); check --image {st.image!r} "
+                "and the pod's imagePullSecrets (ephemeral containers use the pod's)"
+            )
+        return f"{head} stopped and cannot be restarted ({st.reason})"
+
+    async def inject(self, name: str) -> AgentHandle:
+        """``ensure_agent`` with progress, for the ``inject`` command."""
+        self._report(name, "checking", "")
+        try:
+            handle = await self.ensure_agent(name)
+        except MeridioDebugError as exc:
+            self._report(name, "failed", str(exc))
+            raise
+        self._report(name, "ready", handle.name)
+        return handle
+
+    # --- connecting ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
+        self._report(pod.name, "checking", "")
+        try:
+            handle = await self.ensure_agent(pod.name)
+            try:
+                async with self._connect(handle) as agent:
+                    self._report(pod.name, "connected", handle.name)
+                    yield agent
+                    return
+            except AgentCallError:
+                if handle.injected:
+                    raise
+                # A reused agent may have reached its idle timeout just now.
+                raw = await self.get_pod(pod.name)
+                st = {a.name: a for a in spec.agents_of(raw)}.get(handle.name)
+                if st is None or st.state == "running":
+                    raise
+                self._report(pod.name, "replacing", f"{handle.name} {st.state}")
+            handle = await self.ensure_agent(pod.name, avoid=handle.name)
+            async with self._connect(handle) as agent:
+                self._report(pod.name, "connected", handle.name)
+                yield agent
+        except MeridioDebugError as exc:
+            self._report(pod.name, "failed", str(exc))
+            raise
+        finally:
+            self._report(pod.name, "done", "")
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        if self.opts.direct:
+            async with self._connect_direct(handle) as agent:
+                yield agent
+        else:
+            async with self._connect_forwarded(handle) as agent:
+                yield agent
+
+    async def _ready(
+        self,
+        agent: AgentClient,
+        handle: AgentHandle,
+        fatal: Callable[[], MeridioDebugError | None] = lambda: None,
+    ) -> None:
+        """Wait until the agent answers GetInfo (a running container may not listen yet).
+
+        ``fatal`` reports an error that retrying cannot fix (port-forward refused
+        by RBAC, pod gone): it ends the wait at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.start_timeout
+        while True:
+            try:
+                await agent.get_info(timeout=1.0, wait_for_ready=True)
+                return
+            except AgentCallError as exc:
+                if (err := fatal()) is not None:
+                    raise err from exc
+                if loop.time() > deadline:
+                    raise AgentCallError(
+                        f"{self.namespace}/{handle.pod}: agent {handle.name} runs but does not "
+                        f"answer within {self.opts.start_timeout:g} s: {exc}"
+                    ) from exc
+                raw = await self.get_pod(handle.pod)
+                st = {a.name: a for a in spec.agents_of(raw)}.get(handle.name)
+                if st is not None and st.state != "running":
+                    raise AgentCallError(
+                        f"{self.namespace}/{handle.pod}: agent {handle.name} {st.state} "
+                        f"({st.reason})"
+                    ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _connect_forwarded(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        relay = PortForwardRelay(self, handle.pod, handle.port)
+        await relay.start()
+        channel = grpc.aio.insecure_channel(
+            f"unix:{relay.path}", options=[*CHANNEL_OPTIONS, *FAST_RECONNECT]
+        )
+        try:
+            agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+            try:
+                await self._ready(agent, handle, lambda: relay.fatal)
+            except AgentCallError as exc:
+                if relay.last_error:
+                    raise AgentCallError(f"{exc} (port-forward: {relay.last_error})") from exc
+                raise
+            yield agent
+        finally:
+            await channel.close(grace=None)
+            await relay.close()
+
+    def _open_portforward(self, pod: str, port: int) -> Any:
+        """A PortForward object for one connection to ``port`` of ``pod``.
+
+        ``kubernetes.stream.portforward`` swaps the ApiClient's ``call_api``
+        while it connects, so it gets its own ApiClient and a lock: ordinary
+        requests of other pods never go through the websocket path.
+        """
+        with self._cluster.pf_lock:
+            return portforward(
+                self._pf_core.connect_get_namespaced_pod_portforward,
+                pod,
+                self.namespace,
+                ports=str(port),
+            )
+
+    async def open_portforward(self, pod: str, port: int) -> Any:
+        try:
+            return await self._call(lambda: self._open_portforward(pod, port))
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, f"port-forward to port {port}", pod) from exc
+
+    async def _agent_certificate(self, handle: AgentHandle) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.start_timeout
+        while True:
+            try:
+                resp: Any = await self._call(
+                    lambda: self._core.read_namespaced_pod_log(
+                        handle.pod,
+                        self.namespace,
+                        container=handle.name,
+                        limit_bytes=65536,
+                        _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._error(
+                    exc, f"reading agent {handle.name}'s log for its certificate", handle.pod
+                ) from exc
+            cert = agent_certificate(resp.data)
+            if cert is not None:
+                return cert
+            if loop.time() > deadline:
+                raise InjectionError(
+                    f"{self.namespace}/{handle.pod}: agent {handle.name} printed no certificate "
+                    f"within {self.opts.start_timeout:g} s (is it an agent image with mTLS?)"
+                )
+            await asyncio.sleep(0.1)
+
+    @contextlib.asynccontextmanager
+    async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        assert self._tls is not None
+        if not handle.pod_ip:
+            raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
+        server_cert = await self._agent_certificate(handle)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=server_cert,
+            private_key=self._tls.key_pem,
+            certificate_chain=self._tls.cert_pem,
+        )
+        host = f"[{handle.pod_ip}]" if ":" in handle.pod_ip else handle.pod_ip
+        channel = grpc.aio.secure_channel(
+            f"{host}:{handle.port}",
+            creds,
+            options=[
+                *CHANNEL_OPTIONS,
+                *FAST_RECONNECT,
+                ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
+            ],
+        )
+        try:
+            agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+            await self._ready(agent, handle)
+            yield agent
+        finally:
+            await channel.close(grace=None)
+
+
+class PortForwardRelay:
+    """A private unix socket whose connections are relayed to an agent through port-forward.
+
+    Like ``kubectl port-forward``: each accepted connection gets its own
+    port-forward stream to the pod's port. The socket lives in a 0700
+    directory: unlike a TCP port on 127.0.0.1, other local users cannot use it.
+    """
+
+    def __init__(self, runtime: KubernetesRuntime, pod: str, port: int) -> None:
+        self._runtime = runtime
+        self._pod = pod
+        self._port = port
+        self._dir = tempfile.mkdtemp(prefix="meridio-debug-pf-")
+        self.path = os.path.join(self._dir, "agent.sock")
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.last_error = ""
+        self.fatal: MeridioDebugError | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=self.path)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        pf = None
+        try:
+            try:
+                pf = await self._runtime.open_portforward(self._pod, self._port)
+            except MeridioDebugError as exc:
+                self.last_error = str(exc)
+                if isinstance(exc, AccessDenied | PodNotFound):
+                    self.fatal = exc
+                return
+            wrapped = pf.socket(self._port)
+            sock = socket.socket(fileno=os.dup(wrapped.fileno()))
+            wrapped.close()
+            sock.setblocking(False)
+            r2, w2 = await asyncio.open_connection(sock=sock)
+            try:
+                await asyncio.gather(_pipe(reader, w2), _pipe(r2, writer))
+            finally:
+                w2.close()
+                err = pf.error(self._port)
+                if err:
+                    self.last_error = err.strip()
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.last_error = f"relay: {exc}"
+        except asyncio.CancelledError:
+            # close() ends the connection; a cancelled accept callback would be logged
+            # by asyncio as an error, so the handler ends normally instead.
+            pass
+        finally:
+            writer.close()
+            if pf is not None:
+                with contextlib.suppress(OSError):
+                    pf.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(256 * 1024)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
