@@ -8,6 +8,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY . /src
 RUN pip install --no-cache-dir "/src[agent]" && rm -rf /src
-# The agent listens on loopback/unix only unless mutual TLS is configured.
+# The agent listens on loopback/unix only unless mutual TLS is configured. When the
+# controller injects it as an ephemeral container it sets the args itself (listen port
+# derived from the container name, idle timeout, and for --direct the client CA in an env
+# var: the agent then makes its own key and prints its certificate, see agent/tls.py).
 ENTRYPOINT ["meridio-debug-agent"]
 CMD ["--listen", "tcp:127.0.0.1:50051", "--idle-timeout", "900"]
