@@ -182,11 +182,18 @@ def bgp_sessions(spec: LabSpec, birdc: str | None, root: Path = STATE_ROOT) -> l
 
 def _route_hops(ip: str, netns: str, family: int, dst: str, table: str) -> int:
     """How many next hops ``ip -n netns route show dst table table`` has (0: no route)."""
-    text = system.run(
-        [ip, f"-{family}", "-n", netns, "-j", "route", "show", dst, "table", table],
-        what=f"routes of {netns}",
-        timeout=5,
-    )
+    try:
+        text = system.run(
+            [ip, f"-{family}", "-n", netns, "-j", "route", "show", dst, "table", table],
+            what=f"routes of {netns}",
+            timeout=5,
+        )
+    except LabError as exc:
+        # The kernel creates a table with its first route: until bird installs the
+        # default, `ip route show table 4096` fails instead of printing nothing.
+        if "FIB table does not exist" in str(exc):
+            return 0
+        raise
     routes = json.loads(text or "[]")
     return sum(
         len(r.get("nexthops", [])) or 1 for r in routes if r.get("type", "unicast") == "unicast"
