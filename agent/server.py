@@ -104,7 +104,13 @@ class AgentService(pb_grpc.AgentServicer):
                 self._collector_list = list(self._collector_factory())
             return self._collector_list
 
-    def _info(self) -> pb.Info:
+    def _info(self, ran: Sequence[pb.SectionStatus] = ()) -> pb.Info:
+        """The handshake; collectors in ``ran`` are described by how they just ran.
+
+        A snapshot already knows which sections worked (OK) and why others did not,
+        so it does not probe those collectors again (bird's and nfqlb's probes scan
+        every process of the node).
+        """
         info = pb.Info(
             agent_version=version.AGENT_VERSION,
             protocol_version=version.PROTOCOL_VERSION,
@@ -118,7 +124,13 @@ class AgentService(pb_grpc.AgentServicer):
         info.capabilities.append("capture")
         if self._watcher_factory is not None:
             info.capabilities.append("watch")
+        done = {status.name: status for status in ran}
         for collector in self._collectors:
+            status = done.get(collector.name)
+            if status is not None:
+                ok = status.state == pb.SectionStatus.OK
+                info.collectors.add(name=collector.name, available=ok, reason=status.message)
+                continue
             try:
                 ok, reason = collector.available()
             except Exception as exc:  # availability probing must not fail the handshake
@@ -145,8 +157,8 @@ class AgentService(pb_grpc.AgentServicer):
                 f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}",
             )
         snap = pb.Snapshot(taken_unix_ns=time.time_ns())
-        snap.info.CopyFrom(await asyncio.to_thread(self._info))
         await asyncio.to_thread(run_collectors, self._collectors, snap, list(request.sections))
+        snap.info.CopyFrom(await asyncio.to_thread(self._info, list(snap.sections)))
         self.activity.touch()
         return snap
 
