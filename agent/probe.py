@@ -20,6 +20,20 @@ Each query is asked twice over one rtnetlink socket:
 A lookup the kernel refuses (no route: ENETUNREACH; IPv4 blackhole: EINVAL;
 unknown source for an output lookup) is a result with ``ok=false``, its errno
 and the extended-ack text; the RPC fails only on a malformed request.
+
+``SendProbes`` is the one thing the agent does that is not read-only, and
+only when a client asks for it (``trace --active --probe``): it sends a few
+crafted packets of one flow (TCP SYN, UDP datagram, ICMP/ICMPv6 echo), each
+carrying markers that survive every hop -- IPv4 id, TCP sequence number,
+ICMP id+seq, a UDP payload text -- so captures in every pod can recognise
+the same packet. The packets are hand-built here (a few struct.pack calls,
+no scapy import: the agent stays fast to start) and placed by the kernel's
+own decision: the RouteGet lookup of the flow (with iif and mark when the
+pod is to act as a forwarder, e.g. an LB with the flow's fwmark) picks the
+egress interface and next hop, the neighbour table gives its MAC, and the
+frame is handed to that interface with an AF_PACKET socket. So the probe
+takes exactly the path the flow's packets would take from this pod on,
+including the multipath choice (the lookup carries protocol and ports).
 """
 
 from __future__ import annotations
@@ -27,16 +41,19 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import ipaddress
+import math
 import os
+import random
 import socket
 import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
 from meridio_debug.agent import rtnl
-from meridio_debug.agent.collectors.netlink import IfNames, fill_route
+from meridio_debug.agent.collectors.netlink import IfNames, fill_neighbour, fill_route
 from meridio_debug.agent.server import Activity
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
@@ -201,11 +218,265 @@ def route_get(queries: Sequence[ppb.RouteQuery]) -> list[ppb.RouteResult]:
         getter.close()
 
 
+# --------------------------------------------------------------------------- probes
+
+MAX_PROBES = 100
+MAX_INTERVAL_S = 1.0
+PROBE_TTL = 64
+MARKER = b"meridio-debug probe"
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+_HAS_MAC = {"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"}
+
+
+def validate_probes(request: ppb.SendProbesRequest) -> str:
+    """Why ``request`` is malformed, in one line ("" when it is fine)."""
+    form = "expected proto tcp|udp|icmp, src and dst of one family, ports 1-65535 for tcp/udp"
+    if request.proto not in ("tcp", "udp", "icmp"):
+        return f"proto {request.proto!r}: {form}"
+    try:
+        src = ipaddress.ip_address(request.src)
+        dst = ipaddress.ip_address(request.dst)
+    except ValueError:
+        return f"src {request.src!r} / dst {request.dst!r}: not IP addresses; {form}"
+    if src.version != dst.version:
+        return f"src {src} and dst {dst} are of different families; {form}"
+    if request.proto != "icmp" and not (
+        0 < request.sport <= 0xFFFF and 0 < request.dport <= 0xFFFF
+    ):
+        return f"{request.proto} needs sport and dport in 1-65535; {form}"
+    if request.count > MAX_PROBES:
+        return f"count {request.count}: at most {MAX_PROBES} probes per call"
+    interval = request.interval_s
+    if math.isnan(interval) or not 0 <= interval <= MAX_INTERVAL_S:
+        return f"interval_s {interval}: between 0 and {MAX_INTERVAL_S:.0f} s"
+    if request.iif:
+        try:
+            socket.if_nametoindex(request.iif)
+        except OSError:
+            return f"iif {request.iif!r}: no such interface in this pod"
+    return ""
+
+
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement sum."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """What makes probe ``index`` recognisable (see ProbeSent in protos/probe.proto)."""
+
+    ip_id: int
+    tcp_seq: int
+    icmp_id: int
+    icmp_seq: int
+    payload: bytes
+
+
+def marks_for(proto: str, version: int, nonce: int, index: int) -> Marks:
+    """Distinct markers per probe: the nonce keeps runs apart, the index probes of one run."""
+    ip_id = ((nonce >> 16) + index) & 0xFFFF if version == 4 else 0
+    tcp_seq = (nonce + (index << 16)) & 0xFFFFFFFF if proto == "tcp" else 0
+    icmp_id = nonce & 0xFFFF if proto == "icmp" else 0
+    icmp_seq = (index + 1) & 0xFFFF if proto == "icmp" else 0
+    payload = b"" if proto == "tcp" else MARKER + f" {nonce:08x} {index}".encode()
+    return Marks(ip_id, tcp_seq, icmp_id, icmp_seq, payload)
+
+
+def build_packet(
+    proto: str,
+    *,
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    marks: Marks,
+) -> bytes:
+    """One IPv4/IPv6 packet (no link header) carrying ``marks``; checksums filled in."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    v6 = s.version == 6
+    if proto == "tcp":
+        number = 6
+        # SYN with an MSS option (what a real client sends first)
+        header = struct.pack(
+            "!HHIIBBHHH", sport, dport, marks.tcp_seq, 0, 6 << 4, 0x02, 64240, 0, 0
+        ) + struct.pack("!BBH", 2, 4, 1460)
+        l4 = header
+        csum_at = 16
+    elif proto == "udp":
+        number = 17
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(marks.payload), 0) + marks.payload
+        csum_at = 6
+    else:
+        number = 58 if v6 else 1
+        kind = 128 if v6 else 8
+        l4 = struct.pack("!BBHHH", kind, 0, 0, marks.icmp_id, marks.icmp_seq) + marks.payload
+        csum_at = 2
+    if v6:
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), number)
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!xBH", number, len(l4))
+    if number == 1:
+        csum = inet_checksum(l4)  # ICMPv4 has no pseudo-header
+    else:
+        csum = inet_checksum(pseudo + l4)
+        if number == 17 and csum == 0:
+            csum = 0xFFFF
+    l4 = l4[:csum_at] + struct.pack("!H", csum) + l4[csum_at + 2 :]
+    if v6:
+        return struct.pack("!IHBB", 6 << 28, len(l4), number, PROBE_TTL) + s.packed + d.packed + l4
+    ip_header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(l4),
+        marks.ip_id,
+        0x4000,
+        PROBE_TTL,
+        number,
+        0,
+        s.packed,
+        d.packed,
+    )
+    ip_header = ip_header[:10] + struct.pack("!H", inet_checksum(ip_header)) + ip_header[12:]
+    return ip_header + l4
+
+
+def neighbour_mac(address: str, dev: str) -> tuple[str, str]:
+    """(MAC, state) of ``address`` on ``dev`` from the kernel's neighbour table ("" if none)."""
+    names = IfNames()
+    with rtnl.RtnlSocket() as sock:
+        bodies = sock.dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    want = ipaddress.ip_address(address)
+    state = ""
+    for body in bodies:
+        if not body or body[0] not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        entry = pb.Neighbour()
+        fill_neighbour(entry, body, names)
+        if entry.ifname != dev or not entry.dst:
+            continue
+        try:
+            if ipaddress.ip_address(entry.dst) != want:
+                continue
+        except ValueError:
+            continue
+        state = entry.state
+        if entry.lladdr and set(entry.state.split(",")) & _HAS_MAC:
+            return entry.lladdr, entry.state
+    return "", state
+
+
+def send_probes(request: ppb.SendProbesRequest) -> ppb.SendProbesReply:
+    """Route, address and send the probes (blocking; run it in a worker thread)."""
+    reply = ppb.SendProbesReply()
+    proto = request.proto
+    ipproto = proto if proto != "icmp" else "icmp"
+    query = ppb.RouteQuery(
+        id="probe",
+        dst=request.dst,
+        src=request.src,
+        iif=request.iif,
+        mark=request.mark,
+        ipproto=ipproto,
+        sport=request.sport if proto != "icmp" else 0,
+        dport=request.dport if proto != "icmp" else 0,
+    )
+    getter = RouteGetter()
+    try:
+        route = getter.lookup(query)
+    finally:
+        getter.close()
+    reply.route.CopyFrom(route)
+    how = (
+        f"route get {request.dst} from {request.src}"
+        + (f" iif {request.iif}" if request.iif else "")
+        + (f" mark {request.mark}" if request.mark else "")
+    )
+    if not route.ok:
+        reply.error = f"{how}: {route.error}"
+        return reply
+    if route.type not in ("unicast", ""):
+        reply.error = (
+            f"{how}: the kernel answers {route.type} (table {route.table}), nothing to send"
+        )
+        return reply
+    next_hop = route.gateway or request.dst
+    try:
+        mac, state = neighbour_mac(next_hop, route.dev)
+    except (OSError, rtnl.NetlinkError) as exc:
+        reply.error = f"cannot read the neighbour table: {exc}"
+        return reply
+    reply.dev, reply.next_hop, reply.next_hop_mac = route.dev, next_hop, mac
+    version = ipaddress.ip_address(request.dst).version
+    has_link_header = True
+    try:
+        with open(f"/sys/class/net/{route.dev}/type") as f:  # ARPHRD_*: 1 is Ethernet
+            has_link_header = f.read().strip() in ("1", "772")
+    except OSError:
+        pass
+    if has_link_header and not mac:
+        reply.error = (
+            f"{how}: next hop {next_hop} on {route.dev} has no MAC in the neighbour table "
+            f"({state or 'no entry'}); send some traffic there first"
+        )
+        return reply
+    ethertype = ETH_P_IP if version == 4 else ETH_P_IPV6
+    addr = bytes.fromhex(mac.replace(":", "")) if has_link_header else b""
+    nonce = request.nonce or random.getrandbits(32)
+    count = request.count or 1
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)  # receives nothing
+    except OSError as exc:
+        reply.error = f"cannot open a packet socket: {exc} (needs CAP_NET_RAW)"
+        return reply
+    try:
+        for index in range(count):
+            if index and request.interval_s:
+                time.sleep(request.interval_s)
+            marks = marks_for(proto, version, nonce, index)
+            packet = build_packet(
+                proto,
+                src=request.src,
+                dst=request.dst,
+                sport=request.sport,
+                dport=request.dport,
+                marks=marks,
+            )
+            sent = reply.probes.add(
+                seq=index,
+                ip_id=marks.ip_id,
+                tcp_seq=marks.tcp_seq,
+                icmp_id=marks.icmp_id,
+                icmp_seq=marks.icmp_seq,
+                marker=marks.payload,
+            )
+            sent.sent_unix_ns = time.time_ns()
+            try:
+                sock.sendto(packet, (route.dev, ethertype, 0, 0, addr))
+                sent.ok = True
+            except OSError as exc:
+                sent.error = f"send on {route.dev}: {exc.strerror or exc}"
+    finally:
+        sock.close()
+    reply.ok = any(p.ok for p in reply.probes)
+    if not reply.ok:
+        reply.error = reply.probes[0].error if reply.probes else "nothing sent"
+    return reply
+
+
 class ProbeService(ppb_grpc.ProbeServicer):
     """Implements the Probe service of protos/probe.proto (read-only)."""
 
     def __init__(self, activity: Activity | None = None) -> None:
         self._activity = activity
+        self._sending = asyncio.Semaphore(4)  # concurrent SendProbes calls, at most
 
     def _active(self) -> None:
         if self._activity is not None:
@@ -233,6 +504,20 @@ class ProbeService(ppb_grpc.ProbeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"rtnetlink: {exc}")
         reply = ppb.RouteGetReply(duration_ms=(time.perf_counter() - started) * 1000.0)
         reply.results.extend(results)
+        self._active()
+        return reply
+
+    async def SendProbes(
+        self,
+        request: ppb.SendProbesRequest,
+        context: grpc.aio.ServicerContext[ppb.SendProbesRequest, ppb.SendProbesReply],
+    ) -> ppb.SendProbesReply:
+        self._active()
+        problem = validate_probes(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        async with self._sending:
+            reply = await asyncio.to_thread(send_probes, request)
         self._active()
         return reply
 

@@ -113,3 +113,13 @@ class AgentClient:
         except grpc.RpcError as exc:
             raise self._error("RouteGet", exc) from exc
         return list(reply.results)
+
+    async def send_probes(
+        self, request: ppb.SendProbesRequest, timeout: float = 130.0
+    ) -> ppb.SendProbesReply:
+        """Send crafted probe packets of one flow from this pod (Probe.SendProbes; not read-only)."""
+        try:
+            reply: ppb.SendProbesReply = await self._probe.SendProbes(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error("SendProbes", exc) from exc
+        return reply

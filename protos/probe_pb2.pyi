@@ -5,9 +5,12 @@ meridio-debug probe protocol: questions the agent answers by asking the kernel.
 
 A separate service (and file) from Agent so it can grow (ping, ARP/ND of
 next hops, crafted packets when explicitly allowed) without touching the
-snapshot/watch/capture protocol. Everything here is read-only: RouteGet is
-the kernel's FIB lookup (`ip route get`), no packet is sent and no state
-changes. Generated Python: meridio_debug.protos.probe_pb2* (scripts/gen-protos).
+snapshot/watch/capture protocol. RouteGet is read-only: the kernel's FIB
+lookup (`ip route get`), no packet is sent and no state changes. SendProbes
+is the one call of the agent that is not read-only: it sends the few probe
+packets it is asked for, and nothing else; it is never called implicitly
+(the controller sends probes only with `trace --active --probe`).
+Generated Python: meridio_debug.protos.probe_pb2* (scripts/gen-protos).
 """
 
 from collections import abc as _abc
@@ -230,3 +233,157 @@ class RouteGetReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteGetReply: _TypeAlias = RouteGetReply  # noqa: Y015
+
+@_typing.final
+class SendProbesRequest(_message.Message):
+    """Probes of one flow (the forward direction client -> VIP, or a reply
+    VIP -> client sent from a target).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTO_FIELD_NUMBER: _builtins.int
+    SRC_FIELD_NUMBER: _builtins.int
+    DST_FIELD_NUMBER: _builtins.int
+    SPORT_FIELD_NUMBER: _builtins.int
+    DPORT_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    IIF_FIELD_NUMBER: _builtins.int
+    MARK_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    proto: _builtins.str
+    """"tcp" (SYN), "udp" (datagram with a marker) or "icmp" (echo request)"""
+    src: _builtins.str
+    """required; the flow's source address"""
+    dst: _builtins.str
+    """required; same family as src"""
+    sport: _builtins.int
+    """tcp/udp: 1-65535; ignored for icmp"""
+    dport: _builtins.int
+    count: _builtins.int
+    """1-100 (0: 1)"""
+    interval_s: _builtins.float
+    """between probes, 0-1 s"""
+    iif: _builtins.str
+    """route as a packet arriving on this interface ("" : as sent by this pod)"""
+    mark: _builtins.int
+    """fwmark for the route lookup (e.g. the LB's mark of the flow), 0 for none"""
+    nonce: _builtins.int
+    """base of the per-probe markers (0: the agent picks one at random)"""
+    def __init__(
+        self,
+        *,
+        proto: _builtins.str = ...,
+        src: _builtins.str = ...,
+        dst: _builtins.str = ...,
+        sport: _builtins.int = ...,
+        dport: _builtins.int = ...,
+        count: _builtins.int = ...,
+        interval_s: _builtins.float = ...,
+        iif: _builtins.str = ...,
+        mark: _builtins.int = ...,
+        nonce: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dport", b"dport", "dst", b"dst", "iif", b"iif", "interval_s", b"interval_s", "mark", b"mark", "nonce", b"nonce", "proto", b"proto", "sport", b"sport", "src", b"src"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendProbesRequest: _TypeAlias = SendProbesRequest  # noqa: Y015
+
+@_typing.final
+class ProbeSent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    SENT_UNIX_NS_FIELD_NUMBER: _builtins.int
+    IP_ID_FIELD_NUMBER: _builtins.int
+    TCP_SEQ_FIELD_NUMBER: _builtins.int
+    ICMP_ID_FIELD_NUMBER: _builtins.int
+    ICMP_SEQ_FIELD_NUMBER: _builtins.int
+    MARKER_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """0-based index of the probe"""
+    sent_unix_ns: _builtins.int
+    """when the frame was handed to the interface"""
+    ip_id: _builtins.int
+    """IPv4 identification (0 for IPv6: no such field)"""
+    tcp_seq: _builtins.int
+    """tcp: the SYN's sequence number"""
+    icmp_id: _builtins.int
+    """icmp: echo identifier"""
+    icmp_seq: _builtins.int
+    """icmp: echo sequence number"""
+    marker: _builtins.bytes
+    """udp/icmp: the payload (recognisable text)"""
+    ok: _builtins.bool
+    error: _builtins.str
+    """when the frame could not be sent"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        sent_unix_ns: _builtins.int = ...,
+        ip_id: _builtins.int = ...,
+        tcp_seq: _builtins.int = ...,
+        icmp_id: _builtins.int = ...,
+        icmp_seq: _builtins.int = ...,
+        marker: _builtins.bytes = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "icmp_id", b"icmp_id", "icmp_seq", b"icmp_seq", "ip_id", b"ip_id", "marker", b"marker", "ok", b"ok", "sent_unix_ns", b"sent_unix_ns", "seq", b"seq", "tcp_seq", b"tcp_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeSent: _TypeAlias = ProbeSent  # noqa: Y015
+
+@_typing.final
+class SendProbesReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    DEV_FIELD_NUMBER: _builtins.int
+    NEXT_HOP_FIELD_NUMBER: _builtins.int
+    NEXT_HOP_MAC_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """false: nothing was sent, error says why"""
+    error: _builtins.str
+    dev: _builtins.str
+    """egress interface used"""
+    next_hop: _builtins.str
+    """the neighbour the frames were addressed to"""
+    next_hop_mac: _builtins.str
+    @_builtins.property
+    def route(self) -> Global___RouteResult:
+        """the kernel's answer that placed the probes"""
+
+    @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeSent]: ...
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        route: Global___RouteResult | None = ...,
+        dev: _builtins.str = ...,
+        next_hop: _builtins.str = ...,
+        next_hop_mac: _builtins.str = ...,
+        probes: _abc.Iterable[Global___ProbeSent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dev", b"dev", "error", b"error", "next_hop", b"next_hop", "next_hop_mac", b"next_hop_mac", "ok", b"ok", "probes", b"probes", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendProbesReply: _TypeAlias = SendProbesReply  # noqa: Y015

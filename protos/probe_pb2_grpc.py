@@ -39,6 +39,11 @@ class ProbeStub:
                 request_serializer=meridio__debug_dot_protos_dot_probe__pb2.RouteGetRequest.SerializeToString,
                 response_deserializer=meridio__debug_dot_protos_dot_probe__pb2.RouteGetReply.FromString,
                 _registered_method=True)
+        self.SendProbes = channel.unary_unary(
+                '/meridio_debug.v1.Probe/SendProbes',
+                request_serializer=meridio__debug_dot_protos_dot_probe__pb2.SendProbesRequest.SerializeToString,
+                response_deserializer=meridio__debug_dot_protos_dot_probe__pb2.SendProbesReply.FromString,
+                _registered_method=True)
 
 
 class ProbeServicer:
@@ -53,6 +58,19 @@ class ProbeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendProbes(self, request, context):
+        """Send `count` crafted probe packets of one flow, each recognisable at every
+        hop (IPv4 id, TCP seq, ICMP id+seq, UDP payload marker). The agent routes
+        them with its own kernel (the RouteGet lookup of the flow, with iif/mark
+        when given) and hands each frame to the selected egress interface and next
+        hop, as if this pod forwarded (iif set) or originated it. A flow the kernel
+        cannot route is a reply with ok=false and the reason, not a failed RPC;
+        a malformed request is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProbeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +78,11 @@ def add_ProbeServicer_to_server(servicer, server):
                     servicer.RouteGet,
                     request_deserializer=meridio__debug_dot_protos_dot_probe__pb2.RouteGetRequest.FromString,
                     response_serializer=meridio__debug_dot_protos_dot_probe__pb2.RouteGetReply.SerializeToString,
+            ),
+            'SendProbes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendProbes,
+                    request_deserializer=meridio__debug_dot_protos_dot_probe__pb2.SendProbesRequest.FromString,
+                    response_serializer=meridio__debug_dot_protos_dot_probe__pb2.SendProbesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +112,33 @@ class Probe:
             '/meridio_debug.v1.Probe/RouteGet',
             meridio__debug_dot_protos_dot_probe__pb2.RouteGetRequest.SerializeToString,
             meridio__debug_dot_protos_dot_probe__pb2.RouteGetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendProbes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meridio_debug.v1.Probe/SendProbes',
+            meridio__debug_dot_protos_dot_probe__pb2.SendProbesRequest.SerializeToString,
+            meridio__debug_dot_protos_dot_probe__pb2.SendProbesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,9 +5,12 @@ meridio-debug probe protocol: questions the agent answers by asking the kernel.
 
 A separate service (and file) from Agent so it can grow (ping, ARP/ND of
 next hops, crafted packets when explicitly allowed) without touching the
-snapshot/watch/capture protocol. Everything here is read-only: RouteGet is
-the kernel's FIB lookup (`ip route get`), no packet is sent and no state
-changes. Generated Python: meridio_debug.protos.probe_pb2* (scripts/gen-protos).
+snapshot/watch/capture protocol. RouteGet is read-only: the kernel's FIB
+lookup (`ip route get`), no packet is sent and no state changes. SendProbes
+is the one call of the agent that is not read-only: it sends the few probe
+packets it is asked for, and nothing else; it is never called implicitly
+(the controller sends probes only with `trace --active --probe`).
+Generated Python: meridio_debug.protos.probe_pb2* (scripts/gen-protos).
 """
 
 from collections import abc as _abc
@@ -43,6 +46,15 @@ class ProbeStub:
     (no route, blackhole, unknown interface) is a result with ok=false and the
     kernel's errno, never a failed RPC; the RPC fails only on a malformed request.
     """
+    SendProbes: _grpc.UnaryUnaryMultiCallable[_probe_pb2.SendProbesRequest, _probe_pb2.SendProbesReply]
+    """Send `count` crafted probe packets of one flow, each recognisable at every
+    hop (IPv4 id, TCP seq, ICMP id+seq, UDP payload marker). The agent routes
+    them with its own kernel (the RouteGet lookup of the flow, with iif/mark
+    when given) and hands each frame to the selected egress interface and next
+    hop, as if this pod forwarded (iif set) or originated it. A flow the kernel
+    cannot route is a reply with ok=false and the reason, not a failed RPC;
+    a malformed request is INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class ProbeAsyncStub(ProbeStub):
@@ -51,6 +63,15 @@ class ProbeAsyncStub(ProbeStub):
     """Kernel FIB lookups, one per query, answered in order. A failing lookup
     (no route, blackhole, unknown interface) is a result with ok=false and the
     kernel's errno, never a failed RPC; the RPC fails only on a malformed request.
+    """
+    SendProbes: _aio.UnaryUnaryMultiCallable[_probe_pb2.SendProbesRequest, _probe_pb2.SendProbesReply]  # type: ignore[assignment]
+    """Send `count` crafted probe packets of one flow, each recognisable at every
+    hop (IPv4 id, TCP seq, ICMP id+seq, UDP payload marker). The agent routes
+    them with its own kernel (the RouteGet lookup of the flow, with iif/mark
+    when given) and hands each frame to the selected egress interface and next
+    hop, as if this pod forwarded (iif set) or originated it. A flow the kernel
+    cannot route is a reply with ok=false and the reason, not a failed RPC;
+    a malformed request is INVALID_ARGUMENT.
     """
 
 class ProbeServicer(metaclass=_abc_1.ABCMeta):
@@ -63,6 +84,21 @@ class ProbeServicer(metaclass=_abc_1.ABCMeta):
         """Kernel FIB lookups, one per query, answered in order. A failing lookup
         (no route, blackhole, unknown interface) is a result with ok=false and the
         kernel's errno, never a failed RPC; the RPC fails only on a malformed request.
+        """
+
+    @_abc_1.abstractmethod
+    def SendProbes(
+        self,
+        request: _probe_pb2.SendProbesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_probe_pb2.SendProbesReply, _abc.Awaitable[_probe_pb2.SendProbesReply]]:
+        """Send `count` crafted probe packets of one flow, each recognisable at every
+        hop (IPv4 id, TCP seq, ICMP id+seq, UDP payload marker). The agent routes
+        them with its own kernel (the RouteGet lookup of the flow, with iif/mark
+        when given) and hands each frame to the selected egress interface and next
+        hop, as if this pod forwarded (iif set) or originated it. A flow the kernel
+        cannot route is a reply with ok=false and the reason, not a failed RPC;
+        a malformed request is INVALID_ARGUMENT.
         """
 
 def add_ProbeServicer_to_server(servicer: ProbeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,6 +11,10 @@ trace`` (controller/cli_trace.py). Public entry points::
     queries = plan(state, flow)             # pod -> (RouteQuery, ...)
     result = trace(state, flow, answers)    # pod -> {query id: RouteAnswer}
     result.to_dict()                        # the JSON contract
+
+The active trace's pure half (controller/trace/active.py) follows captured
+packets across pods: ``correlate(flow, sightings, roles, static_result,
+probe_run)`` -> ``ActiveResult``; its I/O is controller/trace_active.py.
 """
 
 from meridio_debug.controller.trace.core import mark_choice, plan, trace

@@ -14,6 +14,7 @@ import html
 from collections.abc import Sequence
 from typing import Final
 
+from meridio_debug.controller.trace.active import ActiveResult
 from meridio_debug.controller.trace.types import Hop, TracePath, TraceResult
 
 _ARROW: Final = {"forward": "→", "return": "←"}
@@ -239,5 +240,126 @@ def render_html(result: TraceResult) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>trace {_esc(str(result.flow))}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------- active trace
+
+
+def _us(value: float) -> str:
+    return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:.0f} µs"
+
+
+def active_path(active: ActiveResult) -> TracePath:
+    """The path actually taken as a TracePath, so the static drawing can show it."""
+    hops = []
+    for h in active.hops:
+        where = f"{h.in_iface or '·'} → {h.out_iface or '·'}"
+        timing = f"+{_us(h.latency_us)}" if h.seen else "no packet"
+        hops.append(Hop(h.pod, h.role, h.direction, h.ok, h.reason, h.code, f"{timing} {where}"))
+    return TracePath(target=active.target or "?", chosen=True, hops=tuple(hops))
+
+
+def _active_verdict(active: ActiveResult) -> str:
+    broken = active.first_broken
+    if broken is None:
+        if not active.packets.get("forward"):
+            return "no packet of the flow was seen"
+        return "the path is whole, both directions (packets went through)"
+    code = f" [{broken.code}]" if broken.code else ""
+    by = f", by {active.evidence}" if active.evidence else ""
+    return f"BROKEN at {broken.pod} ({broken.direction}){code}{by}: {broken.reason}"
+
+
+def render_active_table(static: TraceResult, active: ActiveResult) -> str:
+    """The path the packets took, hop by hop with latency, then both verdicts."""
+    p = active.packets
+    lines = [f"flow  {active.flow}"]
+    if active.mode == "probe":
+        lines.append(
+            f"probes  {p.get('sent', 0)} sent from {active.sender}, "
+            f"{p.get('delivered', 0)} reached a target, {p.get('answered', 0)} answered"
+        )
+    else:
+        lines.append(f"traffic  {p.get('forward', 0)} packets forward, {p.get('return', 0)} back")
+    lines.extend(f"note  {note}" for note in active.notes)
+    lines.append("")
+    lines.append(f"path taken (target {active.target or 'none'}):")
+    rows = [("#", "DIR", "POD", "ROLE", "IN", "OUT", "T", "LATENCY", "SEEN", "STATE", "WHY")]
+    for i, h in enumerate(active.hops, 1):
+        rows.append(
+            (
+                str(i),
+                _ARROW[h.direction],
+                h.pod,
+                h.role,
+                h.in_iface or "-",
+                h.out_iface or "-",
+                f"{h.t_in_us:.0f}µs" if h.seen else "-",
+                _us(h.latency_us) if h.seen else "-",
+                f"{h.seen - h.lost}/{h.seen}" if h.seen else f"0/{h.lost}",
+                "ok" if h.ok else f"BROKEN{' ' + h.code if h.code else ''}",
+                h.reason,
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(10)]
+    for row in rows:
+        head = "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:10]))
+        lines.append(f"  {head}  {row[10]}")
+    if active.rtt_us is not None:
+        lines.append(f"  round trip {_us(active.rtt_us)}")
+    lines.append("")
+    lines.append(f"verdict  {_active_verdict(active)}")
+    static_broken = static.first_broken
+    same = "agrees" if active.agrees_with_static else "DISAGREES"
+    static_text = (
+        "whole"
+        if static_broken is None
+        else f"broken at {static_broken.pod} ({static_broken.direction})"
+        + (f" [{static_broken.code}]" if static_broken.code else "")
+    )
+    target = f", target {static.chosen.target}" if static.chosen is not None else ""
+    lines.append(f"static   {static_text}{target} ({same})")
+    return "\n".join(lines)
+
+
+def render_active_html(static: TraceResult, active: ActiveResult) -> str:
+    """One page: the path the packets took (latencies, broken hop in red), then the static trace."""
+    broken = active.first_broken
+    cls = "whole" if broken is None else "broken"
+    body = [
+        f"<h1>meridio-debug trace --active: <code>{_esc(str(active.flow))}</code></h1>",
+        f'<p class="verdict {cls}">{_esc(_active_verdict(active))}</p>',
+    ]
+    body.extend(f"<p>{_esc(note)}</p>" for note in active.notes)
+    path = active_path(active)
+    body.append(f"<h2>path taken: target {_esc(active.target or 'none')}</h2>")
+    body.append(render_svg(path))
+    rows = []
+    first = next((h for h in active.hops if not h.ok), None)
+    for i, h in enumerate(active.hops, 1):
+        row_cls = "bad" if h is first else ""
+        rows.append(
+            f'<tr class="{row_cls}"><td>{i}</td><td>{_ARROW[h.direction]} {h.direction}</td>'
+            f"<td>{_esc(h.pod)}</td><td>{_esc(h.in_iface or '-')}</td>"
+            f"<td>{_esc(h.out_iface or '-')}</td><td>{h.t_in_us:.0f} µs</td>"
+            f"<td>{_esc(_us(h.latency_us))}</td><td>{h.seen - h.lost}/{h.seen or h.lost}</td>"
+            f"<td>{'ok' if h.ok else 'BROKEN'}</td><td>{_esc(h.code or '')}</td>"
+            f"<td><code>{_esc(h.reason)}</code></td></tr>"
+        )
+    head = (
+        "<tr><th>#</th><th>dir</th><th>pod</th><th>in</th><th>out</th><th>t</th>"
+        "<th>latency</th><th>passed</th><th>state</th><th>code</th><th>why</th></tr>"
+    )
+    body.append(f"<table>{head}{''.join(rows)}</table>")
+    same = "agrees with" if active.agrees_with_static else "disagrees with"
+    body.append(f"<h2>static trace ({same} the packets)</h2>")
+    static_page = render_html(static)
+    inner = static_page[static_page.index("<body>") + 6 : static_page.index("</body>")]
+    body.append(inner.replace("<h1>", "<h3>").replace("</h1>", "</h3>"))
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>trace --active {_esc(str(active.flow))}</title><style>{_CSS}</style></head>"
         f"<body>{''.join(body)}</body></html>\n"
     )

@@ -1,0 +1,836 @@
+"""Active trace: follow the flow's real packets through every pod, hop by hop.
+
+Why: the static trace says where a flow *should* go from each kernel's FIB
+answers; it cannot see what the packets do (a drop nobody's rule explains,
+a flood on a bridge, an ECMP choice made from a socket's random hash). The
+active trace captures in every pod at once while probes (or the user's
+traffic) flow, then follows each packet from pod to pod. This module is the
+pure part -- frames and probe markers in, the path actually taken and the
+first hop where packets disappear out -- so it is unit-tested on recorded
+packets; controller/trace_active.py does the I/O (captures, SendProbes).
+
+How a packet is recognised at every hop: by its identity, the 5-tuple plus
+what no hop changes -- the IPv4 id, the TCP sequence number, the ICMP echo
+id+seq, the UDP payload (IPv6 has no IP id). Probes carry known markers
+(agent/probe.py), so a reply is tied to its probe (TCP ack = seq + 1, ICMP
+id+seq); the user's traffic is followed packet by packet the same way.
+
+How a pod is judged from what its capture saw (``sll_pkttype``):
+- a pod *holds* a packet when it received it for itself (HOST, broadcast,
+  multicast) or sent it out (OUTGOING: forwarded, bridged or originated);
+- a pod that only saw it OTHERHOST and never sent it on was merely flooded
+  (a bridge sent it to every port); it is not on the path;
+- packets *disappear* at the last pod that held them, unless that pod is
+  where they were going (the target forward, the client side back).
+
+Packets cannot tell whether a target that got a request and sent nothing
+back dropped the request (VIP not local: forward) or could not route the
+reply (no ``from VIP`` rule: return); nor can they show a broken nexthop the
+flow did not hash to. There the kernel's state, as the static trace read it
+on the hops the packets took, names the hop -- and the result says which
+evidence named it (``packets`` or ``state``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any, Final, Literal, cast
+
+from meridio_debug.controller.analysis._view import trench_view
+from meridio_debug.controller.model import TrenchState
+from meridio_debug.controller.trace.core import fwmark_rule, mark_choice
+from meridio_debug.controller.trace.flow import Flow
+from meridio_debug.controller.trace.types import Broken, Direction, Hop, TraceResult
+
+LINKTYPE_ETHERNET: Final = 1
+LINKTYPE_RAW: Final = 101
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOING = range(5)
+
+# Path order of hops, to find the *first* one where packets disappear.
+_ORDER: Final = {
+    ("gateway", "forward"): 0,
+    ("lb-fe", "forward"): 1,
+    ("proxy", "forward"): 2,
+    ("target", "forward"): 3,
+    ("target", "return"): 4,
+    ("proxy", "return"): 5,
+    ("lb-fe", "return"): 6,
+    ("gateway", "return"): 7,
+}
+
+Evidence = Literal["packets", "state"]
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """The fields of one IP packet the correlation needs (decoded from a captured frame)."""
+
+    version: int
+    src: str
+    dst: str
+    proto: int  # 6 tcp, 17 udp, 1 icmp, 58 icmpv6
+    sport: int = 0
+    dport: int = 0
+    ip_id: int = 0
+    tcp_seq: int = 0
+    tcp_ack: int = 0
+    tcp_flags: int = 0
+    icmp_type: int = -1
+    icmp_id: int = 0
+    icmp_seq: int = 0
+    payload: bytes = b""
+
+    @property
+    def l4_name(self) -> str:
+        return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}.get(self.proto, str(self.proto))
+
+    def identity(self) -> tuple[object, ...]:
+        """What no hop changes: the 5-tuple plus the IP id and the L4 marker."""
+        if self.proto == 6:
+            mark: tuple[object, ...] = (self.tcp_seq, self.tcp_ack, self.tcp_flags)
+        elif self.proto in (1, 58):
+            mark = (self.icmp_type, self.icmp_id, self.icmp_seq)
+        else:
+            mark = (self.payload,)
+        return (self.src, self.dst, self.proto, self.sport, self.dport, self.ip_id, *mark)
+
+    def describe(self) -> str:
+        if self.proto == 6:
+            flags = "".join(
+                c
+                for bit, c in ((2, "S"), (16, "."), (4, "R"), (1, "F"), (8, "P"))
+                if self.tcp_flags & bit
+            )
+            extra = f" [{flags}] seq {self.tcp_seq}"
+        elif self.proto in (1, 58):
+            extra = f" type {self.icmp_type} id {self.icmp_id} seq {self.icmp_seq}"
+        else:
+            extra = f" len {len(self.payload)}"
+        ports = (
+            f":{self.sport} > {self.dst}:{self.dport}"
+            if self.proto in (6, 17)
+            else f" > {self.dst}"
+        )
+        ipid = f" id {self.ip_id}" if self.version == 4 else ""
+        return f"{self.l4_name} {self.src}{ports}{extra}{ipid}"
+
+
+def decode(frame: bytes, linktype: int = LINKTYPE_ETHERNET) -> Packet | None:
+    """The IP packet in ``frame`` (Ethernet with VLAN tags, or raw IP); None if it is none."""
+    off = 0
+    if linktype == LINKTYPE_ETHERNET:
+        if len(frame) < 14:
+            return None
+        ethertype = struct.unpack_from("!H", frame, 12)[0]
+        off = 14
+        while ethertype in (0x8100, 0x88A8) and len(frame) >= off + 4:
+            ethertype = struct.unpack_from("!H", frame, off + 2)[0]
+            off += 4
+        if ethertype not in (0x0800, 0x86DD):
+            return None
+    elif linktype != LINKTYPE_RAW:
+        return None
+    if len(frame) <= off:
+        return None
+    version = frame[off] >> 4
+    if version == 4 and len(frame) >= off + 20:
+        ihl = (frame[off] & 15) * 4
+        ip_id = struct.unpack_from("!H", frame, off + 4)[0]
+        proto = frame[off + 9]
+        src = str(ipaddress.IPv4Address(frame[off + 12 : off + 16]))
+        dst = str(ipaddress.IPv4Address(frame[off + 16 : off + 20]))
+        frag = struct.unpack_from("!H", frame, off + 6)[0] & 0x1FFF
+        l4 = frame[off + ihl :] if not frag else b""
+    elif version == 6 and len(frame) >= off + 40:
+        ip_id = 0
+        proto = frame[off + 6]
+        src = str(ipaddress.IPv6Address(frame[off + 8 : off + 24]))
+        dst = str(ipaddress.IPv6Address(frame[off + 24 : off + 40]))
+        pos = off + 40
+        while proto in (0, 43, 60) and len(frame) >= pos + 2:  # hop-by-hop, routing, dest opts
+            proto, pos = frame[pos], pos + (frame[pos + 1] + 1) * 8
+        l4 = frame[pos:]
+    else:
+        return None
+    if proto == 6 and len(l4) >= 14:
+        sport, dport, seq, ack = struct.unpack_from("!HHII", l4)
+        return Packet(version, src, dst, 6, sport, dport, ip_id, seq, ack, l4[13])
+    if proto == 17 and len(l4) >= 8:
+        sport, dport = struct.unpack_from("!HH", l4)
+        return Packet(version, src, dst, 17, sport, dport, ip_id, payload=bytes(l4[8:72]))
+    if proto in (1, 58) and len(l4) >= 8:
+        kind = l4[0]
+        icmp_id, icmp_seq = struct.unpack_from("!HH", l4, 4)
+        return Packet(
+            version,
+            src,
+            dst,
+            proto,
+            ip_id=ip_id,
+            icmp_type=kind,
+            icmp_id=icmp_id,
+            icmp_seq=icmp_seq,
+            payload=bytes(l4[8:72]),
+        )
+    return Packet(version, src, dst, proto, ip_id=ip_id)
+
+
+def capture_filter(flow: Flow) -> str:
+    """A BPF (pcap-filter) expression for the flow, both directions."""
+    c, v = flow.src, flow.dst
+    if flow.proto == "icmp":
+        kind = "icmp6" if flow.family == 6 else "icmp"
+        return f"{kind} and host {c} and host {v}"
+    p, s, d = flow.proto, flow.sport, flow.dport
+    return (
+        f"{p} and ((src host {c} and dst host {v} and src port {s} and dst port {d}) or "
+        f"(src host {v} and dst host {c} and src port {d} and dst port {s}))"
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One packet seen in one pod, on one interface, at one time."""
+
+    pod: str
+    iface: str
+    ts_ns: int
+    pkttype: int  # sll_pkttype: 0 host, 1 broadcast, 2 multicast, 3 otherhost, 4 outgoing
+    packet: Packet
+
+    @property
+    def outbound(self) -> bool:
+        return self.pkttype == PACKET_OUTGOING
+
+    @property
+    def held(self) -> bool:
+        """Received for this pod or sent by it (not just flooded past it)."""
+        return self.pkttype != PACKET_OTHERHOST
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeMark:
+    """One probe as the sender reported it (protos/probe.proto ProbeSent)."""
+
+    index: int
+    sent_ns: int
+    ip_id: int = 0
+    tcp_seq: int = 0
+    icmp_id: int = 0
+    icmp_seq: int = 0
+    marker: bytes = b""
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRun:
+    """Who sent the probes, how, and what the agent said."""
+
+    pod: str
+    role: str
+    proto: str
+    probes: tuple[ProbeMark, ...]
+    how: str = ""  # "from gw's kernel route: ext-br via 169.254.100.2" ...
+    error: str = ""  # the sender could not send (no route, no neighbour)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOrder:
+    """Where and how to send probes: the pod, and the route lookup that places them."""
+
+    pod: str
+    role: str
+    iif: str = ""
+    mark: int = 0
+    src: str = ""
+    dst: str = ""
+    why: str = ""
+
+
+def probe_orders(state: TrenchState, flow: Flow) -> list[ProbeOrder]:
+    """Who should send the probes for ``flow``.
+
+    The gateway when it is one of the pods (the lab): the probes leave it as a
+    client's packets would. Otherwise (a cluster, no gateway pod) the entry LB
+    sends them *marked*, as if it had received and load-balanced them: a route
+    lookup with the external interface as iif and the flow's mark -- one order
+    per candidate mark when the mark is not computable (nfqlb: Maglev state is
+    not in a snapshot).
+    """
+    trench = trench_view(state)
+    gateways = [p for p in trench.role("gateway") if p.ok("links")]
+    if gateways:
+        return [ProbeOrder(gateways[0].name, "gateway", why="the gateway, as a client")]
+    out: list[ProbeOrder] = []
+    for lb in sorted(trench.role("lb-fe"), key=lambda p: p.name):
+        ext = trench.external_interfaces(lb)
+        if not ext or not lb.ok("links"):
+            continue
+        choice = mark_choice(lb, flow)
+        for mark in choice.marks:
+            if fwmark_rule(lb, flow.family, mark) is None:
+                continue
+            out.append(
+                ProbeOrder(
+                    lb.name,
+                    "lb-fe",
+                    iif=ext[0],
+                    mark=mark,
+                    why=f"{lb.name}, marked {mark} as if received on {ext[0]} ({choice.how})",
+                )
+            )
+        if out:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class PodPass:
+    """One pod on a packet's way: where it came in and went out, and when."""
+
+    pod: str
+    role: str
+    direction: Direction
+    in_iface: str
+    out_iface: str
+    t_in_ns: int
+    t_out_ns: int
+    held: bool
+    sent_on: bool
+
+    @property
+    def dwell_ns(self) -> int:
+        return max(self.t_out_ns - self.t_in_ns, 0) if self.sent_on else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Trail:
+    """Every sighting of one packet, in time order, grouped into pods."""
+
+    direction: Direction
+    packet: Packet
+    sightings: tuple[Sighting, ...]
+    passes: tuple[PodPass, ...]
+    flooded: tuple[str, ...]  # pods that only saw it flooded past them
+    probe: int = -1  # index of the probe it is (forward) or answers (return); -1: user traffic
+
+    @property
+    def end(self) -> PodPass | None:
+        return self.passes[-1] if self.passes else None
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveHop:
+    """One hop of the path actually taken, with what the packets and the state said."""
+
+    pod: str
+    role: str
+    direction: Direction
+    in_iface: str
+    out_iface: str
+    t_in_us: float  # since the first sighting of the packet (the representative probe)
+    t_out_us: float
+    latency_us: float  # from the previous pod's last sighting to this pod's first
+    dwell_us: float  # inside this pod (first in to last out)
+    seen: int  # packets of the run that passed here
+    lost: int  # packets that disappeared here
+    ok: bool
+    reason: str
+    code: str | None = None
+    evidence: Evidence | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "role": self.role,
+            "direction": self.direction,
+            "in_iface": self.in_iface,
+            "out_iface": self.out_iface,
+            "t_in_us": round(self.t_in_us, 1),
+            "t_out_us": round(self.t_out_us, 1),
+            "latency_us": round(self.latency_us, 1),
+            "dwell_us": round(self.dwell_us, 1),
+            "seen": self.seen,
+            "lost": self.lost,
+            "ok": self.ok,
+            "reason": self.reason,
+            "code": self.code,
+            "evidence": self.evidence,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveResult:
+    """What the packets did: the path taken, per-hop latency, where they disappeared."""
+
+    flow: Flow
+    mode: Literal["probe", "traffic"]
+    hops: tuple[ActiveHop, ...]
+    sightings: tuple[Sighting, ...]  # of the representative packet round trip
+    target: str  # the target that got the packets ("" none)
+    first_broken: Broken | None
+    evidence: Evidence | None
+    lost_at: Broken | None  # where packets disappeared (None: every one arrived)
+    packets: Mapping[str, int]  # forward, return, delivered, answered, sent
+    rtt_us: float | None
+    agrees_with_static: bool
+    static_first_broken: Broken | None
+    static_target: str
+    sender: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.first_broken is None
+
+    def to_dict(self) -> dict[str, Any]:
+        t0 = self.sightings[0].ts_ns if self.sightings else 0
+        return {
+            "mode": self.mode,
+            "sender": self.sender or None,
+            "target": self.target or None,
+            "path": [h.to_dict() for h in self.hops],
+            "sightings": [
+                {
+                    "pod": s.pod,
+                    "iface": s.iface,
+                    "dir": "out" if s.outbound else "in",
+                    "flooded": s.pkttype == PACKET_OTHERHOST,
+                    "t_us": round((s.ts_ns - t0) / 1000.0, 1),
+                    "ts_ns": s.ts_ns,
+                    "packet": s.packet.describe(),
+                }
+                for s in self.sightings
+            ],
+            "rtt_us": None if self.rtt_us is None else round(self.rtt_us, 1),
+            "packets": dict(self.packets),
+            "lost_at": self.lost_at.to_dict() if self.lost_at else None,
+            "first_broken": self.first_broken.to_dict() if self.first_broken else None,
+            "evidence": self.evidence,
+            "agrees_with_static": self.agrees_with_static,
+            "static_target": self.static_target or None,
+            "static_first_broken": (
+                self.static_first_broken.to_dict() if self.static_first_broken else None
+            ),
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def _direction(flow: Flow, p: Packet) -> Direction | None:
+    """forward (client -> VIP), return (VIP -> client), or None: not this flow."""
+    want = {"tcp": (6,), "udp": (17,), "icmp": (1, 58)}[flow.proto]
+    if p.proto not in want:
+        return None
+    if p.src == flow.src and p.dst == flow.dst:
+        if flow.has_ports and (p.sport, p.dport) != (flow.sport, flow.dport):
+            return None
+        if flow.proto == "icmp" and p.icmp_type not in (8, 128):
+            return None
+        return "forward"
+    if p.src == flow.dst and p.dst == flow.src:
+        if flow.has_ports and (p.sport, p.dport) != (flow.dport, flow.sport):
+            return None
+        if flow.proto == "icmp" and p.icmp_type not in (0, 129):
+            return None
+        return "return"
+    return None
+
+
+def _probe_of(p: Packet, direction: Direction, probes: Sequence[ProbeMark]) -> int:
+    """The index of the probe ``p`` is (forward) or answers (return); -1 when none."""
+    for probe in probes:
+        if direction == "forward":
+            if p.version == 4 and p.ip_id != probe.ip_id:
+                continue
+            if p.proto == 6 and p.tcp_seq == probe.tcp_seq and p.tcp_flags & 0x02:
+                return probe.index
+            if p.proto in (1, 58) and (p.icmp_id, p.icmp_seq) == (probe.icmp_id, probe.icmp_seq):
+                return probe.index
+            if p.proto == 17 and probe.marker and p.payload.startswith(probe.marker):
+                return probe.index
+        else:
+            if p.proto == 6 and p.tcp_ack == (probe.tcp_seq + 1) & 0xFFFFFFFF:
+                return probe.index
+            if p.proto in (1, 58) and (p.icmp_id, p.icmp_seq) == (probe.icmp_id, probe.icmp_seq):
+                return probe.index
+    return -1
+
+
+def _udp_reply_of(ts_ns: int, probes: Sequence[ProbeMark]) -> int:
+    """A UDP reply carries no marker of ours: it answers the last probe sent before it."""
+    before = [p for p in probes if p.ok and p.sent_ns <= ts_ns]
+    return max(before, key=lambda p: p.sent_ns).index if before else -1
+
+
+def _passes(
+    direction: Direction, sightings: Sequence[Sighting], roles: Mapping[str, str]
+) -> tuple[tuple[PodPass, ...], tuple[str, ...]]:
+    """Group one packet's sightings by pod in time order; split off pods it was flooded to."""
+    order: list[str] = []
+    by_pod: dict[str, list[Sighting]] = defaultdict(list)
+    for s in sightings:
+        if s.pod not in by_pod:
+            order.append(s.pod)
+        by_pod[s.pod].append(s)
+    passes: list[PodPass] = []
+    flooded: list[str] = []
+    for pod in order:
+        seen = by_pod[pod]
+        outs = [s for s in seen if s.outbound]
+        ins = [s for s in seen if not s.outbound]
+        held_in = [s for s in ins if s.held]
+        if not outs and not held_in:
+            flooded.append(pod)
+            continue
+        first_in = (held_in or ins or outs)[0]
+        passes.append(
+            PodPass(
+                pod=pod,
+                role=roles.get(pod, "unknown"),
+                direction=direction,
+                in_iface=first_in.iface if ins else "",
+                out_iface=outs[-1].iface if outs else "",
+                t_in_ns=seen[0].ts_ns,
+                t_out_ns=outs[-1].ts_ns if outs else seen[-1].ts_ns,
+                held=bool(held_in) or bool(outs),
+                sent_on=bool(outs),
+            )
+        )
+    return tuple(passes), tuple(flooded)
+
+
+def trails(
+    flow: Flow,
+    sightings: Iterable[Sighting],
+    roles: Mapping[str, str],
+    probes: Sequence[ProbeMark] | None = None,
+) -> list[Trail]:
+    """Every packet of the flow, followed across pods (probes only, when ``probes`` is given).
+
+    Packets with the same identity (an IPv6 UDP reply has no IP id and the same
+    payload every time) are told apart in time: a sighting at a point (pod,
+    interface, direction) the current instance has already passed starts the next one.
+    """
+    instances: dict[tuple[object, ...], list[list[Sighting]]] = defaultdict(list)
+    for s in sorted(sightings, key=lambda s: s.ts_ns):
+        direction = _direction(flow, s.packet)
+        if direction is None:
+            continue
+        key = (direction, *s.packet.identity())
+        runs = instances[key]
+        point = (s.pod, s.iface, s.pkttype)
+        if not runs or any((x.pod, x.iface, x.pkttype) == point for x in runs[-1]):
+            runs.append([])
+        runs[-1].append(s)
+    out: list[Trail] = []
+    for key, runs in instances.items():
+        direction = cast(Direction, key[0])
+        for seen in runs:
+            index = -1
+            if probes is not None:
+                index = _probe_of(seen[0].packet, direction, probes)
+                if index < 0 and direction == "return" and seen[0].packet.proto == 17:
+                    index = _udp_reply_of(seen[0].ts_ns, probes)
+                if index < 0:
+                    continue  # not a probe nor a reply to one (e.g. the client's RST)
+            passes, flooded = _passes(direction, seen, roles)
+            out.append(Trail(direction, seen[0].packet, tuple(seen), passes, flooded, index))
+    out.sort(key=lambda t: t.sightings[0].ts_ns)
+    return out
+
+
+def answered(
+    flow: Flow,
+    sightings: Iterable[Sighting],
+    roles: Mapping[str, str],
+    probes: Sequence[ProbeMark],
+) -> set[int]:
+    """Indexes of the probes whose reply has made it back out of the trench (or to the client)."""
+    return {
+        t.probe
+        for t in trails(flow, sightings, roles, probes)
+        if t.direction == "return" and t.probe >= 0 and _return_delivered(t)
+    }
+
+
+def _forward_delivered(trail: Trail) -> bool:
+    end = trail.end
+    return end is not None and end.role == "target" and end.held and not end.sent_on
+
+
+def _return_delivered(trail: Trail) -> bool:
+    end = trail.end
+    if end is None:
+        return False
+    if end.role == "gateway":
+        return not end.sent_on or end.in_iface != ""
+    # no gateway captured (a cluster): delivered once an LB sent it out of the trench
+    return end.role == "lb-fe" and end.sent_on
+
+
+def _static_path_hops(static: TraceResult, target: str) -> list[Hop]:
+    path = next((p for p in static.paths if p.target == target), None) or static.chosen
+    return list(path.hops) if path is not None else []
+
+
+@dataclass
+class _Tally:
+    seen: int = 0
+    lost: int = 0
+    latency: list[int] = field(default_factory=list)
+    dwell: list[int] = field(default_factory=list)
+    in_iface: str = ""
+    out_iface: str = ""
+    lost_how: str = ""
+
+
+def correlate(
+    flow: Flow,
+    sightings: Iterable[Sighting],
+    roles: Mapping[str, str],
+    static: TraceResult,
+    probe_run: ProbeRun | None = None,
+) -> ActiveResult:
+    """Follow every packet of the flow; the path taken, per-hop latency, the first loss."""
+    probes = probe_run.probes if probe_run is not None else None
+    all_trails = trails(flow, sightings, roles, probes)
+    fwd = [t for t in all_trails if t.direction == "forward"]
+    ret = [t for t in all_trails if t.direction == "return"]
+    notes: list[str] = []
+    mode: Literal["probe", "traffic"] = "probe" if probe_run is not None else "traffic"
+    static_target = static.chosen.target if static.chosen is not None else ""
+
+    # Where did forward packets end, where did replies end?
+    delivered = [t for t in fwd if _forward_delivered(t)]
+    targets = sorted({t.end.pod for t in delivered if t.end is not None})
+    target = targets[0] if len(targets) == 1 else ""
+    if len(targets) > 1:
+        notes.append(f"forward packets reached several targets: {', '.join(targets)}")
+        target = max(targets, key=lambda n: sum(1 for t in delivered if t.end and t.end.pod == n))
+    if not target and ret:
+        first_pass = ret[0].passes[0] if ret[0].passes else None
+        if first_pass is not None and first_pass.role == "target":
+            target = first_pass.pod
+    answered_probes = {t.probe for t in ret if t.probe >= 0 and _return_delivered(t)}
+    replied_probes = {t.probe for t in ret if t.probe >= 0}
+
+    forward_end = {t.probe: t.end for t in delivered if t.probe >= 0}
+    tallies: dict[tuple[str, Direction], _Tally] = defaultdict(_Tally)
+    for t in all_trails:
+        prev_out: int | None = None
+        if t.direction == "return" and t.probe in forward_end:
+            end = forward_end[t.probe]
+            prev_out = end.t_in_ns if end is not None else None
+        for i, p in enumerate(t.passes):
+            tally = tallies[(p.pod, p.direction)]
+            tally.seen += 1
+            if prev_out is not None:
+                tally.latency.append(max(p.t_in_ns - prev_out, 0))
+            tally.dwell.append(p.dwell_ns)
+            prev_out = p.t_out_ns
+            tally.in_iface = tally.in_iface or p.in_iface
+            tally.out_iface = tally.out_iface or p.out_iface
+            if i == len(t.passes) - 1:
+                arrived = (
+                    _forward_delivered(t) if t.direction == "forward" else _return_delivered(t)
+                )
+                if not arrived:
+                    tally.lost += 1
+                    if p.sent_on:
+                        tally.lost_how = (
+                            f"sent out on {p.out_iface}, and no pod of the trench took it next"
+                            + (f" (flooded to {', '.join(t.flooded)})" if t.flooded else "")
+                        )
+                    else:
+                        tally.lost_how = f"came in on {p.in_iface or '?'} and never left"
+
+    static_hops = _static_path_hops(static, target or static_target)
+    state_of = {(h.pod, h.direction): h for h in static_hops}
+
+    # A target that got a request and sent no reply: the loss is in that target;
+    # packets cannot say which way, the target's kernel state does.
+    silent_target, silent_lost = "", 0
+    if probes is not None:
+        silent = [t for t in delivered if t.probe >= 0 and t.probe not in replied_probes]
+        if silent and silent[0].end is not None:
+            silent_target, silent_lost = silent[0].end.pod, len(silent)
+    elif delivered and not ret and target:
+        silent_target, silent_lost = target, len(delivered)
+    silent_direction: Direction = "return"
+    fwd_state = state_of.get((silent_target, "forward"))
+    if fwd_state is not None and not fwd_state.ok:
+        silent_direction = "forward"
+    if silent_target:
+        tally = tallies[(silent_target, silent_direction)]
+        tally.lost += silent_lost
+        tally.lost_how = (
+            "the request arrived and no reply left"
+            if silent_direction == "return"
+            else "the request arrived and was not taken (no reply)"
+        )
+
+    # The hops taken: the pods the packets passed, in path order.
+    observed: list[tuple[str, str, Direction]] = []
+    for t in all_trails:
+        for p in t.passes:
+            if (p.pod, p.role, p.direction) not in observed:
+                observed.append((p.pod, p.role, p.direction))
+    if silent_target and (silent_target, "target", silent_direction) not in observed:
+        observed.append((silent_target, "target", silent_direction))
+    observed.sort(key=lambda k: (_ORDER.get((k[1], k[2]), 9), k[0]))
+
+    rep = _representative(fwd, ret)
+    t0 = rep[0].ts_ns if rep else 0
+    rep_times: dict[tuple[str, Direction], tuple[float, float]] = {}
+    for part in ("forward", "return"):
+        mine = [s for s in rep if _direction(flow, s.packet) == part]
+        for p in _passes(part, mine, roles)[0]:
+            rep_times[(p.pod, part)] = ((p.t_in_ns - t0) / 1000.0, (p.t_out_ns - t0) / 1000.0)
+
+    hops: list[ActiveHop] = []
+    lost_at: Broken | None = None
+    for pod, role, direction in observed:
+        tally = tallies.get((pod, direction), _Tally())
+        state = state_of.get((pod, direction))
+        ok, reason, code = True, "", None
+        evidence: Evidence | None = None
+        state_bad = state is not None and not state.ok
+        if tally.lost:
+            ok, evidence = False, "packets"
+            total = max(tally.seen, tally.lost)
+            why = f" -- kernel: {state.reason}" if state is not None and state_bad else ""
+            reason = f"{tally.lost} of {total} packets disappeared here: {tally.lost_how}{why}"
+            code = state.code if state is not None and state_bad else None
+            if lost_at is None:
+                lost_at = Broken(pod, direction, reason, code)
+        elif state is not None and state_bad:
+            ok, evidence = False, "state"
+            reason = f"packets passed, but the kernel state here is broken: {state.reason}"
+            code = state.code
+        else:
+            reason = state.reason if state is not None else "packets passed"
+        t_in, t_out = rep_times.get((pod, direction), (0.0, 0.0))
+        hops.append(
+            ActiveHop(
+                pod=pod,
+                role=role,
+                direction=direction,
+                in_iface=tally.in_iface,
+                out_iface=tally.out_iface,
+                t_in_us=t_in,
+                t_out_us=t_out,
+                latency_us=median(tally.latency) / 1000.0 if tally.latency else 0.0,
+                dwell_us=median(tally.dwell) / 1000.0 if tally.dwell else 0.0,
+                seen=tally.seen,
+                lost=tally.lost,
+                ok=ok,
+                reason=reason,
+                code=code,
+                evidence=evidence,
+            )
+        )
+    first = next((h for h in hops if not h.ok), None)
+
+    sent = len([p for p in probes if p.ok]) if probes is not None else 0
+    if probe_run is not None and probe_run.error:
+        reason = f"{probe_run.pod} could not send the probes: {probe_run.error}"
+        broken = Broken(probe_run.pod, "forward", reason, None)
+        first_broken: Broken | None = broken
+        lost_at = broken
+        verdict_by: Evidence | None = "packets"
+    elif first is not None:
+        first_broken = Broken(first.pod, first.direction, first.reason, first.code)
+        verdict_by = first.evidence
+    elif not fwd:
+        first_broken, verdict_by = None, None
+        if probe_run is not None:
+            reason = f"no probe was seen, not even in {probe_run.pod} that sent them"
+            first_broken = Broken(probe_run.pod, "forward", reason, None)
+            lost_at, verdict_by = first_broken, "packets"
+        else:
+            notes.append("no packet of the flow was seen: was there traffic during the capture?")
+    else:
+        first_broken, verdict_by = None, None
+    rtt = None
+    if rep and len(rep) > 1:
+        rtt = (rep[-1].ts_ns - rep[0].ts_ns) / 1000.0
+    static_broken = static.first_broken
+    agrees = (
+        (first_broken is None) == (static_broken is None)
+        and (
+            first_broken is None
+            or static_broken is None
+            or (first_broken.pod, first_broken.direction)
+            == (static_broken.pod, static_broken.direction)
+        )
+        and (not target or not static_target or target == static_target)
+    )
+    if target and static_target and target != static_target:
+        notes.append(f"the packets went to {target}; the static trace expected {static_target}")
+    lbs_back = sorted({p.pod for t in ret for p in t.passes if p.role == "lb-fe"})
+    if len(lbs_back) > 1:
+        notes.append(
+            f"replies left through several LBs ({', '.join(lbs_back)}): the proxy's ECMP "
+            "choice is per packet hash (a TCP socket's random txhash is kept across veth)"
+        )
+    counts = {
+        "forward": len(fwd),
+        "return": len(ret),
+        "delivered": len(delivered),
+        "answered": len(answered_probes) if probes is not None else len(ret),
+        "sent": sent,
+    }
+    return ActiveResult(
+        flow=flow,
+        mode=mode,
+        hops=tuple(hops),
+        sightings=tuple(rep),
+        target=target,
+        first_broken=first_broken,
+        evidence=verdict_by,
+        lost_at=lost_at,
+        packets=counts,
+        rtt_us=rtt,
+        agrees_with_static=agrees,
+        static_first_broken=static_broken,
+        static_target=static_target,
+        sender=probe_run.pod if probe_run is not None else "",
+        notes=tuple(notes),
+    )
+
+
+def _representative(fwd: Sequence[Trail], ret: Sequence[Trail]) -> list[Sighting]:
+    """The sightings of one round trip: the first forward packet and its reply (if any)."""
+    if not fwd:
+        return list(ret[0].sightings) if ret else []
+    chosen = next((t for t in fwd if _forward_delivered(t)), fwd[0])
+    out = list(chosen.sightings)
+    reply = next(
+        (
+            t
+            for t in ret
+            if (chosen.probe >= 0 and t.probe == chosen.probe)
+            or (chosen.probe < 0 and t.sightings[0].ts_ns >= chosen.sightings[0].ts_ns)
+        ),
+        None,
+    )
+    if reply is not None:
+        out.extend(reply.sightings)
+    return sorted(out, key=lambda s: s.ts_ns)
