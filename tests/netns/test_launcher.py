@@ -1,0 +1,212 @@
+"""The agent launcher (fork server) and the local runtime's use of it.
+
+What a user would notice if it were wrong: an agent answering from the wrong
+namespace, agents left running after the command (or after the controller is
+killed), a failing agent reported as a hang or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meridio_debug.controller.errors import RuntimeUnavailable
+from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.runtime.local import LocalRuntime
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+NS = [f"mdt-la{i}-{os.getpid()}" for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> Iterator[list[str]]:
+    made: list[str] = []
+    try:
+        for name in NS:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+        yield made
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def pod(ns: str) -> PodRef:
+    return PodRef(name=ns, role="unknown", location=ns, runtime="local")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_each_agent_serves_from_its_own_namespace(namespaces: list[str]) -> None:
+    runtime = LocalRuntime([pod(n) for n in namespaces])
+
+    async def go() -> dict[str, tuple[str, int]]:
+        async def one(p: PodRef) -> tuple[str, str, int]:
+            async with runtime.open(p) as client:
+                info = await client.get_info()
+                return p.name, info.netns, info.pid
+
+        return {
+            name: (ns, pid) for name, ns, pid in await asyncio.gather(*map(one, runtime.pods()))
+        }
+
+    seen = asyncio.run(go())
+    for name in namespaces:
+        inode = os.stat(f"/run/netns/{name}").st_ino
+        assert seen[name][0] == f"net:[{inode}]"
+    pids = [pid for _, pid in seen.values()]
+    assert len(set(pids)) == len(namespaces)
+    assert not any(alive(p) for p in pids)  # all stopped when the command is done
+
+
+def test_an_agent_that_fails_is_one_line_with_its_reason(namespaces: list[str]) -> None:
+    before = set(glob.glob("/tmp/meridio-debug-agent-*"))
+    runtime = LocalRuntime([pod(namespaces[0])], idle_timeout=-1, start_timeout=10)
+
+    async def go() -> None:
+        async with runtime.open(pod(namespaces[0])):
+            pass
+
+    with pytest.raises(RuntimeUnavailable) as info:
+        asyncio.run(go())
+    message = str(info.value)
+    assert "agent exited with code 2 before serving" in message
+    assert "--idle-timeout must be >= 0" in message and "\n" not in message
+    assert set(glob.glob("/tmp/meridio-debug-agent-*")) == before
+
+
+def test_a_launcher_that_cannot_start_is_one_line(namespaces: list[str]) -> None:
+    runtime = LocalRuntime([pod(namespaces[0])], python="/nonexistent/python3")
+
+    async def go() -> None:
+        async with runtime.open(pod(namespaces[0])):
+            pass
+
+    with pytest.raises(RuntimeUnavailable, match="cannot start the agent launcher") as info:
+        asyncio.run(go())
+    assert "\n" not in str(info.value)
+
+
+class Launcher:
+    """The launcher driven by hand over its JSON-lines protocol, as the controller does."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meridio_debug.agent.launcher"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.events: list[dict[str, Any]] = []
+        assert "ready" in self.read()
+
+    def read(self, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "the launcher did not answer"
+        line = self.proc.stdout.readline()
+        assert line, "the launcher closed its stdout"
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def close(self) -> int:
+        """Close our end (as a controller that is done or died does) and wait for the exit."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(10)
+        self.proc.stdout.close()
+        return code
+
+    def ask(self, req: dict[str, Any] | str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        text = req if isinstance(req, str) else json.dumps(req)
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = self.read()
+            if "exited" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+
+def test_closing_the_launchers_stdin_stops_every_agent(namespaces: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        launcher = Launcher()
+        pids = []
+        for i, name in enumerate(namespaces[:2]):
+            sock = os.path.join(tmp, f"a{i}.sock")
+            reply = launcher.ask(
+                {
+                    "id": str(i),
+                    "netns": f"/run/netns/{name}",
+                    "log": os.path.join(tmp, f"a{i}.log"),
+                    "args": ["--listen", f"unix:{sock}", "--idle-timeout", "0"],
+                }
+            )
+            assert reply["id"] == str(i)
+            pids.append(int(reply["pid"]))
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(os.path.join(tmp, f"a{i}.sock")) for i in range(2)):
+            assert time.monotonic() < deadline, "agents did not start"
+            time.sleep(0.05)
+        assert all(alive(p) for p in pids)
+        # The controller dies (or is done): its end of the pipe closes.
+        assert launcher.close() == 0
+        assert not any(alive(p) for p in pids)
+        assert not any(os.path.exists(os.path.join(tmp, f"a{i}.sock")) for i in range(2))
+
+
+def test_bad_requests_get_an_error_and_the_launcher_goes_on(namespaces: list[str]) -> None:
+    launcher = Launcher()
+    try:
+        assert "bad request line" in launcher.ask("not json")["error"]
+        missing = launcher.ask(
+            {"id": "m", "netns": "/run/netns/mdt-no-such", "log": "/dev/null", "args": []}
+        )
+        assert missing["id"] == "m" and "No such file" in missing["error"]
+        # Only its own unreaped children can be signalled: never an arbitrary pid.
+        refused = launcher.ask({"id": "k", "signal": int(signal.SIGTERM), "pid": os.getpid()})
+        assert "not a live agent" in refused["error"]
+        assert launcher.ask({"id": "x", "netns": 5})["error"].startswith("malformed request")
+        # Still serving: an agent that exits at once is reported with its code.
+        with tempfile.TemporaryDirectory() as tmp:
+            reply = launcher.ask(
+                {
+                    "id": "e",
+                    "netns": f"/run/netns/{namespaces[0]}",
+                    "log": os.path.join(tmp, "log"),
+                    "args": ["--listen", "not-an-address"],
+                }
+            )
+            pid = int(reply["pid"])
+            while not any(e.get("exited") == pid for e in launcher.events):
+                launcher.events.append(launcher.read())
+            (event,) = [e for e in launcher.events if e.get("exited") == pid]
+            assert event["code"] == 1
+            with open(os.path.join(tmp, "log")) as f:
+                assert "expected unix:/path/to/agent.sock" in f.read()
+    finally:
+        launcher.close()
