@@ -68,7 +68,14 @@ def run_collectors(
     collectors: Iterable[Collector], snap: pb.Snapshot, sections: Sequence[str] = ()
 ) -> None:
     """Run every selected collector into ``snap``; failures become section statuses."""
+    from meridio_debug.agent.collectors.procs import one_scan
+
     wanted = set(sections)
+    with one_scan():
+        _run(collectors, snap, wanted)
+
+
+def _run(collectors: Iterable[Collector], snap: pb.Snapshot, wanted: set[str]) -> None:
     for collector in collectors:
         if wanted and collector.name not in wanted:
             continue

@@ -23,7 +23,8 @@ import contextlib
 import os
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -76,13 +77,39 @@ def select_same_netns(
     return [pid for pid, ino in candidates if ino == own_inode and pid != own_pid]
 
 
+_scan = threading.local()
+
+
+@contextlib.contextmanager
+def one_scan() -> Iterator[None]:
+    """Within this block (one snapshot), the namespace's pids are read from /proc once.
+
+    Four collectors (processes, sockets, bird, nfqlb) each need "the processes of
+    this netns"; on a node that is a stat of every pid's ns/net, ~500 per scan
+    here and thousands on a real node, for an answer that does not change within
+    one snapshot. Thread-local, so concurrent snapshots never share a scan.
+    """
+    outer = getattr(_scan, "cache", None)
+    _scan.cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _scan.cache = outer
+
+
 def pids_in_own_netns(proc: str = PROC) -> list[int]:
     """Pids of the processes that share the agent's network namespace (agent excluded)."""
+    cache: dict[str, list[int]] | None = getattr(_scan, "cache", None)
+    if cache is not None and proc in cache:
+        return list(cache[proc])
     own = netns_inode("self", proc)
     if own is None:
         raise CollectorError(f"cannot read {proc}/self/ns/net: is /proc mounted?")
     pids = sorted(psutil.pids())
-    return select_same_netns(((pid, netns_inode(pid, proc)) for pid in pids), own, os.getpid())
+    found = select_same_netns(((pid, netns_inode(pid, proc)) for pid in pids), own, os.getpid())
+    if cache is not None:
+        cache[proc] = list(found)
+    return found
 
 
 def processes_in_own_netns(proc: str = PROC) -> list[psutil.Process]:
