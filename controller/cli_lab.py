@@ -132,7 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {p.kind:<7} {p.pod:<14} pid {p.pid:<8} {'running' if p.alive else 'NOT RUNNING'}"
             )
         for s in st.sessions:
-            print(f"  bgp     {s.pod:<14} {s.protocol:<20} {s.state} {s.info}")
+            info = s.info if s.kind == "bgp" else s.info.split(" on ", 1)[-1]
+            print(f"  {s.kind:<7} {s.pod:<14} {s.protocol:<20} {s.state} {info}")
         print("healthy" if not st.problems else "problems:\n  " + "\n  ".join(st.problems))
     return 0 if not st.problems else 1
 

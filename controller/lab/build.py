@@ -14,7 +14,7 @@ Why this shape:
   all there it returns without touching anything; a half-built or broken
   one (namespace gone, bird dead, ``up`` interrupted) is removed and built
   again, which is quicker and more predictable than repairing in place.
-- ``up`` returns once traffic can flow: BGP Established on every FE, the
+- ``up`` returns once traffic can flow: BGP Established and BFD Up on every FE, the
   FEs' egress defaults in table 4096 and the gateway's VIP routes via every
   FE. Right after ``up``, ``traffic`` works.
 """

@@ -54,15 +54,24 @@ class ProcessStatus:
 
 @dataclass(frozen=True)
 class BgpSession:
-    """One BGP protocol of an FE as bird reports it."""
+    """One gateway session of an FE as bird reports it: a BGP protocol or a BFD session.
+
+    For BGP, ``protocol`` is the protocol name and state/info are bird's State
+    and Info columns. For BFD (``kind="bfd"``), ``protocol`` is ``BFD ADDRESS``
+    and ``state`` is the session state (Up, Down, Init, AdminDown). Meridio's
+    frontend needs both: BGP Established *and* BFD Up.
+    """
 
     pod: str
     protocol: str
     state: str  # bird's State column ("up", "start", ...), or "unknown"
     info: str  # bird's Info column ("Established", "Active Socket: ..."), or why unknown
+    kind: str = "bgp"
 
     @property
     def established(self) -> bool:
+        if self.kind == "bfd":
+            return self.state == "Up"
         return self.state == "up" and self.info.startswith("Established")
 
 
@@ -155,8 +164,22 @@ def parse_bird_protocols(text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def parse_bfd_sessions(text: str) -> list[tuple[str, str, str]]:
+    """``birdc show bfd sessions`` output -> (address, interface, state) per session."""
+    out: list[tuple[str, str, str]] = []
+    header_seen = False
+    for line in text.splitlines():
+        if line.startswith("IP address"):
+            header_seen = True
+            continue
+        fields = line.split()
+        if header_seen and len(fields) >= 3 and not line.endswith(":"):
+            out.append((fields[0], fields[1], fields[2]))
+    return out
+
+
 def bgp_sessions(spec: LabSpec, birdc: str | None, root: Path = STATE_ROOT) -> list[BgpSession]:
-    """The gateway sessions of every FE (``unknown`` when bird cannot be asked)."""
+    """The gateway sessions of every FE, BGP then BFD (``unknown`` when bird cannot be asked)."""
     directory = state_dir(spec.prefix, root)
     names = (spec.bgp.protocol4, spec.bgp.protocol6)
 
@@ -171,10 +194,27 @@ def bgp_sessions(spec: LabSpec, birdc: str | None, root: Path = STATE_ROOT) -> l
         except LabError as exc:
             return [BgpSession(pod, n, "unknown", str(exc)) for n in names]
         found = parse_bird_protocols(text)
-        return [
+        sessions = [
             BgpSession(pod, n, *found.get(n, ("unknown", "no such protocol in bird")))
             for n in names
         ]
+        if not all(x.established for x in sessions):
+            return sessions  # BFD sessions appear with BGP: ask once that is up
+        try:
+            text = system.run(
+                [birdc, "-s", str(socket), "show", "bfd", "sessions"],
+                what=f"birdc {pod}",
+                timeout=5,
+            )
+        except LabError as exc:
+            return [*sessions, BgpSession(pod, "BFD", "unknown", str(exc), kind="bfd")]
+        bfd = [
+            BgpSession(pod, f"BFD {addr}", state, f"{state} on {iface}", kind="bfd")
+            for addr, iface, state in parse_bfd_sessions(text)
+        ]
+        if not bfd:
+            bfd = [BgpSession(pod, "BFD", "none", "no BFD session yet", kind="bfd")]
+        return sessions + bfd
 
     results = system.parallel(ask, [f.pod for f in spec.frontends])
     return [s for group in results for s in group]
@@ -201,7 +241,7 @@ def _route_hops(ip: str, netns: str, family: int, dst: str, table: str) -> int:
 
 
 def dataplane_problems(spec: LabSpec, ip: str, birdc: str, root: Path = STATE_ROOT) -> list[str]:
-    """What still keeps traffic from flowing: sessions, FE egress defaults, gateway VIP routes."""
+    """What still keeps traffic from flowing: BGP and BFD sessions, FE egress defaults, gateway VIP routes."""
     problems = [
         f"{s.pod} {s.protocol}: {s.state} {s.info}".rstrip()
         for s in bgp_sessions(spec, birdc, root)

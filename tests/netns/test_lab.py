@@ -83,7 +83,13 @@ def test_both_fes_have_v4_and_v6_sessions_established(lab):
         if all(st.established(f.pod) for f in lab.frontends) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    got = {(s.pod, s.protocol): s.info for s in st.sessions}
+    got = {(s.pod, s.protocol): s.info for s in st.sessions if s.kind == "bgp"}
+    bfd = {(s.pod, s.protocol): s.state for s in st.sessions if s.kind == "bfd"}
+    assert bfd == {
+        (fe, f"BFD {gw}"): "Up"
+        for fe in ("lb-fe-a", "lb-fe-b")
+        for gw in ("169.254.100.150", "100:100::150")
+    }
     assert got == {
         (fe, proto): "Established"
         for fe in ("lb-fe-a", "lb-fe-b")

@@ -30,7 +30,7 @@ from meridio_debug.controller.lab.render import (
     veth_lines,
 )
 from meridio_debug.controller.lab.spec import spec_from_json, spec_to_json
-from meridio_debug.controller.lab.status import parse_bird_protocols
+from meridio_debug.controller.lab.status import BgpSession, parse_bfd_sessions, parse_bird_protocols
 
 IFNAMSIZ = 15
 
@@ -387,3 +387,22 @@ def test_only_bird_missing(tmp_path):
         os.chmod(fake, 0o755)
     with pytest.raises(LabError, match=r"needs bird, birdc .*bird2 \(apt-get install bird2\)$"):
         check_prerequisites(euid=0, path=str(tmp_path))
+
+
+def test_parse_bfd_sessions_and_readiness():
+    """``lab up`` waits for BFD Up as well: BGP is Established ~0.5 s before BFD is."""
+    text = (
+        "BIRD 2.0.12 ready.\n"
+        "NBR-BFD:\n"
+        "IP address                Interface  State      Since         Interval  Timeout\n"
+        "169.254.100.150           ext-vlan0  Up         00:10:59.361    0.300    1.500\n"
+        "100:100::150              ext-vlan0  Down       00:11:41.009    1.000    0.000\n"
+    )
+    rows = parse_bfd_sessions(text)
+    assert rows == [
+        ("169.254.100.150", "ext-vlan0", "Up"),
+        ("100:100::150", "ext-vlan0", "Down"),
+    ]
+    ready = [BgpSession("lb-fe-a", f"BFD {a}", st, "", kind="bfd").established for a, _, st in rows]
+    assert ready == [True, False]
+    assert parse_bfd_sessions("BIRD 2.0.12 ready.\nNBR-BFD:\n") == []
