@@ -215,3 +215,19 @@ def test_sockets_include_our_listeners_with_owner(tmp_path: Path):
     assert listener[0].pid == os.getpid()
     assert listener[0].process
     assert any(s.family == "unix" and s.laddr == path for s in snap.sockets)
+
+
+def test_one_scan_reads_proc_once_per_snapshot(tmp_path):
+    """Four collectors ask for the netns's pids; inside one snapshot /proc is scanned once."""
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    own = tmp_path / "self" / "ns" / "net"
+    own.write_text("")
+    member = tmp_path / "1" / "ns"
+    member.mkdir(parents=True)
+    os.link(own, member / "net")  # same inode: pid 1 "shares our netns"
+
+    with procs.one_scan():
+        assert procs.pids_in_own_netns(str(tmp_path)) == [1]
+        (member / "net").unlink()  # pid 1 leaves: not seen until the next snapshot
+        assert procs.pids_in_own_netns(str(tmp_path)) == [1]
+    assert procs.pids_in_own_netns(str(tmp_path)) == []
