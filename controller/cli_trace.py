@@ -91,7 +91,7 @@ def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], No
         nargs="?",
         type=int,
         const=5,
-        default=0,
+        default=None,
         metavar="N",
         help="send N probe packets of the flow (default 5; the only thing that sends packets: "
         "without it, --active watches the user's traffic)",
@@ -123,11 +123,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
         flows = [parse_flow(text) for text in args.flow]
     except FlowError as exc:
         raise UsageError(str(exc)) from None
-    if not args.active and (args.probe or args.duration is not None or args.write):
+    if not args.active and (args.probe is not None or args.duration is not None or args.write):
         raise UsageError("--probe, --duration and --write go with --active")
     if args.active and len(flows) != 1:
         raise UsageError("--active traces one --flow at a time")
-    if args.probe < 0 or args.probe > 100:
+    if args.probe is not None and not 1 <= args.probe <= 100:
         raise UsageError("--probe N: N must be between 1 and 100")
     if args.duration is not None and not 0 < args.duration <= 3600:
         raise UsageError("--duration S: S must be more than 0 and at most 3600")
@@ -164,7 +164,7 @@ def _active(args: argparse.Namespace, runtime: Any, flow: Any, config: Any) -> i
     def log(text: str) -> None:
         print(f"meridio-debug: {text}", file=sys.stderr, flush=True)
 
-    probe = args.probe
+    probe = args.probe or 0
     if probe:
         options = ActiveOptions(
             probes=probe,

@@ -747,6 +747,12 @@ def correlate(
             )
         )
     first = next((h for h in hops if not h.ok), None)
+    if first is not None and first.evidence == "packets":
+        blamed = _blame_next(first, state_of, static_hops, observed)
+        if blamed is not None:
+            index = hops.index(first)
+            hops.insert(index + 1, blamed)
+            first = blamed
 
     sent = len([p for p in probes if p.ok]) if probes is not None else 0
     if probe_run is not None and probe_run.error:
@@ -773,7 +779,8 @@ def correlate(
         rtt = (rep[-1].ts_ns - rep[0].ts_ns) / 1000.0
     static_broken = static.first_broken
     agrees = (
-        (first_broken is None) == (static_broken is None)
+        bool(all_trails)
+        and (first_broken is None) == (static_broken is None)
         and (
             first_broken is None
             or static_broken is None
@@ -813,6 +820,53 @@ def correlate(
         static_target=static_target,
         sender=probe_run.pod if probe_run is not None else "",
         notes=tuple(notes),
+    )
+
+
+def _blame_next(
+    stopped: ActiveHop,
+    state_of: Mapping[tuple[str, Direction], Hop],
+    static_hops: Sequence[Hop],
+    observed: Sequence[tuple[str, str, Direction]],
+) -> ActiveHop | None:
+    """The next hop, when packets stopped in a pod whose own state is fine and the next is not.
+
+    A pod hands a packet to the next one at L2: when the next hop cannot answer
+    ARP/ND (its port left the bridge, its address is gone) the packet waits in
+    *this* pod's neighbour queue and is dropped there. The loss is seen here,
+    the fault is there -- so the next hop, unreached by any packet and broken in
+    the kernel state, is named.
+    """
+    here = state_of.get((stopped.pod, stopped.direction))
+    if here is None or not here.ok:
+        return None
+    keys = [(h.pod, h.direction) for h in static_hops]
+    try:
+        at = keys.index((stopped.pod, stopped.direction))
+    except ValueError:
+        return None
+    if at + 1 >= len(static_hops):
+        return None
+    nxt = static_hops[at + 1]
+    if nxt.ok or any((pod, d) == (nxt.pod, nxt.direction) for pod, _r, d in observed):
+        return None
+    return ActiveHop(
+        pod=nxt.pod,
+        role=nxt.role,
+        direction=nxt.direction,
+        in_iface="",
+        out_iface="",
+        t_in_us=0.0,
+        t_out_us=0.0,
+        latency_us=0.0,
+        dwell_us=0.0,
+        seen=0,
+        lost=0,
+        ok=False,
+        reason=f"no packet got here (they stopped in {stopped.pod}: {stopped.reason}); "
+        f"the kernel state here is broken: {nxt.reason}",
+        code=nxt.code,
+        evidence="state",
     )
 
 

@@ -11,29 +11,18 @@ then insists the path is whole again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
-import subprocess
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
+from trace_lab import BREAKS, FLOWS, Lab, running_lab
 
 from meridio_debug.controller import cli
-from meridio_debug.controller.client import AgentClient
-from meridio_debug.controller.lab import build_spec, down, traffic, up
-from meridio_debug.controller.lab.spec import LabSpec
-from meridio_debug.controller.lab.state import bird_paths, state_dir
-from meridio_debug.controller.runtime import PodRef
-from meridio_debug.controller.runtime.local import LocalRuntime
-from meridio_debug.controller.trace import TraceResult, parse_flow
-from meridio_debug.controller.trace_session import lab_trace_source, trace_async
+from meridio_debug.controller.lab import traffic
 from meridio_debug.protos import probe_pb2 as ppb
 from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 
@@ -45,85 +34,10 @@ pytestmark = [
 ]
 
 
-class WarmRuntime:
-    """The lab's runtime with each pod's agent started once, on a private loop."""
-
-    def __init__(self, inner: LocalRuntime) -> None:
-        self.inner = inner
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stack = contextlib.AsyncExitStack()
-        self.clients: dict[str, AgentClient] = {}
-
-    def pods(self) -> list[PodRef]:
-        return self.inner.pods()
-
-    @contextlib.asynccontextmanager
-    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
-        client = self.clients.get(pod.name)
-        if client is None:
-            client = await self.stack.enter_async_context(self.inner.open(pod))
-            self.clients[pod.name] = client
-        yield client
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.stack.aclose(), timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def run(argv: list[str]) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-class Lab:
-    def __init__(self, spec: LabSpec) -> None:
-        self.spec = spec
-        runtime, self.config = lab_trace_source(spec.prefix)
-        assert isinstance(runtime, LocalRuntime)
-        self.runtime = WarmRuntime(runtime)
-
-    def traces(self, *flows: str) -> list[TraceResult]:
-        parsed = [parse_flow(f) for f in flows]
-        result = self.runtime.run(trace_async(self.runtime, parsed, self.config))
-        assert not result.errors
-        return list(result.results)
-
-    def trace(self, flow: str) -> TraceResult:
-        return self.traces(flow)[0]
-
-    def ip(self, pod: str, *args: str) -> str:
-        return run(["ip", "-n", self.spec.netns(pod), *args])
-
-    def birdc(self, pod: str, *args: str) -> str:
-        ctl = bird_paths(state_dir(self.spec.prefix), pod)["ctl"]
-        return run(["birdc", "-s", str(ctl), *args])
-
-
 @pytest.fixture(scope="module")
 def lab(lab_prefix: Callable[[], str]) -> Iterator[Lab]:
-    spec = build_spec(lab_prefix())
-    try:
-        up(spec)
-        the_lab = Lab(spec)
-        try:
-            yield the_lab
-        finally:
-            the_lab.runtime.close()
-    finally:
-        down(spec.prefix)
-
-
-FLOWS = {
-    4: "tcp 200.100.0.7:40000 -> 20.0.0.1:4000",
-    6: "tcp [200:100::7]:40000 -> [2000::1]:4000",
-}
+    with running_lab(lab_prefix()) as the_lab:
+        yield the_lab
 
 
 @pytest.fixture(autouse=True)
@@ -184,157 +98,6 @@ def test_vip_the_trench_does_not_have(lab: Lab) -> None:
 
 
 # --------------------------------------------------------------------------- breaks
-
-
-def _hop(result: TraceResult, role: str, direction: str) -> str:
-    assert result.chosen is not None
-    return next(h.pod for h in result.chosen.hops if h.role == role and h.direction == direction)
-
-
-def _fam(family: int) -> list[str]:
-    return ["-6"] if family == 6 else []
-
-
-def _vip(lab: Lab, family: int) -> str:
-    return lab.spec.vip4 if family == 4 else lab.spec.vip6
-
-
-@contextlib.contextmanager
-def break_lb_fwmark_route(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    lb = _hop(healthy, "lb-fe", "forward")
-    assert healthy.chosen is not None
-    table = str(lab.spec.target(healthy.chosen.target).table)
-    saved = json.loads(lab.ip(lb, *_fam(family), "-j", "route", "show", "table", table))[0]
-    lab.ip(lb, *_fam(family), "route", "del", "default", "table", table)
-    try:
-        yield lb, "forward", "MDB110"
-    finally:
-        lab.ip(
-            lb,
-            *_fam(family),
-            "route",
-            "add",
-            "default",
-            "via",
-            saved["gateway"],
-            "dev",
-            saved["dev"],
-            "table",
-            table,
-        )
-
-
-@contextlib.contextmanager
-def unenslave_target_port(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    proxy = _hop(healthy, "proxy", "forward")
-    assert healthy.chosen is not None
-    port = lab.spec.target(healthy.chosen.target).proxy_ifname
-    lab.ip(proxy, "link", "set", port, "nomaster")
-    try:
-        yield proxy, "forward", "MDB202"
-    finally:
-        lab.ip(proxy, "link", "set", port, "master", "bridge0")
-
-
-@contextlib.contextmanager
-def remove_target_vip(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    assert healthy.chosen is not None
-    target = healthy.chosen.target
-    plen = "32" if family == 4 else "128"
-    vip = f"{_vip(lab, family)}/{plen}"
-    lab.ip(target, "addr", "del", vip, "dev", "nsm-0")
-    try:
-        yield target, "forward", "MDB301"
-    finally:
-        lab.ip(target, "addr", "add", vip, "dev", "nsm-0", *(["nodad"] if family == 6 else []))
-
-
-@contextlib.contextmanager
-def delete_target_return_rule(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    assert healthy.chosen is not None
-    target = healthy.chosen.target
-    table = str(lab.spec.target_table4 if family == 4 else lab.spec.target_table6)
-    vip = _vip(lab, family)
-    lab.ip(target, *_fam(family), "rule", "del", "from", vip, "lookup", table)
-    try:
-        yield target, "return", "MDB302"
-    finally:
-        lab.ip(target, *_fam(family), "rule", "add", "from", vip, "lookup", table)
-
-
-@contextlib.contextmanager
-def drop_proxy_nexthop(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    proxy = _hop(healthy, "proxy", "return")
-    table = str(lab.spec.proxy_table)
-    saved = json.loads(lab.ip(proxy, *_fam(family), "-j", "route", "show", "table", table))[0]
-    hops = saved["nexthops"]
-    assert len(hops) == 2
-    lab.ip(
-        proxy,
-        *_fam(family),
-        "route",
-        "replace",
-        "default",
-        "table",
-        table,
-        "nexthop",
-        "via",
-        hops[0]["gateway"],
-        "dev",
-        hops[0]["dev"],
-    )
-    try:
-        yield proxy, "return", "MDB204"
-    finally:
-        argv = [*_fam(family), "route", "replace", "default", "table", table]
-        for hop in hops:
-            argv += ["nexthop", "via", hop["gateway"], "dev", hop["dev"]]
-        lab.ip(proxy, *argv)
-
-
-@contextlib.contextmanager
-def empty_lb_egress_table(
-    lab: Lab, healthy: TraceResult, family: int
-) -> Iterator[tuple[str, str, str]]:
-    lb = _hop(healthy, "lb-fe", "return")
-    # bird owns table 4096 and re-adds a deleted route at once: disable its kernel
-    # protocol of that family instead (it withdraws what it exported).
-    kernel = "kernel1" if family == 4 else "kernel2"
-    lab.birdc(lb, "disable", kernel)
-    deadline = time.monotonic() + 5
-    while lab.ip(lb, *_fam(family), "route", "show", "table", str(lab.spec.vip_table)).strip():
-        assert time.monotonic() < deadline, "bird did not withdraw table 4096"
-        time.sleep(0.05)
-    try:
-        yield lb, "return", "MDB103"
-    finally:
-        lab.birdc(lb, "enable", kernel)
-        deadline = time.monotonic() + 10
-        while not lab.ip(
-            lb, *_fam(family), "route", "show", "table", str(lab.spec.vip_table)
-        ).strip():
-            assert time.monotonic() < deadline, "bird did not restore table 4096"
-            time.sleep(0.05)
-
-
-BREAKS = [
-    break_lb_fwmark_route,
-    unenslave_target_port,
-    remove_target_vip,
-    delete_target_return_rule,
-    drop_proxy_nexthop,
-    empty_lb_egress_table,
-]
 
 
 @pytest.mark.parametrize("family", [4, 6])
