@@ -1066,6 +1066,13 @@ def trace(state: TrenchState, flow: Flow, answers: Answers) -> TraceResult:
                 hops=tuple(hops),
             )
         )
+    if flow.proto == "tcp" and any(len(p.bridge_subnets) for p in trench.role("proxy")):
+        # Measured in the lab by the active trace: SYN-ACKs of one 5-tuple left through both LBs.
+        notes.append(
+            "a TCP reply leaves the target with its socket's random txhash, which veth keeps "
+            "and the proxy's L4 ECMP uses: the LB shown on the way back is the 5-tuple's "
+            "choice, a given connection may return through another LB"
+        )
     paths.sort(key=lambda p: (not p.chosen, p.target))
     first: Hop | None = None
     chosen_path = next((p for p in paths if p.chosen), None)
