@@ -1,11 +1,9 @@
 """The Kubernetes runtime end to end: the official client against the stand-in API server.
 
-One lab and one stand-in server for the module. Pods of namespace ``red`` are
-operator-named Meridio pods mapped onto the lab's namespaces; the stand-in's
-kubelet starts the real agent inside them, and port-forward reaches it there.
-``blue`` holds the same pods under the legacy (Helm) names, with Pod Security
-``baseline``; ``green`` is for destructive tests (pods deleted). Each test uses
-its own agent image so agents (and their ports) never interfere.
+One lab and one stand-in server for the module (tests/cluster/conftest.py:
+``red`` operator-named pods, ``blue`` Helm-named under Pod Security baseline,
+``green`` for destructive tests). Each test uses its own agent image so agents
+(and their ports) never interfere.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +21,14 @@ import grpc
 import pytest
 import yaml
 
-from meridio_debug.controller import lab
 from meridio_debug.controller.errors import AccessDenied, InjectionError, PodNotFound
 from meridio_debug.controller.runtime import k8s_spec
-from meridio_debug.controller.runtime.kubernetes import KubeOptions, KubernetesRuntime
 from meridio_debug.controller.session import snapshot_all
 from meridio_debug.controller.tls import create_ca, issue_client, load_or_create
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 from tests.cluster.apiserver import StandInApiServer
+from tests.cluster.conftest import Cluster
 
 pytestmark = [
     pytest.mark.cluster,
@@ -42,49 +37,6 @@ pytestmark = [
 
 CLI = [sys.executable, "-m", "meridio_debug.controller.cli"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Cluster:
-    server: StandInApiServer
-    kubeconfig: Path
-    spec: Any
-    work: Path
-
-    def runtime(self, namespace: str = "red", **kw: Any) -> KubernetesRuntime:
-        progress: list[tuple[str, str, str]] = kw.pop("events", [])
-        tls = kw.pop("tls", None)
-        opts = KubeOptions(namespace=namespace, kubeconfig=str(self.kubeconfig), **kw)
-        return KubernetesRuntime(opts, progress=lambda *e: progress.append(e), tls=tls)
-
-    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*CLI, *args, "--kubeconfig", str(self.kubeconfig)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    prefix = f"mdk{os.getpid() % 1000}-"
-    spec = lab.build_spec(prefix)
-    work = tmp_path_factory.mktemp("standin")
-    server = StandInApiServer(work)
-    try:
-        lab.up(spec)
-        server.start()
-        triples = [(p.name, p.role, p.netns) for p in spec.pods]
-        server.add_lab(triples, "red")
-        server.add_lab(triples, "blue", legacy=True)
-        server.add_lab(triples, "green")
-        server.psa["blue"] = "baseline"
-        yield Cluster(server, server.kubeconfig(work / "kubeconfig"), spec, work)
-    finally:
-        server.stop()
-        lab.down(prefix)
 
 
 def ephemeral_patches(server: StandInApiServer, image: str) -> list[tuple[str, str, Any]]:
