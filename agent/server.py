@@ -33,7 +33,7 @@ from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-WATCH_KINDS = ("link", "address", "route", "rule", "neighbour")
+WATCH_KINDS = ("link", "address", "route", "rule", "neighbour", "fdb")
 MAX_WATCH_SECONDS = 24 * 3600.0
 EVENT_QUEUE_SIZE = 10_000
 

@@ -128,7 +128,7 @@ def build_parser() -> ArgumentParser:
         "--kind",
         action="append",
         default=[],
-        choices=["link", "address", "route", "rule", "neighbour"],
+        choices=["link", "address", "route", "rule", "neighbour", "fdb"],
         help="event kinds (repeatable; default all)",
     )
     p.set_defaults(func=cmd_watch)

@@ -142,6 +142,40 @@ def test_watch_streams_changes_in_order(netns: str) -> None:
     assert proc.returncode == 0
 
 
+def test_watch_fdb_shows_bridge_port_changes(netns: str) -> None:
+    """A proxy's bridge learning or losing a target's MAC is an fdb event (``bridge monitor fdb``)."""
+    sh("ip", "-n", netns, "link", "add", "mdtbr0", "type", "bridge")
+    try:
+        sh("ip", "-n", netns, "link", "set", "v1", "master", "mdtbr0")
+        with subprocess.Popen(
+            [*CLI, "watch", "--netns", netns, "--kind", "fdb", "-o", "json", "--duration", "20"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            assert proc.stderr is not None and proc.stdout is not None
+            try:
+                assert "watching" in proc.stderr.readline()
+                mac = "02:00:00:00:77:01"
+                sh("bridge", "-n", netns, "fdb", "add", mac, "dev", "v1", "master", "static")
+                sh("bridge", "-n", netns, "fdb", "del", mac, "dev", "v1", "master", "static")
+                events = []
+                deadline = time.monotonic() + 10
+                while len(events) < 2 and time.monotonic() < deadline:
+                    ev = json.loads(proc.stdout.readline())
+                    assert ev["kind"] == "fdb", ev
+                    if mac in ev["summary"]:
+                        events.append(ev)
+                assert [e["action"] for e in events] == ["new", "del"]
+                assert "dev v1 master mdtbr0 static" in events[0]["summary"]
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(10)
+        assert proc.returncode == 0
+    finally:
+        sh("ip", "-n", netns, "link", "del", "mdtbr0")
+
+
 def test_agent_start_to_serving_and_section_timings_are_reported(netns: str) -> None:
     res = run_cli("snapshot", "--netns", netns, "-o", "json")
     pod = json.loads(res.stdout)["pods"][0]
