@@ -775,7 +775,7 @@ def correlate(
     else:
         first_broken, verdict_by = None, None
     rtt = None
-    if rep and len(rep) > 1:
+    if rep and any(_direction(flow, s.packet) == "return" for s in rep):
         rtt = (rep[-1].ts_ns - rep[0].ts_ns) / 1000.0
     static_broken = static.first_broken
     agrees = (
