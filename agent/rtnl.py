@@ -272,7 +272,11 @@ FRA_SUPPRESS_PREFIXLEN = 14
 FRA_TABLE = 15
 FRA_FWMASK = 16
 FRA_OIFNAME = 17
+FRA_UID_RANGE = 20
 FRA_PROTOCOL = 21
+FRA_IP_PROTO = 22
+FRA_SPORT_RANGE = 23
+FRA_DPORT_RANGE = 24
 
 FIB_RULE_INVERT = 0x2
 RULE_ACTIONS: dict[int, str] = {
@@ -661,3 +665,29 @@ class RtnlSocket:
                 off += (mlen + 3) & ~3
             if len(bodies) > max_messages:
                 raise NetlinkError(f"{what}: more than {max_messages} messages")
+
+
+# IP protocol numbers as iproute2 names them (its names come from /etc/protocols,
+# which an agent image may not have; these are the ones a rule plausibly names).
+IP_PROTO_NAMES = {
+    1: "icmp",
+    2: "igmp",
+    4: "ipencap",
+    6: "tcp",
+    17: "udp",
+    41: "ipv6",
+    47: "gre",
+    50: "esp",
+    51: "ah",
+    58: "ipv6-icmp",
+    89: "ospf",
+    103: "pim",
+    112: "vrrp",
+    132: "sctp",
+    136: "udplite",
+}
+
+
+def ip_proto_name(number: int) -> str:
+    """``ip rule``'s name for an IP protocol number (``ipproto-N`` when it has none)."""
+    return IP_PROTO_NAMES.get(number, f"ipproto-{number}")

@@ -139,6 +139,16 @@ def rule_line(r: pb.Rule) -> str:
         parts += ["iif", r.iif]
     if r.oif:
         parts += ["oif", r.oif]
+    if r.has_uid_range:
+        parts += ["uidrange", f"{r.uid_start}-{r.uid_end}"]
+    if r.ipproto:
+        parts += ["ipproto", r.ipproto]
+    for name, start, end in (
+        ("sport", r.sport_start, r.sport_end),
+        ("dport", r.dport_start, r.dport_end),
+    ):
+        if start or end:
+            parts += [name, str(start) if start == end else f"{start}-{end}"]
     if r.action == "to_tbl":
         parts += ["lookup", TABLE_NAMES.get(r.table, str(r.table))]
     elif r.action == "goto":

@@ -280,6 +280,10 @@ def _rule(rule: pb.Rule) -> Rule:
         iif=rule.iif,
         oif=rule.oif,
         invert=rule.invert,
+        ipproto=rule.ipproto,
+        sport=(rule.sport_start, rule.sport_end) if rule.sport_start or rule.sport_end else None,
+        dport=(rule.dport_start, rule.dport_end) if rule.dport_start or rule.dport_end else None,
+        uid_range=(rule.uid_start, rule.uid_end) if rule.has_uid_range else None,
     )
 
 

@@ -112,6 +112,20 @@ class Rule:
     iif: str = ""
     oif: str = ""
     invert: bool = False
+    ipproto: str = ""  # "" when the rule matches every protocol
+    sport: tuple[int, int] | None = None  # (start, end) port range
+    dport: tuple[int, int] | None = None
+    uid_range: tuple[int, int] | None = None
+
+    @property
+    def selects_transport(self) -> bool:
+        """True when the rule applies to part of the traffic only (ipproto, ports, uids)."""
+        return (
+            bool(self.ipproto)
+            or self.sport is not None
+            or self.dport is not None
+            or (self.uid_range is not None)
+        )
 
     @property
     def is_fwmark_lookup(self) -> bool:
@@ -127,6 +141,7 @@ class Rule:
             and not self.iif
             and not self.oif
             and not self.invert
+            and not self.selects_transport
             and self.action == "lookup"
         )
 
@@ -146,6 +161,14 @@ class Rule:
             parts.append(f"iif {self.iif}")
         if self.oif:
             parts.append(f"oif {self.oif}")
+        if self.uid_range is not None:
+            parts.append(f"uidrange {self.uid_range[0]}-{self.uid_range[1]}")
+        if self.ipproto:
+            parts.append(f"ipproto {self.ipproto}")
+        for name, ports in (("sport", self.sport), ("dport", self.dport)):
+            if ports is not None:
+                lo, hi = ports
+                parts.append(f"{name} {lo}" if lo == hi else f"{name} {lo}-{hi}")
         if self.action == "lookup":
             parts.append(f"lookup {self.table}")
         elif self.action == "goto":

@@ -155,6 +155,16 @@ def rule_text(r: pb.Rule) -> str:
         parts.append(f"iif {r.iif}")
     if r.oif:
         parts.append(f"oif {r.oif}")
+    if r.has_uid_range:
+        parts.append(f"uidrange {r.uid_start}-{r.uid_end}")
+    if r.ipproto:
+        parts.append(f"ipproto {r.ipproto}")
+    for name, start, end in (
+        ("sport", r.sport_start, r.sport_end),
+        ("dport", r.dport_start, r.dport_end),
+    ):
+        if start or end:
+            parts.append(f"{name} {start}" if start == end else f"{name} {start}-{end}")
     if r.action in ("", "to_tbl", "lookup"):
         parts.append(f"lookup {r.table}")
     elif r.action == "goto":

@@ -374,6 +374,14 @@ class Rule(_message.Message):
     TOS_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     HAS_FWMARK_FIELD_NUMBER: _builtins.int
+    IPPROTO_FIELD_NUMBER: _builtins.int
+    SPORT_START_FIELD_NUMBER: _builtins.int
+    SPORT_END_FIELD_NUMBER: _builtins.int
+    DPORT_START_FIELD_NUMBER: _builtins.int
+    DPORT_END_FIELD_NUMBER: _builtins.int
+    HAS_UID_RANGE_FIELD_NUMBER: _builtins.int
+    UID_START_FIELD_NUMBER: _builtins.int
+    UID_END_FIELD_NUMBER: _builtins.int
     family: _builtins.int
     priority: _builtins.int
     src: _builtins.str
@@ -397,6 +405,19 @@ class Rule(_message.Message):
     tos: _builtins.int
     protocol: _builtins.str
     has_fwmark: _builtins.bool
+    ipproto: _builtins.str
+    """Transport selectors (ip rule ipproto/sport/dport/uidrange): a rule with any
+    of these applies to part of the traffic only. Ports: 0/0 when unset, a
+    single port is start == end. ipproto is ip's name (tcp, udp, icmp,
+    ipv6-icmp, gre ...) or "ipproto-N", "" when unset.
+    """
+    sport_start: _builtins.int
+    sport_end: _builtins.int
+    dport_start: _builtins.int
+    dport_end: _builtins.int
+    has_uid_range: _builtins.bool
+    uid_start: _builtins.int
+    uid_end: _builtins.int
     def __init__(
         self,
         *,
@@ -418,10 +439,18 @@ class Rule(_message.Message):
         tos: _builtins.int = ...,
         protocol: _builtins.str = ...,
         has_fwmark: _builtins.bool = ...,
+        ipproto: _builtins.str = ...,
+        sport_start: _builtins.int = ...,
+        sport_end: _builtins.int = ...,
+        dport_start: _builtins.int = ...,
+        dport_end: _builtins.int = ...,
+        has_uid_range: _builtins.bool = ...,
+        uid_start: _builtins.int = ...,
+        uid_end: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dst", b"dst", "dst_len", b"dst_len", "family", b"family", "fwmark", b"fwmark", "fwmask", b"fwmask", "goto", b"goto", "has_fwmark", b"has_fwmark", "iif", b"iif", "invert", b"invert", "oif", b"oif", "priority", b"priority", "protocol", b"protocol", "src", b"src", "src_len", b"src_len", "suppress_prefixlen", b"suppress_prefixlen", "table", b"table", "tos", b"tos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dport_end", b"dport_end", "dport_start", b"dport_start", "dst", b"dst", "dst_len", b"dst_len", "family", b"family", "fwmark", b"fwmark", "fwmask", b"fwmask", "goto", b"goto", "has_fwmark", b"has_fwmark", "has_uid_range", b"has_uid_range", "iif", b"iif", "invert", b"invert", "ipproto", b"ipproto", "oif", b"oif", "priority", b"priority", "protocol", b"protocol", "sport_end", b"sport_end", "sport_start", b"sport_start", "src", b"src", "src_len", b"src_len", "suppress_prefixlen", b"suppress_prefixlen", "table", b"table", "tos", b"tos", "uid_end", b"uid_end", "uid_start", b"uid_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,6 +32,7 @@ Names follow iproute2 (see agent/rtnl.py) so a fidelity test can compare with
 from __future__ import annotations
 
 import socket
+import struct
 
 from meridio_debug.agent import rtnl
 from meridio_debug.agent.rtnl import (
@@ -254,6 +255,23 @@ def fill_rule(out: pb.Rule, body: bytes, names: IfNames) -> None:
     value = get(rtnl.FRA_PROTOCOL)
     if value:
         out.protocol = rtnl.route_protocol_name(value[0])
+    value = get(rtnl.FRA_IP_PROTO)
+    if value:
+        out.ipproto = rtnl.ip_proto_name(value[0])
+    value = get(rtnl.FRA_SPORT_RANGE)
+    if value and len(value) >= 4:
+        out.sport_start, out.sport_end = _PORT_RANGE.unpack_from(value)
+    value = get(rtnl.FRA_DPORT_RANGE)
+    if value and len(value) >= 4:
+        out.dport_start, out.dport_end = _PORT_RANGE.unpack_from(value)
+    value = get(rtnl.FRA_UID_RANGE)
+    if value and len(value) >= 8:
+        out.has_uid_range = True
+        out.uid_start, out.uid_end = _UID_RANGE.unpack_from(value)
+
+
+_PORT_RANGE = struct.Struct("=HH")  # struct fib_rule_port_range
+_UID_RANGE = struct.Struct("=II")  # struct fib_rule_uid_range
 
 
 def fill_address(out: pb.Address, body: bytes, names: IfNames) -> None:

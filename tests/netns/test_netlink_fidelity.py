@@ -280,6 +280,17 @@ def random_config(rng: random.Random) -> tuple[list[str], list[str], list[str]]:
             parts.append("goto 32766" if rng.random() < 0.5 else "lookup main")
         if rng.random() < 0.2:
             parts.append(f"protocol {rng.choice(['static', 'bird', '99', '200'])}")
+        if rng.random() < 0.15:
+            proto = rng.choice(
+                ["tcp", "udp", "sctp", "gre", "200"] + (["icmp"] if family == 4 else [])
+            )
+            parts.append(f"ipproto {proto}")
+            if proto in ("tcp", "udp", "sctp") and rng.random() < 0.7:
+                lo = rng.randint(1, 60000)
+                parts.append(f"dport {lo}" if rng.random() < 0.5 else f"sport {lo}-{lo + 99}")
+        if rng.random() < 0.05:
+            lo = rng.randint(0, 5000)
+            parts.append(f"uidrange {lo}-{lo + rng.randint(0, 100)}")
         line = " ".join(parts)
         if "goto" in line and "pref" not in line:
             line += f" pref {prefs[i]}"
@@ -509,7 +520,18 @@ def our_rule(r: pb.Rule) -> tuple[Any, ...]:
         action,
         r.suppress_prefixlen,
         r.protocol,
+        r.ipproto,
+        (r.sport_start, r.sport_end),
+        (r.dport_start, r.dport_end),
+        (r.uid_start, r.uid_end) if r.has_uid_range else None,
     )
+
+
+def ip_ports(r: dict[str, Any], name: str) -> tuple[int, int]:
+    """ip -j prints a single port as NAME, a range as NAME_start/NAME_end."""
+    if name in r:
+        return int(r[name]), int(r[name])
+    return int(r.get(f"{name}_start", 0)), int(r.get(f"{name}_end", 0))
 
 
 def ip_rule(r: dict[str, Any], family: int) -> tuple[Any, ...]:
@@ -541,6 +563,10 @@ def ip_rule(r: dict[str, Any], family: int) -> tuple[Any, ...]:
         action,
         r.get("suppress_prefixlen", -1),
         r.get("protocol", ""),
+        r.get("ipproto", ""),
+        ip_ports(r, "sport"),
+        ip_ports(r, "dport"),
+        (r["uid_start"], r["uid_end"]) if "uid_start" in r else None,
     )
 
 
@@ -558,6 +584,10 @@ def test_rules_match_ip(ns: str) -> None:
     assert len(snap.rules) > 250
     assert any(r.has_fwmark and r.fwmask == 0xFF00 for r in snap.rules)
     assert any(r.invert for r in snap.rules)
+    assert {"tcp", "udp", "gre", "ipproto-200"} <= {r.ipproto for r in snap.rules}
+    assert any(r.sport_start != r.sport_end for r in snap.rules)
+    assert any(r.dport_start and r.dport_start == r.dport_end for r in snap.rules)
+    assert any(r.has_uid_range for r in snap.rules)
     assert {"to_tbl", "goto", "nop", "blackhole", "unreachable", "prohibit"} <= {
         r.action for r in snap.rules
     }

@@ -152,6 +152,29 @@ def test_proto_is_normalised() -> None:
     assert model.ok("rules", "routes") and not model.ok("nfqlb")
 
 
+def test_rule_transport_selectors_are_kept_and_not_a_plain_source_rule() -> None:
+    """``from VIP ipproto tcp dport 80 lookup T`` steers only part of the VIP's traffic."""
+    snap = pb.Snapshot()
+    snap.rules.add(
+        family=2, priority=100, src="20.0.0.1", src_len=32, table=4096, action="to_tbl",
+        ipproto="tcp", dport_start=80, dport_end=80, sport_start=1000, sport_end=2000,
+        has_uid_range=True, uid_start=0, uid_end=99, suppress_prefixlen=-1,
+    )  # fmt: skip
+    snap.rules.add(
+        family=2, priority=101, src="20.0.0.1", src_len=32, table=4096, action="to_tbl",
+        suppress_prefixlen=-1,
+    )  # fmt: skip
+    selective, plain = snapshot_from_proto("lb-fe-a", "lb-fe", snap).rules
+    assert (selective.ipproto, selective.dport, selective.sport) == ("tcp", (80, 80), (1000, 2000))
+    assert selective.uid_range == (0, 99)
+    assert selective.selects_transport and not selective.is_source_lookup
+    assert str(selective) == (
+        "100: from 20.0.0.1 uidrange 0-99 ipproto tcp sport 1000-2000 dport 80 lookup 4096"
+    )
+    assert plain.is_source_lookup and not plain.selects_transport
+    assert plain.dport is None and plain.uid_range is None
+
+
 def test_nft_json_is_reduced_even_after_a_struct_round_trip() -> None:
     model = snapshot_from_proto("lb", "lb-fe", _snapshot())  # Struct: numbers are floats
     for nft in (model.nft, nft_state_from_json(LB_EXAMPLE_NFT)):
