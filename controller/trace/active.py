@@ -37,7 +37,7 @@ import ipaddress
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import median
 from typing import Any, Final, Literal, cast
 
@@ -797,6 +797,25 @@ def correlate(
             f"replies left through several LBs ({', '.join(lbs_back)}): the proxy's ECMP "
             "choice is per packet hash (a TCP socket's random txhash is kept across veth)"
         )
+    static_back = next(
+        (h.pod for h in static_hops if h.role == "lb-fe" and h.direction == "return"), ""
+    )
+    if len(lbs_back) == 1 and static_back and lbs_back[0] != static_back:
+        why = (
+            " (a TCP reply carries its socket's random hash, kept across veth, not the 5-tuple's)"
+            if flow.proto == "tcp"
+            else ""
+        )
+        notes.append(
+            f"replies left through {lbs_back[0]}; the 5-tuple hash predicted {static_back}{why}"
+        )
+    if lbs_back and static_back and lbs_back != [static_back]:
+        hops = [
+            replace(h, reason=f"{h.reason}; the packets went to {', '.join(lbs_back)}")
+            if h.ok and h.role == "proxy" and h.direction == "return"
+            else h
+            for h in hops
+        ]
     counts = {
         "forward": len(fwd),
         "return": len(ret),

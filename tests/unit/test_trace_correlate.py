@@ -376,3 +376,20 @@ def test_identical_ipv6_udp_replies_are_told_apart_in_time() -> None:
         s += [Sighting(p, n, t + k, kind, fwd) for k, (p, n, kind) in enumerate(FORWARD)]
         s += [Sighting(p, n, t + 500 + k, kind, reply) for k, (p, n, kind) in enumerate(RETURN)]
     assert answered(flow, s, ROLES, run.probes) == {0, 1, 2}
+
+
+def test_replies_through_another_lb_than_the_hash_predicted_are_said() -> None:
+    """TCP replies keep their socket's hash: the row and a note say where they really went."""
+    back = [
+        (pod.replace("lb-fe-a", "lb-fe-b"), iface.replace("ext-lb-fe-a", "ext-lb-fe-b"), kind)
+        for pod, iface, kind in RETURN
+    ]
+    roles = {**ROLES, "lb-fe-b": "lb-fe"}
+    result = correlate(FLOWS[4], sightings(4, back=back), roles, static(4), probe_run(4))
+    assert result.first_broken is None
+    assert any(
+        "replies left through lb-fe-b; the 5-tuple hash predicted lb-fe-a" in n
+        for n in result.notes
+    )
+    (proxy_back,) = [h for h in result.hops if (h.pod, h.direction) == ("proxy-a", "return")]
+    assert proxy_back.reason.endswith("the packets went to lb-fe-b")
