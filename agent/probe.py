@@ -30,8 +30,10 @@ the same packet. The packets are hand-built here (a few struct.pack calls,
 no scapy import: the agent stays fast to start) and placed by the kernel's
 own decision: the RouteGet lookup of the flow (with iif and mark when the
 pod is to act as a forwarder, e.g. an LB with the flow's fwmark) picks the
-egress interface and next hop, the neighbour table gives its MAC, and the
-frame is handed to that interface with an AF_PACKET socket. So the probe
+egress interface and next hop, the neighbour table gives its MAC (when the
+next hop has none yet, the kernel is asked to resolve it, as the first packet
+of real traffic would), and the frame is handed to that interface with an
+AF_PACKET socket. So the probe
 takes exactly the path the flow's packets would take from this pod on,
 including the multipath choice (the lookup carries protocol and ports).
 """
@@ -373,6 +375,42 @@ def neighbour_mac(address: str, dev: str) -> tuple[str, str]:
     return "", state
 
 
+NTF_USE = 0x01
+NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
+RESOLVE_TIMEOUT = 1.5
+
+
+def resolve_neighbour(address: str, dev: str) -> tuple[str, str]:
+    """Have the kernel resolve ``address`` on ``dev`` (ARP/ND), wait for its MAC.
+
+    ``ip neigh replace ADDR dev DEV use``: RTM_NEWNEIGH with NTF_USE makes the
+    kernel treat the entry as used by traffic -- it sends the ARP request or
+    neighbour solicitation it would send for the first packet, and nothing
+    else about the entry changes. Only done while sending probes the user
+    asked for, and only when the next hop has no MAC yet (e.g. an LB that has
+    not sent this target anything since it started).
+    """
+    index = socket.if_nametoindex(dev)
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    header = rtnl.NDMSG.pack(family, index, 0, NTF_USE, 0)
+    attrs = rtnl.pack_attr(rtnl.NDA_DST, ip.packed)
+    flags = rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    with rtnl.RtnlSocket() as sock:
+        sock.sock.sendall(rtnl.build_request(rtnl.RTM_NEWNEIGH, flags, 1, header, attrs))
+        for mtype, mflags, _seq, body in sock.recv_datagram(LOOKUP_TIMEOUT):
+            if mtype == rtnl.NLMSG_ERROR:
+                err, text = rtnl.error_of(body, mflags)
+                if err:
+                    raise rtnl.NetlinkError(f"{os.strerror(err)} {text}".strip(), err)
+    deadline = time.monotonic() + RESOLVE_TIMEOUT
+    while True:
+        mac, state = neighbour_mac(address, dev)
+        if mac or time.monotonic() > deadline:
+            return mac, state
+        time.sleep(0.02)
+
+
 def send_probes(request: ppb.SendProbesRequest) -> ppb.SendProbesReply:
     """Route, address and send the probes (blocking; run it in a worker thread)."""
     reply = ppb.SendProbesReply()
@@ -422,9 +460,15 @@ def send_probes(request: ppb.SendProbesRequest) -> ppb.SendProbesReply:
     except OSError:
         pass
     if has_link_header and not mac:
+        try:
+            mac, state = resolve_neighbour(next_hop, route.dev)
+        except (OSError, rtnl.NetlinkError) as exc:
+            state = f"{state or 'no entry'}; asking the kernel to resolve it failed: {exc}"
+        reply.next_hop_mac = mac
+    if has_link_header and not mac:
         reply.error = (
-            f"{how}: next hop {next_hop} on {route.dev} has no MAC in the neighbour table "
-            f"({state or 'no entry'}); send some traffic there first"
+            f"{how}: next hop {next_hop} on {route.dev} does not answer ARP/ND "
+            f"(neighbour {state or 'no entry'} after {RESOLVE_TIMEOUT:g} s)"
         )
         return reply
     ethertype = ETH_P_IP if version == 4 else ETH_P_IPV6

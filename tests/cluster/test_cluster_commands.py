@@ -144,3 +144,19 @@ def test_trace_with_namespace_follows_the_flow_and_names_a_broken_hop(cluster: C
         "MDB301",
     )
     assert "reusing" in res.stderr and "injecting" not in res.stderr
+
+
+def test_active_trace_with_namespace_probes_from_the_lb(cluster: Cluster) -> None:
+    """No gateway pod: an LB sends the probes with the flow's mark; the packets agree."""
+    flow = "udp 200.100.0.7:40000 -> 20.0.0.1:4000"
+    res = cluster.cli(
+        "trace", "-n", "red", "--image", "agent:trace", "--active", "--probe", "3",
+        "--flow", flow, "-o", "json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    active = doc["active"]
+    assert cluster.server.lab_name[("red", active["target"])] == predict_target(
+        cluster.spec, "200.100.0.7"
+    )
+    assert doc["first_broken"] is None
