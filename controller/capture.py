@@ -65,6 +65,11 @@ class Sink:
     def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
         raise NotImplementedError
 
+    def set_stats_source(
+        self, source: Callable[[], Sequence[tuple[int, int, int, int, int]]]
+    ) -> None:
+        """Where a sink that closes files before the end (rotation) gets interim statistics."""
+
 
 class PcapngSink(Sink):
     def __init__(self, writer: Writer) -> None:
@@ -85,6 +90,11 @@ class PcapngSink(Sink):
 
     def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
         self.writer.close(stats)
+
+    def set_stats_source(
+        self, source: Callable[[], Sequence[tuple[int, int, int, int, int]]]
+    ) -> None:
+        self.writer.stats_source = source
 
 
 class Printer(Sink):
@@ -349,6 +359,7 @@ class Capture:
         pods = self.runtime.pods()
         states = [PodState(p) for p in pods]
         self.merger.states = states
+        self.sink.set_stats_source(lambda: self.isb_stats(states))
         tasks = [asyncio.create_task(self._pod(st, len(states))) for st in states]
         self._tasks = tasks
         if self.options.duration:  # the agents stop themselves; this is the safety net

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -42,6 +42,8 @@ _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 # One packet on its way to a file: (ts_ns, interface id, epb flags, frame, original length)
 Packet = tuple[int, int, int, bytes, int]
+# (ifid, ts_ns, start_ns, received, dropped): one interface's ISB
+Stats = tuple[int, int, int, int, int]
 
 
 def flags_for(pkttype: int) -> int:
@@ -86,11 +88,14 @@ def epb(ts_ns: int, ifid: int, flags: int, frame: bytes, origlen: int) -> bytes:
     )
 
 
-def isb(ifid: int, ts_ns: int, start_ns: int, recv: int, drop: int) -> bytes:
+def isb(ifid: int, ts_ns: int, start_ns: int, recv: int, drop: int | None) -> bytes:
+    """Interface statistics; ``drop`` None when not known yet (the option is left out)."""
     body = struct.pack("<III", ifid, ts_ns >> 32, ts_ns & 0xFFFFFFFF)
     body += _option(2, struct.pack("<II", start_ns >> 32, start_ns & 0xFFFFFFFF))
     body += _option(3, struct.pack("<II", ts_ns >> 32, ts_ns & 0xFFFFFFFF))
-    body += _option(4, struct.pack("<Q", recv)) + _option(5, struct.pack("<Q", drop))
+    body += _option(4, struct.pack("<Q", recv))
+    if drop is not None:
+        body += _option(5, struct.pack("<Q", drop))
     body += _option(0, b"")
     return _block(ISB_TYPE, body)
 
@@ -127,6 +132,11 @@ class Writer:
         self._file_index = -1
         self._size = 0
         self.full = False  # max_bytes reached without rotation: nothing more fits
+        # Interface statistics for a rotated file as it is closed (the last file gets
+        # the final ones from close()); a file then stays within max_bytes with them.
+        self.stats_source: Callable[[], Sequence[Stats]] | None = None
+        self._seen: dict[int, int] = {}  # packets written per interface, for interim ISBs
+        self._first_ns = 0
         self._out: BinaryIO
         self._open_next()
 
@@ -169,28 +179,53 @@ class Writer:
             if self.full or (limit and self.packets + written >= limit):
                 break
             block = epb(ts, ifid, flags, frame, origlen)
-            if self._max_bytes and size + len(block) > self._max_bytes:
+            if self._max_bytes and size + len(block) + self._isb_room() > self._max_bytes:
                 if not self._rotate or self._stream is not None:
                     self.full = True
                     break
                 self._out.write(b"".join(blocks))
                 blocks = []
+                self._out.write(self._interim_stats(ts))
                 self._out.close()
                 self._open_next()
                 size = self._size
             blocks.append(block)
             size += len(block)
             written += 1
+            self._seen[ifid] = self._seen.get(ifid, 0) + 1
+            self._first_ns = self._first_ns or ts
         if blocks:
             self._out.write(b"".join(blocks))
         self._size = size
         self.packets += written
         return written
 
+    def _isb_room(self) -> int:
+        """Bytes kept free for the statistics a rotated file ends with."""
+        if not self._rotate:
+            return 0
+        return len(isb(0, 0, 0, 0, 0)) * len(self.interfaces)
+
+    def _interim_stats(self, now_ns: int) -> bytes:
+        """ISBs for a rotated file: the agents' latest counters, else what was written so far.
+
+        Agents report their counters every second; a file that fills sooner still
+        says how many packets each interface had delivered (drops left out: not known).
+        """
+        stats = list(self.stats_source()) if self.stats_source is not None else []
+        have = {st[0] for st in stats}
+        blocks = [isb(*st) for st in stats]
+        blocks += [
+            isb(ifid, now_ns, self._first_ns, self._seen.get(ifid, 0), None)
+            for ifid in range(len(self.interfaces))
+            if ifid not in have
+        ]
+        return b"".join(blocks)
+
     def flush(self) -> None:
         self._out.flush()
 
-    def close(self, stats: Sequence[tuple[int, int, int, int, int]] = ()) -> None:
+    def close(self, stats: Sequence[Stats] = ()) -> None:
         """Write ISBs ``(ifid, ts_ns, start_ns, recv, drop)`` and close (a stream is only flushed)."""
         self._out.write(b"".join(isb(*s) for s in stats))
         self._out.flush()

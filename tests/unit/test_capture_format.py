@@ -94,6 +94,32 @@ def test_rotation_repeats_interfaces_and_respects_the_size(tmp_path: Path) -> No
         assert [t for t, _ in blocks(data)][:2] == [SHB_TYPE, IDB_TYPE]
 
 
+def test_every_rotated_file_ends_with_statistics(tmp_path: Path) -> None:
+    """Agents' counters when they have reported; else the packets delivered so far, no drops."""
+    w = Writer(str(tmp_path / "s.pcapng"), max_bytes=1500, rotate=9)
+    a = w.add_interface(Interface(1, 65535, "p/a", ""))
+    b = w.add_interface(Interface(1, 65535, "p/b", ""))
+    w.write([(i + 1, i % 2, 1, udp_frame(b"%04d" % i), 50) for i in range(20)])
+    w.stats_source = lambda: [(a, 99, 1, 500, 7)]  # the agent has reported for a only
+    w.write([(i + 1, i % 2, 1, udp_frame(b"%04d" % i), 50) for i in range(20, 40)])
+    w.close([(a, 100, 1, 600, 8), (b, 100, 1, 20, 0)])
+    files = sorted(tmp_path.iterdir())
+    assert len(files) > 2
+    first = files[0].read_bytes()
+    assert len(first) <= 1500
+    isbs = [body for t, body in blocks(first) if t == ISB_TYPE]
+    epbs = [body for t, body in blocks(first) if t == EPB_TYPE]
+    assert len(isbs) == 2  # one per interface
+    for ifid, isb in enumerate(isbs):
+        seen = sum(1 for e in epbs if struct.unpack_from("<I", e)[0] == ifid)
+        assert struct.unpack_from("<I", isb)[0] == ifid
+        assert struct.pack("<HHQ", 4, 8, seen) in isb  # delivered so far (first file)
+        assert struct.pack("<HH", 5, 8) not in isb  # drops: not known yet
+    later = [body for t, body in blocks(files[-2].read_bytes()) if t == ISB_TYPE]
+    assert struct.pack("<HHQ", 4, 8, 500) in later[0] and struct.pack("<HHQ", 5, 8, 7) in later[0]
+    assert struct.unpack_from("<I", later[1])[0] == b and struct.pack("<HH", 5, 8) not in later[1]
+
+
 def test_max_bytes_without_rotation_stops_writing() -> None:
     out = io.BytesIO()
     w = Writer(None, out, max_bytes=1000)
