@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.lab import build_spec, down, predict_target, up
-from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime.local import LocalRuntime
+from meridio_debug.controller.runtime.reuse import ReusingRuntime
 from meridio_debug.controller.session import snapshot_all
 from meridio_debug.controller.trace import parse_flow
 from meridio_debug.controller.trace_active import ActiveOptions, active_trace_async
@@ -44,26 +41,6 @@ from meridio_debug.controller.trace_session import (
 )
 
 LIMIT_MS = 1000.0
-
-
-class Warm:
-    """Agents started once and reused (what a cluster's injected agents give)."""
-
-    def __init__(self, inner: LocalRuntime) -> None:
-        self.inner = inner
-        self.stack = contextlib.AsyncExitStack()
-        self.clients: dict[str, AgentClient] = {}
-
-    def pods(self) -> list[PodRef]:
-        return self.inner.pods()
-
-    @contextlib.asynccontextmanager
-    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
-        client = self.clients.get(pod.name)
-        if client is None:
-            client = await self.stack.enter_async_context(self.inner.open(pod))
-            self.clients[pod.name] = client
-        yield client
 
 
 async def timed(make: Any, repeats: int) -> tuple[float, Any]:
@@ -93,7 +70,7 @@ async def main_async(prefix: str, repeats: int) -> int:
     cold_ms = (time.perf_counter() - start) * 1000.0
     assert cold.results[0].ok, cold.results[0].first_broken
 
-    warm = Warm(runtime)
+    warm = ReusingRuntime(runtime)
     try:
         await trace_async(warm, one, config)  # start the agents
         base_ms, _ = await timed(lambda: snapshot_all(warm, TRACE_SECTIONS), repeats)
@@ -106,7 +83,7 @@ async def main_async(prefix: str, repeats: int) -> int:
             lambda: active_trace_async(warm, one[0], config, probe), max(3, repeats // 2)
         )
     finally:
-        await warm.stack.aclose()
+        await warm.aclose()
     start = time.perf_counter()
     cold_active = await active_trace_async(runtime, one[0], config, probe)
     cold_active_ms = (time.perf_counter() - start) * 1000.0

@@ -17,20 +17,19 @@ and ``collect``/``--from``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from warm import WarmRuntime
 
 from meridio_debug.controller import cli
 from meridio_debug.controller.analysis import AnalysisResult, Severity
@@ -55,45 +54,6 @@ Problems = set[tuple[str, str]]
 
 
 # --------------------------------------------------------------------------- warm agents
-
-
-class WarmRuntime:
-    """The lab's runtime with each pod's agent started once and reused.
-
-    ``LocalRuntime.open`` starts and stops an agent per call; the module
-    analyses the lab ~60 times, so agents are entered once on a private event
-    loop (gRPC aio channels belong to one loop) and closed at teardown.
-    """
-
-    def __init__(self, inner: LocalRuntime) -> None:
-        self.inner = inner
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stack = contextlib.AsyncExitStack()
-        self.clients: dict[str, AgentClient] = {}
-        self.lock = asyncio.Lock()
-
-    def pods(self) -> list[PodRef]:
-        return self.inner.pods()
-
-    @contextlib.asynccontextmanager
-    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
-        client = self.clients.get(pod.name)
-        if client is None:
-            client = await self.stack.enter_async_context(self.inner.open(pod))
-            self.clients[pod.name] = client
-        yield client
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.stack.aclose(), timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Lab:

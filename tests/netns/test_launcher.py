@@ -8,7 +8,6 @@ killed), a failing agent reported as a hang or a traceback.
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import os
 import select
@@ -18,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,8 +81,10 @@ def test_each_agent_serves_from_its_own_namespace(namespaces: list[str]) -> None
     assert not any(alive(p) for p in pids)  # all stopped when the command is done
 
 
-def test_an_agent_that_fails_is_one_line_with_its_reason(namespaces: list[str]) -> None:
-    before = set(glob.glob("/tmp/meridio-debug-agent-*"))
+def test_an_agent_that_fails_is_one_line_with_its_reason(
+    namespaces: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the agent's workdir goes
     runtime = LocalRuntime([pod(namespaces[0])], idle_timeout=-1, start_timeout=10)
 
     async def go() -> None:
@@ -94,7 +96,7 @@ def test_an_agent_that_fails_is_one_line_with_its_reason(namespaces: list[str]) 
     message = str(info.value)
     assert "agent exited with code 2 before serving" in message
     assert "--idle-timeout must be >= 0" in message and "\n" not in message
-    assert set(glob.glob("/tmp/meridio-debug-agent-*")) == before
+    assert list(tmp_path.iterdir()) == []  # its socket directory is gone
 
 
 def test_a_launcher_that_cannot_start_is_one_line(namespaces: list[str]) -> None:
@@ -210,3 +212,24 @@ def test_bad_requests_get_an_error_and_the_launcher_goes_on(namespaces: list[str
                 assert "expected unix:/path/to/agent.sock" in f.read()
     finally:
         launcher.close()
+
+
+def test_reusing_runtime_starts_one_agent_per_pod_and_stops_it(namespaces: list[str]) -> None:
+    from meridio_debug.controller.runtime.reuse import ReusingRuntime
+
+    async def go() -> tuple[set[int], list[int]]:
+        async with ReusingRuntime(LocalRuntime([pod(n) for n in namespaces[:2]])) as runtime:
+
+            async def pid_of(p: PodRef) -> int:
+                async with runtime.open(p) as client:
+                    return (await client.get_info()).pid
+
+            # four callers per pod at once, then again: still one agent each
+            first = await asyncio.gather(*(pid_of(p) for p in runtime.pods() for _ in range(4)))
+            again = await asyncio.gather(*(pid_of(p) for p in runtime.pods()))
+            assert set(again) <= set(first)
+            return set(first), list(first)
+
+    pids, _ = asyncio.run(go())
+    assert len(pids) == 2
+    assert not any(alive(p) for p in pids)

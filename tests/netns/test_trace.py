@@ -22,6 +22,7 @@ import pytest
 from trace_lab import BREAKS, FLOWS, Lab, running_lab
 
 from meridio_debug.controller import cli
+from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.lab import traffic
 from meridio_debug.protos import probe_pb2 as ppb
 from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
@@ -139,12 +140,11 @@ def test_cli_json_contract_and_usage(lab: Lab, capsys: pytest.CaptureFixture[str
 
 def test_route_get_rpc_bad_input(lab: Lab) -> None:
     async def ask() -> None:
-        client = lab.runtime.clients.get("lb-fe-a")
-        if client is None:
-            await lab.runtime.stack.enter_async_context(
-                lab.runtime.open(next(p for p in lab.runtime.pods() if p.name == "lb-fe-a"))
-            )
-            client = lab.runtime.clients["lb-fe-a"]
+        lb = next(p for p in lab.runtime.pods() if p.name == "lb-fe-a")
+        async with lab.runtime.open(lb) as client:
+            await use(client)
+
+    async def use(client: AgentClient) -> None:
         [res] = await client.route_get([ppb.RouteQuery(id="x", dst="20.0.0.1", iif="nope0")])
         assert not res.ok and res.errno == 19 and "nope0" in res.error
         stub = ppb_grpc.ProbeStub(client._channel)

@@ -9,57 +9,21 @@ breaks as ``(pod, direction, code)``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-from meridio_debug.controller.client import AgentClient
+from warm import WarmRuntime
+
 from meridio_debug.controller.lab import build_spec, down, up
 from meridio_debug.controller.lab.spec import LabSpec
 from meridio_debug.controller.lab.state import bird_paths, state_dir
-from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime.local import LocalRuntime
 from meridio_debug.controller.trace import TraceResult, parse_flow
 from meridio_debug.controller.trace_active import ActiveOptions, ActiveRun, active_trace_async
 from meridio_debug.controller.trace_session import lab_trace_source, trace_async
-
-
-class WarmRuntime:
-    """The lab's runtime with each pod's agent started once, on a private loop."""
-
-    def __init__(self, inner: LocalRuntime) -> None:
-        self.inner = inner
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stack = contextlib.AsyncExitStack()
-        self.clients: dict[str, AgentClient] = {}
-
-    def pods(self) -> list[PodRef]:
-        return self.inner.pods()
-
-    @contextlib.asynccontextmanager
-    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
-        client = self.clients.get(pod.name)
-        if client is None:
-            client = await self.stack.enter_async_context(self.inner.open(pod))
-            self.clients[pod.name] = client
-        yield client
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.stack.aclose(), timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def run(argv: list[str]) -> str:
