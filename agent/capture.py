@@ -499,6 +499,11 @@ class CaptureSession:
         self._outbox = outbox
         self._on_done = on_done
         self._stop = threading.Event()
+        # stop() wakes the capture thread's poll at once (a stop answers in ~the
+        # kernel's block timeout, not after the next poll timeout)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # never write to the pipe once it is closed
+        self._wake_open = True
         self.end_reason = ""
         self.packets = 0
         self.bytes = 0
@@ -528,6 +533,18 @@ class CaptureSession:
         if not self.end_reason:
             self.end_reason = reason
         self._stop.set()
+        with self._wake_lock:
+            if self._wake_open:
+                with contextlib.suppress(BlockingIOError):  # full: already woken
+                    os.write(self._wake_w, b"x")
+
+    def close_wakeup(self) -> None:
+        """Close the stop pipe (the capture thread's end, or a session never started)."""
+        with self._wake_lock:
+            if self._wake_open:
+                self._wake_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def start_chunk(self) -> pb.CaptureChunk:
         p = self.plan
@@ -580,6 +597,7 @@ class CaptureSession:
                 with contextlib.suppress(OSError):
                     ring.read_stats()
                 ring.close()
+            self.close_wakeup()
             self._outbox.offer(None, 0, force=True)
             self._on_done()
 
@@ -589,6 +607,7 @@ class CaptureSession:
         poller = select.poll()
         for ring in self.rings:
             poller.register(ring.sock.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self._wake_r, select.POLLIN)
         last_sent = last_stats = time.monotonic()
         draining_until = 0.0
         while True:
@@ -598,6 +617,7 @@ class CaptureSession:
                     self.stop("duration")
                 # Blocks still being filled are retired by the kernel's timer: wait for them.
                 draining_until = now + 2 * BLOCK_TIMEOUT_MS / 1000 + 0.03
+                poller.unregister(self._wake_r)  # woken once; now only the rings matter
             if draining_until and now >= draining_until:
                 self._drain_once()
                 return
@@ -616,7 +636,10 @@ class CaptureSession:
                 batch = pb.PacketBatch(watermark_ns=self.watermark_ns)
                 self._outbox.offer(pb.CaptureChunk(batch=batch), 64)
                 last_sent = now
-            poller.poll(50 if draining_until else 100)
+            if draining_until:
+                poller.poll(max(1, int((draining_until - time.monotonic()) * 1000)))
+            else:
+                poller.poll(100)
 
     def _drain_once(self) -> bool:
         """Read every retired block of every ring into one or more batches; True if any."""
@@ -745,3 +768,4 @@ class Registry:
             else:
                 for ring in session.rings:
                     ring.close()
+                session.close_wakeup()
