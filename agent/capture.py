@@ -152,6 +152,12 @@ _pcap_lock = threading.Lock()
 _pcap: ctypes.CDLL | None = None
 
 
+def preload_libpcap() -> None:
+    """Load libpcap now if it is there (a process that forks agents does it once for all)."""
+    with contextlib.suppress(CaptureUnavailable):
+        _libpcap()
+
+
 def _libpcap() -> ctypes.CDLL:
     global _pcap
     if _pcap is not None:

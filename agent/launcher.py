@@ -69,6 +69,10 @@ def preload() -> None:
     )
     from meridio_debug.protos import agent_pb2_grpc, probe_pb2_grpc  # noqa: F401
 
+    # libpcap (the capture filter compiler) is found with ldconfig/gcc subprocesses:
+    # once here rather than in every agent's first capture. Absent: that agent says so.
+    capture.preload_libpcap()
+
 
 def child(netns_fd: int, log_path: str, args: Sequence[str]) -> int:
     """In the forked child: detach, redirect, join the namespace, run the agent."""
