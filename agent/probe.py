@@ -376,7 +376,6 @@ def neighbour_mac(address: str, dev: str) -> tuple[str, str]:
 
 
 NTF_USE = 0x01
-NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
 RESOLVE_TIMEOUT = 1.5
 
 
@@ -395,7 +394,7 @@ def resolve_neighbour(address: str, dev: str) -> tuple[str, str]:
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     header = rtnl.NDMSG.pack(family, index, 0, NTF_USE, 0)
     attrs = rtnl.pack_attr(rtnl.NDA_DST, ip.packed)
-    flags = rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    flags = rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK | rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE
     with rtnl.RtnlSocket() as sock:
         sock.sock.sendall(rtnl.build_request(rtnl.RTM_NEWNEIGH, flags, 1, header, attrs))
         for mtype, mflags, _seq, body in sock.recv_datagram(LOOKUP_TIMEOUT):

@@ -262,6 +262,11 @@ def _address(addr: pb.Address) -> Address:
     )
 
 
+def rule_from_proto(rule: pb.Rule) -> Rule:
+    """One rule, as the snapshot conversion makes it (for printing a rule on its own)."""
+    return _rule(rule)
+
+
 def _rule(rule: pb.Rule) -> Rule:
     family = _family(rule.family, rule.src, rule.dst)
     action = _RULE_ACTIONS.get(rule.action.strip().lower(), rule.action.strip().lower())
@@ -284,6 +289,7 @@ def _rule(rule: pb.Rule) -> Rule:
         sport=(rule.sport_start, rule.sport_end) if rule.sport_start or rule.sport_end else None,
         dport=(rule.dport_start, rule.dport_end) if rule.dport_start or rule.dport_end else None,
         uid_range=(rule.uid_start, rule.uid_end) if rule.has_uid_range else None,
+        goto=rule.goto,
     )
 
 

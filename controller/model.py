@@ -116,6 +116,7 @@ class Rule:
     sport: tuple[int, int] | None = None  # (start, end) port range
     dport: tuple[int, int] | None = None
     uid_range: tuple[int, int] | None = None
+    goto: int = 0  # the target priority of a goto rule
 
     @property
     def selects_transport(self) -> bool:
@@ -146,6 +147,11 @@ class Rule:
         )
 
     def __str__(self) -> str:
+        prefix = "" if self.family == 4 else "-6 "
+        return f"{prefix}{self.priority}: {self.body()}"
+
+    def body(self) -> str:
+        """The selectors and the action, as ``ip rule`` prints them after the priority."""
         parts: list[str] = []
         if self.invert:
             parts.append("not")
@@ -172,11 +178,10 @@ class Rule:
         if self.action == "lookup":
             parts.append(f"lookup {self.table}")
         elif self.action == "goto":
-            parts.append(f"goto {self.table}")
+            parts.append(f"goto {self.goto}")
         else:
             parts.append(self.action)
-        prefix = "" if self.family == 4 else "-6 "
-        return f"{prefix}{self.priority}: {' '.join(parts)}"
+        return " ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

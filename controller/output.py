@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from meridio_debug.controller.convert import rule_from_proto
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.protos import agent_pb2 as pb
 
@@ -138,40 +139,8 @@ def _columns(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
 
 
 def rule_text(r: pb.Rule) -> str:
-    parts = [f"{r.priority}:"]
-    if r.invert:
-        parts.append("not")
-    parts.append(
-        f"from {r.src}/{r.src_len}"
-        if r.src and r.src_len not in (32, 128)
-        else f"from {r.src or 'all'}"
-    )
-    if r.dst:
-        parts.append(f"to {r.dst}/{r.dst_len}")
-    if r.has_fwmark or r.fwmark:
-        mask = f"/{r.fwmask:#x}" if r.fwmask not in (0, 0xFFFFFFFF) else ""
-        parts.append(f"fwmark {r.fwmark:#x}{mask}")
-    if r.iif:
-        parts.append(f"iif {r.iif}")
-    if r.oif:
-        parts.append(f"oif {r.oif}")
-    if r.has_uid_range:
-        parts.append(f"uidrange {r.uid_start}-{r.uid_end}")
-    if r.ipproto:
-        parts.append(f"ipproto {r.ipproto}")
-    for name, start, end in (
-        ("sport", r.sport_start, r.sport_end),
-        ("dport", r.dport_start, r.dport_end),
-    ):
-        if start or end:
-            parts.append(f"{name} {start}" if start == end else f"{name} {start}-{end}")
-    if r.action in ("", "to_tbl", "lookup"):
-        parts.append(f"lookup {r.table}")
-    elif r.action == "goto":
-        parts.append(f"goto {r.goto}")
-    else:
-        parts.append(r.action)
-    return " ".join(parts)
+    """``PRIORITY: selectors action``, the model's rendering (one way to print a rule)."""
+    return f"{r.priority}: {rule_from_proto(r).body()}"
 
 
 def route_text(r: pb.Route) -> str:

@@ -175,6 +175,16 @@ def test_rule_transport_selectors_are_kept_and_not_a_plain_source_rule() -> None
     assert plain.dport is None and plain.uid_range is None
 
 
+def test_goto_rule_prints_its_target_and_the_table_uses_the_same_text() -> None:
+    from meridio_debug.controller.output import rule_text
+
+    rule = pb.Rule(family=2, priority=50, fwmark=7, fwmask=0xFFFFFFFF, has_fwmark=True,
+                   action="goto", goto=32766, suppress_prefixlen=-1)  # fmt: skip
+    model = snapshot_from_proto("lb-fe-a", "lb-fe", pb.Snapshot(rules=[rule])).rules[0]
+    assert str(model) == "50: from all fwmark 0x7 goto 32766"
+    assert rule_text(rule) == "50: from all fwmark 0x7 goto 32766"
+
+
 def test_nft_json_is_reduced_even_after_a_struct_round_trip() -> None:
     model = snapshot_from_proto("lb", "lb-fe", _snapshot())  # Struct: numbers are floats
     for nft in (model.nft, nft_state_from_json(LB_EXAMPLE_NFT)):
