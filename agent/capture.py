@@ -9,8 +9,13 @@ Why this shape (design.md, "Capture engine (measured on this machine)"):
   sniffer dissects every packet (100x slower); neither is used here.
 - The filter runs in the kernel (SO_ATTACH_FILTER), compiled by libpcap through
   ctypes (no C extension, no scapy import: the agent starts in well under a
-  second and a capture starts in milliseconds). The compiled program also
-  returns the snap length, so truncation happens in the kernel too.
+  second). The compiled program also returns the snap length, so truncation
+  happens in the kernel too. libpcap's compile cost grows about quadratically
+  with the expression (a 100 KB ``udp or udp or ...`` took 35 s and 5.5 GB), so
+  a filter is at most MAX_FILTER_CHARS printable characters and is compiled
+  once per link type, off the event loop, in a child process (``python -I -S``,
+  ~20 ms) limited to COMPILE_MEMORY bytes of address space and COMPILE_SECONDS:
+  a filter that would cost more is INVALID_ARGUMENT, and the agent never pays.
 - The socket is created with protocol 0 (it receives nothing), gets its ring
   and filter, and only then is bound with ETH_P_ALL: no unfiltered packet can
   slip in before the filter is attached.
@@ -22,6 +27,11 @@ Why this shape (design.md, "Capture engine (measured on this machine)"):
   kernel drops`` holds exactly.
 - Every capture is bounded: duration, packets and bytes have agent defaults
   (1 h, unlimited, 1 GiB) and hard maximums; the request may only lower them.
+- Memory is bounded per agent: at most MAX_CAPTURES captures at once (one more
+  is RESOURCE_EXHAUSTED), each with RING_BYTES of rings in total however many
+  interfaces it names (smaller blocks per ring when there are many) and
+  QUEUE_BYTES of queue: MAX_CAPTURES x 48 MiB = 384 MiB above the agent's
+  baseline at worst.
 
 A failing capture ends its own stream with a status; it never takes the agent
 down (an ephemeral container is never restarted).
@@ -39,6 +49,8 @@ import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -59,6 +71,11 @@ MAX_POINTS = 64  # sockets per capture (one per named interface)
 
 RING_BYTES = 32 << 20  # per capture, shared by its sockets
 BLOCK_SIZE = 1 << 20
+MIN_BLOCK_SIZE = 128 << 10  # holds a 64 KiB GRO packet; used when many interfaces share
+MAX_CAPTURES = 8  # at once, per agent
+MAX_FILTER_CHARS = 4096
+COMPILE_MEMORY = 256 << 20  # address space of the compiling child
+COMPILE_SECONDS = 3.0
 MIN_BLOCKS = 4
 FRAME_SIZE = 2048  # only validated by the kernel for TPACKET_V3
 BLOCK_TIMEOUT_MS = 20  # a partly filled block is handed over after this
@@ -125,6 +142,10 @@ class CaptureUnavailable(CaptureError):
     """The capture engine cannot run here (no libpcap, no CAP_NET_RAW): UNAVAILABLE."""
 
 
+class TooManyCaptures(CaptureError):
+    """MAX_CAPTURES captures already run in this agent: RESOURCE_EXHAUSTED."""
+
+
 # --- libpcap (filter compiler only) -------------------------------------------------
 
 
@@ -189,14 +210,87 @@ def _libpcap() -> ctypes.CDLL:
     return lib
 
 
+# Run as ``python -I -S -c`` (no site, no project import: ~20 ms): limits itself,
+# loads libpcap, compiles stdin, writes the program to stdout; exit 2 + message
+# on stderr for a filter libpcap refuses.
+_COMPILE_CHILD = """
+import ctypes, resource, sys
+lib_name, linktype, snaplen, mem, cpu = sys.argv[1], *map(int, sys.argv[2:])
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+expr = sys.stdin.buffer.read()
+class Prog(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.c_void_p)]
+lib = ctypes.CDLL(lib_name)
+lib.pcap_open_dead.restype = ctypes.c_void_p
+lib.pcap_compile.argtypes = [ctypes.c_void_p, ctypes.POINTER(Prog), ctypes.c_char_p,
+                             ctypes.c_int, ctypes.c_uint32]
+lib.pcap_geterr.restype = ctypes.c_char_p
+lib.pcap_geterr.argtypes = [ctypes.c_void_p]
+handle = lib.pcap_open_dead(linktype, snaplen)
+prog = Prog()
+if lib.pcap_compile(handle, ctypes.byref(prog), expr, 1, 0xFFFFFFFF):
+    sys.stderr.buffer.write(lib.pcap_geterr(handle) or b"rejected")
+    sys.exit(2)
+sys.stdout.buffer.write(ctypes.string_at(prog.bf_insns, prog.bf_len * 8))
+"""
+
+
+def check_filter(expr: str) -> None:
+    """Refuse a filter that is too long or has characters no pcap-filter has (before compiling)."""
+    if len(expr) > MAX_FILTER_CHARS:
+        raise InvalidCapture(
+            f"the filter has {len(expr)} characters; at most {MAX_FILTER_CHARS} "
+            "(a long filter costs the agent memory and time to compile)"
+        )
+    if not expr.isprintable() or not expr.isascii():
+        raise InvalidCapture("the filter has control or non-ASCII characters (a NUL, a newline...)")
+
+
 def compile_filter(
     expr: str, linktype: int = LINKTYPE_ETHERNET, snaplen: int = DEFAULT_SNAPLEN
 ) -> bytes:
-    """Compile a pcap-filter expression to classic BPF (struct sock_filter[] bytes).
+    """Compile a pcap-filter expression to classic BPF (struct sock_filter[] bytes), bounded.
 
-    The program returns ``snaplen`` for accepted packets, so the kernel also
-    truncates. Raises InvalidCapture with libpcap's own message.
+    Blocking (a child process): call it from a worker thread. The program
+    returns ``snaplen`` for accepted packets, so the kernel also truncates.
+    Raises InvalidCapture with libpcap's own message, or when compiling would
+    cost more than COMPILE_MEMORY bytes or COMPILE_SECONDS.
     """
+    check_filter(expr)
+    if not expr.strip():
+        return compile_in_process("", linktype, snaplen)  # the empty filter: accept all
+    lib = _libpcap()
+    argv = [
+        sys.executable, "-I", "-S", "-c", _COMPILE_CHILD,
+        str(lib._name), str(linktype), str(snaplen), str(COMPILE_MEMORY),
+        str(int(COMPILE_SECONDS) + 1),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            argv, input=expr.encode(), capture_output=True, timeout=COMPILE_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise InvalidCapture(
+            f"the filter takes more than {COMPILE_SECONDS:g} s to compile; simplify it"
+        ) from None
+    except OSError as exc:
+        raise CaptureUnavailable(f"cannot run the filter compiler: {exc}") from exc
+    if done.returncode == 2:
+        message = done.stderr.decode(errors="replace")[:200]
+        raise InvalidCapture(f"invalid filter: {message}")
+    if done.returncode != 0 or not done.stdout or len(done.stdout) % 8:
+        raise InvalidCapture(
+            f"the filter costs more than {COMPILE_MEMORY >> 20} MiB or "
+            f"{COMPILE_SECONDS:g} s to compile (compiler exit {done.returncode}); simplify it"
+        )
+    return done.stdout
+
+
+def compile_in_process(
+    expr: str, linktype: int = LINKTYPE_ETHERNET, snaplen: int = DEFAULT_SNAPLEN
+) -> bytes:
+    """Compile in this process: only for expressions whose cost is known to be tiny."""
     lib = _libpcap()
     with _pcap_lock:
         handle = lib.pcap_open_dead(linktype, snaplen)
@@ -206,7 +300,7 @@ def compile_filter(
             prog = _BpfProgram()
             if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, PCAP_NETMASK_UNKNOWN):
                 message = (lib.pcap_geterr(handle) or b"").decode(errors="replace")
-                raise InvalidCapture(f"invalid filter {expr!r}: {message}")
+                raise InvalidCapture(f"invalid filter: {message}")
             try:
                 return ctypes.string_at(prog.bf_insns, prog.bf_len * 8)
             finally:
@@ -257,6 +351,7 @@ class Point:
 class Plan:
     points: tuple[Point, ...]
     filter: str
+    programs: dict[int, bytes]  # linktype -> compiled filter, compiled once
     snaplen: int
     duration_s: float
     max_packets: int
@@ -274,6 +369,7 @@ def plan(request: pb.CaptureRequest) -> Plan:
         raise InvalidCapture(
             f"duration_s must be between 0 and {MAX_DURATION_S:.0f} (0: {DEFAULT_DURATION_S:.0f})"
         )
+    check_filter(request.filter)
     if request.max_bytes > MAX_BYTES:
         raise InvalidCapture(f"max_bytes must be at most {MAX_BYTES} (0: {DEFAULT_MAX_BYTES})")
     names = list(dict.fromkeys(request.interfaces))
@@ -295,11 +391,13 @@ def plan(request: pb.CaptureRequest) -> Plan:
         points = tuple(Point(n, by_name[n], interface_linktype(n)) for n in names)
     snaplen = request.snaplen or DEFAULT_SNAPLEN
     # Compile once per link type now, so a bad filter is INVALID_ARGUMENT before any socket.
-    for linktype in {p.linktype for p in points}:
-        compile_filter(request.filter, linktype, snaplen)
+    programs = {
+        lt: compile_filter(request.filter, lt, snaplen) for lt in {p.linktype for p in points}
+    }
     return Plan(
         points=points,
         filter=request.filter,
+        programs=programs,
         snaplen=snaplen,
         duration_s=request.duration_s or DEFAULT_DURATION_S,
         max_packets=request.max_packets,
@@ -316,7 +414,9 @@ class Ring:
 
     def __init__(self, point: Point, program: bytes, ring_bytes: int) -> None:
         self.point = point
-        self.block_nr = max(MIN_BLOCKS, ring_bytes // BLOCK_SIZE)
+        # Blocks shrink (to MIN_BLOCK_SIZE) before the ring outgrows its share.
+        self.block_size = max(MIN_BLOCK_SIZE, min(BLOCK_SIZE, ring_bytes // MIN_BLOCKS))
+        self.block_nr = max(MIN_BLOCKS, ring_bytes // self.block_size)
         self.kernel_packets = 0
         self.kernel_drops = 0
         self._next = 0
@@ -331,14 +431,14 @@ class Ring:
             insns = ctypes.create_string_buffer(program, len(program))
             fprog = _SockFprog(len(program) // 8, ctypes.addressof(insns))
             self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
-            frames = BLOCK_SIZE // FRAME_SIZE * self.block_nr
+            frames = self.block_size // FRAME_SIZE * self.block_nr
             req = struct.pack(
-                "<7I", BLOCK_SIZE, self.block_nr, FRAME_SIZE, frames, BLOCK_TIMEOUT_MS, 0, 0
+                "<7I", self.block_size, self.block_nr, FRAME_SIZE, frames, BLOCK_TIMEOUT_MS, 0, 0
             )
             self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
             self.mm = mmap.mmap(
                 self.sock.fileno(),
-                BLOCK_SIZE * self.block_nr,
+                self.block_size * self.block_nr,
                 mmap.MAP_SHARED,
                 mmap.PROT_READ | mmap.PROT_WRITE,
             )
@@ -366,7 +466,7 @@ class Ring:
         total = 0
         mm = self.mm
         while total < limit_bytes:
-            off = self._next * BLOCK_SIZE
+            off = self._next * self.block_size
             status, _, _, blk_len = _BLOCK.unpack_from(mm, off + _BLOCK_STATUS_OFF)
             if not status & TP_STATUS_USER:
                 break
@@ -518,12 +618,11 @@ class CaptureSession:
         self.per_if_drops: Counter[int] = Counter()
         self.known = {i for i, _ in p.interfaces}
         self.watermark_ns = 0
-        ring_bytes = max(MIN_BLOCKS * BLOCK_SIZE, RING_BYTES // len(p.points))
+        ring_bytes = RING_BYTES // len(p.points)
         self.rings: list[Ring] = []
         try:
             for point in p.points:
-                program = compile_filter(p.filter, point.linktype, p.snaplen)
-                self.rings.append(Ring(point, program, ring_bytes))
+                self.rings.append(Ring(point, p.programs[point.linktype], ring_bytes))
         except BaseException:
             for ring in self.rings:
                 ring.close()
@@ -722,8 +821,10 @@ class CaptureSession:
 class Registry:
     """Running captures by id, for StopCapture."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_CAPTURES) -> None:
         self._sessions: dict[str, CaptureSession] = {}
+        self._limit = limit
+        self._running = 0  # also counts captures still compiling their filter
 
     def stop(self, capture_id: str) -> bool:
         session = self._sessions.get(capture_id)
@@ -738,6 +839,18 @@ class Registry:
         Whatever ends the stream (limits, StopCapture, the client going away),
         the thread is stopped and joined and the sockets closed before this returns.
         """
+        if self._running >= self._limit:
+            raise TooManyCaptures(
+                f"{self._limit} captures already run in this agent; stop one, or try again later"
+            )
+        self._running += 1
+        try:
+            async for chunk in self._run(request):
+                yield chunk
+        finally:
+            self._running -= 1
+
+    async def _run(self, request: pb.CaptureRequest) -> AsyncGenerator[pb.CaptureChunk, None]:
         p = await asyncio.to_thread(plan, request)
         loop = asyncio.get_running_loop()
         outbox = Outbox(loop, QUEUE_BYTES)

@@ -1,10 +1,14 @@
 """``meridio-debug-agent``: start the agent's gRPC server.
 
-Listening is deliberately narrow: a unix socket, or TCP on a loopback address
-(reached through the API server's port-forward). Any other TCP address needs
-mutual TLS (``--tls-client-ca``/``--tls-client-ca-env``; agent/tls.py says
-why the agent makes its own key), because the agent exposes a pod's whole
-network state.
+Listening is deliberately narrow, and every client is authenticated: the
+agent can capture and send packets, so no other process may use it. A unix
+socket must be in a private directory (0700, ours) and is created with umask
+077, so it is never connectable by others, not even for an instant. TCP, on
+loopback (reached through the API server's port-forward) as on any other
+address, always needs mutual TLS (``--tls-client-ca``/``--tls-client-ca-env``;
+agent/tls.py says why the agent makes its own key): every container of a pod
+shares its loopback, and an application container must not get packet
+capture and injection by talking to our agent.
 
 The agent exits on its own after ``--idle-timeout`` seconds without a call, so
 an injected ephemeral container (which can never be removed) does not linger
@@ -30,8 +34,12 @@ import grpc
 
 from meridio_debug.agent import version
 from meridio_debug.agent.errors import ListenError
+from meridio_debug.agent.guard import RequestGuard
 
 log = logging.getLogger("meridio_debug.agent")
+
+MAX_REQUEST_BYTES = 1 << 20  # our largest request (4096 route queries) is far smaller
+MAX_CONCURRENT_RPCS = 64
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,20 @@ def check_unix_path(path: str) -> None:
     A stale socket (left by a killed agent) refuses connections; replacing it is
     safe. A live one belongs to another agent, and anything else is not ours.
     """
+    parent = os.path.dirname(path) or "/"
+    try:
+        pst = os.stat(parent)
+    except OSError:
+        raise ListenError(f"cannot listen on {path}: directory {parent} does not exist") from None
+    if pst.st_uid != os.geteuid() or pst.st_mode & 0o077:
+        raise ListenError(
+            f"cannot listen on {path}: directory {parent} is not private (mode "
+            f"{stat.S_IMODE(pst.st_mode):o}, uid {pst.st_uid}); other users could connect; "
+            "use a 0700 directory of this user"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        parent = os.path.dirname(path) or "/"
-        if not os.path.isdir(parent):
-            raise ListenError(
-                f"cannot listen on {path}: directory {parent} does not exist"
-            ) from None
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ListenError(
@@ -171,18 +185,24 @@ async def serve(address: ListenAddress, idle_timeout: float, tls: TlsConfig | No
 
     if address.scheme == "unix":
         check_unix_path(address.path)
-    elif tls is None and not ipaddress.ip_address(address.host).is_loopback:
+        os.umask(0o077)  # the socket is 0600 from its creation: no window before a chmod
+    elif tls is None:
         raise ListenError(
-            f"refusing to listen on {address.host} without mutual TLS: the agent exposes the pod's "
-            "network state; listen on 127.0.0.1/::1 (reached by port-forward) or a unix socket"
+            f"refusing to listen on tcp {address.host} without mutual TLS: any process that "
+            "reaches it (on loopback: every container of the pod) could capture and send "
+            "packets; give --tls-client-ca/--tls-client-ca-env, or listen on a unix socket"
         )
     activity = Activity()
     service = AgentService(default_collectors, watcher_factory(), activity)
     server = grpc.aio.server(
+        interceptors=[RequestGuard()],
+        # Beyond this many RPCs at once grpc answers RESOURCE_EXHAUSTED itself.
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-        ]
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
+        ],
     )
     pb_grpc.add_AgentServicer_to_server(service, server)
     add_probe_service(server, activity)
@@ -234,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--listen",
         required=True,
-        help="unix:/path/agent.sock or tcp:127.0.0.1:PORT (loopback only without mTLS)",
+        help="unix:/private-dir/agent.sock (a 0700 directory) or tcp:HOST:PORT (needs mTLS)",
     )
     parser.add_argument(
         "--idle-timeout",

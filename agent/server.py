@@ -9,7 +9,9 @@ dead agent means a pod nobody can debug any more.
 Limits: every stream is bounded (duration and event count), and the event
 queue between the watcher thread and the stream is bounded; when a slow client
 lets it fill, events are dropped and the next delivered event carries
-``overflow=true``.
+``overflow=true``. At most MAX_WATCHES watches and capture.MAX_CAPTURES
+captures run at once; one more is RESOURCE_EXHAUSTED (what bounds the agent's
+memory: see capture.py). Every request has passed agent/guard.py first.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 WATCH_KINDS = ("link", "address", "route", "rule", "neighbour", "fdb")
 MAX_WATCH_SECONDS = 24 * 3600.0
 EVENT_QUEUE_SIZE = 10_000
+MAX_WATCHES = 16  # each: a netlink socket, a thread, a queue of at most EVENT_QUEUE_SIZE events
 
 
 class Watcher(Protocol):
@@ -95,6 +98,7 @@ class AgentService(pb_grpc.AgentServicer):
         self.activity = activity or Activity()
         self._started_ns = time.time_ns()
         self._captures = capture.Registry()
+        self._watches = 0
 
     @property
     def _collectors(self) -> list[Collector]:
@@ -175,12 +179,32 @@ class AgentService(pb_grpc.AgentServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown event kind(s) {', '.join(unknown)}; known: {', '.join(WATCH_KINDS)}",
             )
-        if request.duration_s < 0 or request.duration_s > MAX_WATCH_SECONDS:
+        if not 0 <= request.duration_s <= MAX_WATCH_SECONDS:  # also refuses NaN
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"duration_s must be between 0 and {MAX_WATCH_SECONDS:.0f} (0 = until cancelled)",
             )
         duration = request.duration_s or MAX_WATCH_SECONDS
+        assert self._watcher_factory is not None
+        if self._watches >= MAX_WATCHES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_WATCHES} watches already run in this agent; end one, or try again later",
+            )
+        self._watches += 1
+        try:
+            async for event in self._watch(request, context, kinds, duration):
+                yield event
+        finally:
+            self._watches -= 1
+
+    async def _watch(
+        self,
+        request: pb.WatchRequest,
+        context: grpc.aio.ServicerContext[pb.WatchRequest, pb.Event],
+        kinds: set[str],
+        duration: float,
+    ) -> AsyncIterator[pb.Event]:
         assert self._watcher_factory is not None
         try:
             watcher = await asyncio.to_thread(self._watcher_factory, kinds)
@@ -253,6 +277,7 @@ class AgentService(pb_grpc.AgentServicer):
             (capture.InvalidCapture, grpc.StatusCode.INVALID_ARGUMENT),
             (capture.InterfaceNotFound, grpc.StatusCode.NOT_FOUND),
             (capture.CaptureUnavailable, grpc.StatusCode.UNAVAILABLE),
+            (capture.TooManyCaptures, grpc.StatusCode.RESOURCE_EXHAUSTED),
         )
         stream = self._captures.run(request)
         self.activity.active_streams += 1

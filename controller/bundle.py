@@ -20,7 +20,11 @@ Everything that can go wrong reading a bundle (missing, truncated, not a
 tar.gz, a plain tar without meta.json, another format version, a pod file
 that does not parse) is a one-line ``BundleError``, never a traceback.
 Bundles are read in memory and never extracted, so a hostile member name
-cannot write anywhere.
+cannot write anywhere. A hostile bundle cannot exhaust the reader either: the
+member count, each member's size and the total (from the tar headers, before
+any data is read) and the JSON nesting depth are bounded, so reading any
+bundle costs at most about MAX_TOTAL_BYTES of data plus its parsed JSON, and a
+bundle over a bound is a one-line BundleError.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ FORMAT_VERSION: Final = 1
 META_NAME: Final = "meta.json"
 POD_DIR: Final = "pods"
 # A snapshot of a big LB is a few MiB; anything far beyond is not ours (or a zip bomb).
-MAX_MEMBER_BYTES: Final = 256 * 1024 * 1024
+MAX_MEMBER_BYTES: Final = 64 * 1024 * 1024
+MAX_TOTAL_BYTES: Final = 128 * 1024 * 1024  # uncompressed, all members
+MAX_MEMBERS: Final = 10_000  # a pod file each, plus a few
+MAX_JSON_DEPTH: Final = 64  # a snapshot nests about 6 deep
 
 __all__ = [
     "BUNDLE_KIND",
@@ -256,13 +263,22 @@ def _read_members(path: Path) -> dict[str, bytes]:
     try:
         with tarfile.open(path, "r:gz") as tar:
             members: dict[str, bytes] = {}
-            for info in tar:
+            total = 0
+            for count, info in enumerate(tar, 1):
+                if count > MAX_MEMBERS:
+                    raise BundleError(
+                        f"{path}: more than {MAX_MEMBERS} members; not a meridio-debug bundle"
+                    )
+                # tarfile keeps every header it read: not a million of them
+                tar.members.clear()  # type: ignore[attr-defined]
                 if not info.isfile():
                     continue
-                if info.size > MAX_MEMBER_BYTES:
+                total += info.size
+                if info.size > MAX_MEMBER_BYTES or total > MAX_TOTAL_BYTES:
                     raise BundleError(
-                        f"{path}: member {info.name} is {info.size} bytes, "
-                        f"more than a bundle holds ({MAX_MEMBER_BYTES}); not a meridio-debug bundle"
+                        f"{path}: member {info.name[:80]!r} makes the bundle larger than a "
+                        f"bundle can be ({MAX_MEMBER_BYTES >> 20} MiB a member, "
+                        f"{MAX_TOTAL_BYTES >> 20} MiB in all); not a meridio-debug bundle"
                     )
                 f = tar.extractfile(info)
                 if f is None:
@@ -299,13 +315,38 @@ def _is_gzip(path: Path) -> bool:
         return False
 
 
+def _too_deep(doc: Any) -> bool:
+    """Whether ``doc`` nests arrays/objects deeper than MAX_JSON_DEPTH (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def _json(path: Path, name: str, data: bytes) -> Any:
+    deep = BundleError(
+        f"{path}: {name} nests JSON deeper than {MAX_JSON_DEPTH} levels; not a meridio-debug bundle"
+    )
     try:
-        return json.loads(data)
+        doc = json.loads(data)
+    except RecursionError:
+        raise deep from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(
-            f"{path}: {name} is not valid JSON ({exc}); the bundle is damaged"
+            f"{path}: {name} is not valid JSON ({str(exc)[:100]}); the bundle is damaged"
         ) from exc
+    if _too_deep(doc):
+        raise deep
+    return doc
 
 
 def read_bundle(path: str | Path) -> Evidence:

@@ -47,7 +47,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         help="connect to the pod IP with mutual TLS instead of the API server's port-forward",
     )
     g.add_argument(
-        "--tls-dir", help="CA for --direct (default ~/.config/meridio-debug/tls, created once)"
+        "--tls-dir",
+        help="CA whose client certificates agents require (default ~/.config/meridio-debug/tls, created once)",
     )
     g.add_argument(
         "--start-timeout",
@@ -79,13 +80,10 @@ def cluster_runtime(args: argparse.Namespace, progress: bool = True) -> Any:
 
     if args.start_timeout <= 0 or args.idle_timeout < 0:
         raise UsageError("--start-timeout must be > 0 and --idle-timeout >= 0")
-    tls = None
-    if args.direct:
-        from meridio_debug.controller import tls as tls_mod
+    from meridio_debug.controller import tls as tls_mod
 
-        tls = tls_mod.load_or_create(
-            Path(args.tls_dir) if args.tls_dir else tls_mod.DEFAULT_TLS_DIR
-        )
+    # Every agent requires mutual TLS (port-forwarded too: the pod's containers share loopback).
+    tls = tls_mod.load_or_create(Path(args.tls_dir) if args.tls_dir else tls_mod.DEFAULT_TLS_DIR)
     opts = KubeOptions(
         namespace=args.namespace,
         context=args.context,

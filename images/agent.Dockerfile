@@ -13,4 +13,5 @@ RUN pip install --no-cache-dir "/src[agent]" && rm -rf /src
 # derived from the container name, idle timeout, and for --direct the client CA in an env
 # var: the agent then makes its own key and prints its certificate, see agent/tls.py).
 ENTRYPOINT ["meridio-debug-agent"]
-CMD ["--listen", "tcp:127.0.0.1:50051", "--idle-timeout", "900"]
+# TCP needs mutual TLS: the controller passes the CA certificate in this variable.
+CMD ["--listen", "tcp:127.0.0.1:50051", "--tls-client-ca-env", "MERIDIO_DEBUG_CLIENT_CA", "--idle-timeout", "900"]

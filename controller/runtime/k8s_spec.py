@@ -262,21 +262,21 @@ def agent_container(
 
     Only fields the API allows for ephemeral containers: no ports, probes,
     resources or lifecycle (422 otherwise). In direct mode the agent listens
-    on all addresses and requires client certificates signed by the
-    controller's CA, whose *certificate* (public) travels in an env var; the
-    agent makes its own key at start (no private key in the pod spec).
+    on all addresses, else on 127.0.0.1 (reached by port-forward); both
+    require client certificates signed by the controller's CA (every
+    container of the pod shares its loopback, so port-forward mode is no
+    exception), whose *certificate* (public) travels in an env var; the agent
+    makes its own key at start (no private key in the pod spec).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
     port = agent_port(name)
     listen = f"tcp:[::]:{port}" if direct else f"tcp:127.0.0.1:{port}"
     args = ["--listen", listen, "--idle-timeout", f"{idle_timeout:g}", "--log-level", "INFO"]
-    env: list[dict[str, Any]] = []
-    if direct:
-        if not client_ca_pem:
-            raise ValueError("direct mode needs the controller's CA certificate")
-        args += ["--tls-client-ca-env", CLIENT_CA_ENV]
-        env.append({"name": CLIENT_CA_ENV, "value": client_ca_pem})
+    if not client_ca_pem:
+        raise ValueError("an agent needs the controller's CA certificate (mutual TLS)")
+    args += ["--tls-client-ca-env", CLIENT_CA_ENV]
+    env: list[dict[str, Any]] = [{"name": CLIENT_CA_ENV, "value": client_ca_pem}]
     security: dict[str, Any] = {"runAsUser": 0, "runAsNonRoot": False}
     if profile == "privileged":
         security["privileged"] = True

@@ -27,7 +27,9 @@ For each pod, ``open``:
    listens on 127.0.0.1 in the pod, RBAC ``pods/portforward`` is the gate): a
    private unix socket is relayed to ``kubernetes.stream.portforward``, one
    websocket per connection, as ``kubectl port-forward`` does; or **directly**
-   to the pod IP with mutual TLS (controller/tls.py).
+   to the pod IP. Both use mutual TLS (controller/tls.py): the pod's other
+   containers share its loopback, so the agent accepts only our client
+   certificate, and we pin the certificate it printed to its log.
 
 Every ``ApiException`` becomes one of our errors (``from`` it) saying what
 failed for which pod and what to do: PSA refusals, RBAC denials with the
@@ -76,7 +78,13 @@ from meridio_debug.controller.errors import (
 )
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime import k8s_spec as spec
-from meridio_debug.controller.tls import AGENT_TLS_NAME, ClientTls, agent_certificate
+from meridio_debug.controller.tls import (
+    AGENT_TLS_NAME,
+    DEFAULT_TLS_DIR,
+    ClientTls,
+    agent_certificate,
+    load_or_create,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,21 +192,21 @@ class KubernetesRuntime:
     ) -> None:
         if opts.profile not in spec.PROFILES:
             raise UsageError(f"--profile must be one of {', '.join(spec.PROFILES)}")
-        if opts.direct and tls is None:
-            raise UsageError("--direct needs TLS material (controller/tls.py load_or_create)")
+        if tls is None:  # every agent requires mutual TLS, port-forwarded or direct
+            tls = load_or_create(Path(opts.tls_dir) if opts.tls_dir else DEFAULT_TLS_DIR)
         self.opts = opts
         self._cluster = load_cluster(opts)
         self.namespace = self._cluster.namespace
         self._core = k8s_client.CoreV1Api(self._cluster.api)
         self._pf_core = k8s_client.CoreV1Api(self._cluster.pf_api)
         self._progress = progress
-        self._tls = tls
+        self._tls: ClientTls = tls
         self.transport = "direct" if opts.direct else "port-forward"
         self.key = spec.agent_key(
             opts.image,
             opts.profile,
             self.transport,
-            tls.ca_fingerprint if opts.direct and tls else "",
+            tls.ca_fingerprint,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=32, thread_name_prefix="meridio-debug-k8s"
@@ -381,7 +389,7 @@ class KubernetesRuntime:
             target=target,
             idle_timeout=self.opts.idle_timeout,
             direct=self.opts.direct,
-            client_ca_pem=self._tls.ca_pem.decode() if self.opts.direct and self._tls else None,
+            client_ca_pem=self._tls.ca_pem.decode(),
         )
 
     async def ensure_agent(self, name: str, avoid: str | None = None) -> AgentHandle:
@@ -559,10 +567,17 @@ class KubernetesRuntime:
 
     @contextlib.asynccontextmanager
     async def _connect_forwarded(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        server_cert = await self._agent_certificate(handle)
         relay = PortForwardRelay(self, handle.pod, handle.port)
         await relay.start()
-        channel = grpc.aio.insecure_channel(
-            f"unix:{relay.path}", options=[*CHANNEL_OPTIONS, *FAST_RECONNECT]
+        channel = grpc.aio.secure_channel(
+            f"unix:{relay.path}",
+            self._channel_credentials(server_cert),
+            options=[
+                *CHANNEL_OPTIONS,
+                *FAST_RECONNECT,
+                ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
+            ],
         )
         try:
             agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
@@ -627,17 +642,20 @@ class KubernetesRuntime:
                 )
             await asyncio.sleep(0.1)
 
-    @contextlib.asynccontextmanager
-    async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
-        assert self._tls is not None
-        if not handle.pod_ip:
-            raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
-        server_cert = await self._agent_certificate(handle)
-        creds = grpc.ssl_channel_credentials(
+    def _channel_credentials(self, server_cert: bytes) -> grpc.ChannelCredentials:
+        """Our client certificate, and the agent's own certificate pinned as the only root."""
+        return grpc.ssl_channel_credentials(
             root_certificates=server_cert,
             private_key=self._tls.key_pem,
             certificate_chain=self._tls.cert_pem,
         )
+
+    @contextlib.asynccontextmanager
+    async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        if not handle.pod_ip:
+            raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
+        server_cert = await self._agent_certificate(handle)
+        creds = self._channel_credentials(server_cert)
         host = f"[{handle.pod_ip}]" if ":" in handle.pod_ip else handle.pod_ip
         channel = grpc.aio.secure_channel(
             f"{host}:{handle.port}",

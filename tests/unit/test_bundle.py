@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -242,3 +244,87 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["analyze", "--list-checks"]) == 0
     out = capsys.readouterr().out
     assert "MDB101" in out and "error" in out and "MDB405" in out
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, read without holding them (a bomb member)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+
+def _bomb(path: Path, sizes: list[int]) -> None:
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for i, size in enumerate(sizes):
+            info = tarfile.TarInfo(f"pods/p{i}.json")
+            info.size = size
+            tar.addfile(info, _Zeros(size))
+
+
+def _deep_meta(depth: int) -> bytes:
+    return b'{"kind": "meridio-debug/bundle", "format_version": 1, "x": ' + (
+        b"[" * depth + b"]" * depth + b"}"
+    )
+
+
+def _run_analyze(path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``analyze --from`` as a process: (result, its peak RSS in MiB)."""
+    code = (
+        "import resource, sys\n"
+        "from meridio_debug.controller import cli\n"
+        "rc = cli.main(['analyze', '--from', sys.argv[1]])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stdout)\n"
+        "sys.exit(rc)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return res, float(res.stdout.strip().splitlines()[-1])
+
+
+BOMBS = {
+    # sizes from the tar headers, refused before any data is read
+    "one member of 200 MiB": lambda p: _bomb(p, [200 << 20]),
+    "three members of 60 MiB": lambda p: _bomb(p, [60 << 20] * 3),
+    "20,000 empty members": lambda p: p.write_bytes(
+        _tar_gz({f"pods/p{i}.json": b"" for i in range(20_000)})
+    ),
+    "meta.json 5,000 deep": lambda p: p.write_bytes(_tar_gz({"meta.json": _deep_meta(5000)})),
+    "meta.json 100 deep": lambda p: p.write_bytes(_tar_gz({"meta.json": _deep_meta(100)})),
+}
+
+
+@pytest.mark.parametrize("case", list(BOMBS))
+def test_bundle_bombs_are_one_line_exit_1_within_memory(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "bomb.tar.gz"
+    BOMBS[case](path)  # type: ignore[operator]
+    res, peak_mib = _run_analyze(path)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("meridio-debug: "), res.stderr
+    assert "not a meridio-debug bundle" in res.stderr
+    # the stated limit: MAX_TOTAL_BYTES (128 MiB) of data beyond the interpreter's ~100 MiB
+    assert peak_mib < 260, peak_mib
+
+
+def test_a_deep_pod_file_is_refused(tmp_path: Path) -> None:
+    with tarfile.open(fileobj=io.BytesIO(_good(tmp_path)), mode="r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    pod = next(n for n in members if n.startswith("pods/"))
+    members[pod] = b'{"snapshot": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    path = tmp_path / "deep.tar.gz"
+    path.write_bytes(_tar_gz(members))
+    with pytest.raises(BundleError, match="deeper than 64 levels"):
+        read_bundle(path)

@@ -98,6 +98,7 @@ def test_agent_container_has_only_allowed_fields_and_the_profile() -> None:
         target="frontend",
         idle_timeout=90,
         direct=False,
+        client_ca_pem="PEM",
     )
     assert not {
         "ports",
@@ -111,6 +112,9 @@ def test_agent_container_has_only_allowed_fields_and_the_profile() -> None:
     assert c["targetContainerName"] == "frontend"
     assert s.port_of(c) == s.agent_port("meridio-debug-abc")
     assert "127.0.0.1" in c["args"][1]
+    # port-forward mode too: the pod's containers share loopback, so the agent requires mTLS
+    assert c["env"] == [{"name": s.CLIENT_CA_ENV, "value": "PEM"}]
+    assert "--tls-client-ca-env" in c["args"]
     p = s.agent_container(
         "n",
         image="i",
