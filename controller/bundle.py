@@ -44,7 +44,8 @@ from typing import Any, Final
 from google.protobuf import json_format
 
 from meridio_debug.controller import convert, output
-from meridio_debug.controller.errors import BundleError
+from meridio_debug.controller.errors import BundleError, ConfigError
+from meridio_debug.controller.meridio_config import config_from_crs, to_crs
 from meridio_debug.controller.model import PodResult, TrenchConfig, TrenchState
 from meridio_debug.controller.output import PodSnapshot
 from meridio_debug.controller.runtime import PodRef
@@ -110,6 +111,9 @@ def _config_to_dict(config: TrenchConfig | None) -> dict[str, Any] | None:
         "vips": list(config.vips),
         "external_interface": config.external_interface,
         "open_targets": None if config.open_targets is None else list(config.open_targets),
+        # The Meridio objects as CRs: the same reader as `--config` takes them back.
+        "meridio": None if config.meridio is None else to_crs(config.meridio),
+        "meridio_source": None if config.meridio is None else config.meridio.source,
     }
 
 
@@ -119,11 +123,21 @@ def _config_from_dict(data: Any) -> TrenchConfig | None:
     if not isinstance(data, Mapping):
         raise BundleError("meta.json: 'trench' is not an object")
     open_targets = data.get("open_targets")
+    meridio = None
+    crs = data.get("meridio")
+    if crs is not None:
+        if not isinstance(crs, list) or not all(isinstance(d, Mapping) for d in crs):
+            raise BundleError("meta.json: 'trench.meridio' is not a list of Meridio objects")
+        try:
+            meridio = config_from_crs(crs, source=str(data.get("meridio_source") or "bundle"))
+        except ConfigError as exc:
+            raise BundleError(f"meta.json: trench.meridio: {exc}") from exc
     return TrenchConfig(
         name=str(data.get("name", "")),
         vips=tuple(str(v) for v in data.get("vips", ())),
         external_interface=str(data.get("external_interface", "")),
         open_targets=None if open_targets is None else tuple(str(t) for t in open_targets),
+        meridio=meridio,
     )
 
 

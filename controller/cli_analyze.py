@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,40 @@ def lab_evidence_source(prefix: str, names: Sequence[str]) -> tuple[Runtime, Tre
     spec = load_spec(prefix)
     config = None
     if spec is not None:
+        from meridio_debug.controller.lab.trench_crs import lab_config
+
         ext = spec.frontends[0].ext_ifname if spec.frontends else ""
-        config = TrenchConfig(name=spec.trench, vips=tuple(spec.vips), external_interface=ext)
+        config = TrenchConfig(
+            name=spec.trench,
+            vips=tuple(spec.vips),
+            external_interface=ext,
+            meridio=lab_config(spec),
+        )
     return runtime, config or TrenchConfig(), f"lab {prefix}"
 
 
 def evidence_from_args(args: argparse.Namespace) -> Evidence:
-    """Evidence for the target flags: a bundle (--from), the lab, or namespaces."""
+    """Evidence for the target flags: a bundle (--from), the lab, or namespaces.
+
+    ``--config FILE`` (Meridio CRs or the ConfigMap as YAML) replaces the trench's
+    configuration wherever the evidence came from, a bundle included.
+    """
+    evidence = _evidence(args)
+    config_file = getattr(args, "config", None)
+    if config_file:
+        from meridio_debug.controller.meridio_config import read_config_file
+
+        meridio = read_config_file(config_file)
+        base = evidence.config or TrenchConfig(name=meridio.trench)
+        vips = base.vips or tuple(v.address for v in meridio.vips)
+        evidence = replace(
+            evidence,
+            config=replace(base, meridio=meridio, vips=vips, name=base.name or meridio.trench),
+        )
+    return evidence
+
+
+def _evidence(args: argparse.Namespace) -> Evidence:
     bundle = getattr(args, "from_bundle", None)
     if bundle:
         if args.lab or args.netns or args.netns_pid or args.pods or cluster_flags(args):
@@ -205,6 +233,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--list-checks", action="store_true", help="print every check (code, severity, title)"
     )
+    add_config_arg(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -219,7 +248,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "-o", "--output", required=True, metavar="BUNDLE", help="bundle file to write (.tar.gz)"
     )
+    add_config_arg(p)
     p.set_defaults(func=cmd_collect)
+
+
+def add_config_arg(p: Any) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the trench's Meridio configuration: a YAML file of CRs (Trench, Flow, Vip, ...) "
+        "or the ConfigMap meridio-configuration-<trench>; enables the MDB6xx checks",
+    )
 
 
 def _fail_on(text: str) -> Severity | None:

@@ -82,6 +82,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_traffic)
 
+    p = labsub.add_parser(
+        "crs",
+        help="print the lab's trench as Meridio CRs (YAML): what `analyze --config` reads",
+    )
+    prefix_arg(p)
+    p.set_defaults(func=cmd_crs)
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     from meridio_debug.controller import lab
@@ -94,6 +101,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab.up(spec)
     pods = ", ".join(p.name for p in spec.pods)
     print(f"lab {spec.prefix} is up in {time.monotonic() - started:.1f} s: {pods}")
+    return 0
+
+
+def cmd_crs(args: argparse.Namespace) -> int:
+    """The running lab's spec (or the default one) as Meridio CRs on stdout."""
+    from meridio_debug.controller import lab
+    from meridio_debug.controller.lab.trench_crs import lab_crs_yaml
+
+    spec = lab.load_spec(args.prefix) or lab.build_spec(args.prefix)
+    sys.stdout.write(lab_crs_yaml(spec))
     return 0
 
 

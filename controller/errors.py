@@ -8,7 +8,8 @@
     │   ├── AccessDenied         the cluster refused a request: RBAC (names the verb and resource) or credentials
     │   └── InjectionError       the agent container was refused (PSA 403, 422) or never ran (image pull, timeout)
     ├── AgentCallError           an RPC to an agent failed (wraps grpc.RpcError)
-    └── BundleError              an evidence bundle is truncated, of another version, or not a bundle
+    ├── BundleError              an evidence bundle is truncated, of another version, or not a bundle
+    └── ConfigError              a trench configuration (Meridio CRs, ConfigMap, YAML file) is unreadable
 
 Third-party exceptions (grpc.RpcError, OSError, subprocess errors, kubernetes'
 ApiException) are raised as one of these ``from`` the original, so callers and
@@ -55,3 +56,7 @@ class AgentCallError(MeridioDebugError):
 
 class BundleError(MeridioDebugError):
     """An evidence bundle cannot be read."""
+
+
+class ConfigError(MeridioDebugError):
+    """A trench configuration (Meridio CRs, ConfigMap, YAML file) cannot be read."""

@@ -475,6 +475,92 @@ class PodResult:
         return self.snapshot.role
 
 
+# --------------------------------------------------------------------------- intent
+
+# What the operator asked for, as Meridio's CRs (api/v1/*_types.go) say it. Read from the CRs
+# or the ConfigMap ``meridio-configuration-<trench>`` (controller/meridio_config.py), or written
+# from the lab's spec (controller/lab/trench_crs.py). Only the fields some check compares.
+
+
+@dataclass(frozen=True, slots=True)
+class CfgVip:
+    name: str
+    address: str  # a prefix with length ("20.0.0.1/32")
+
+
+@dataclass(frozen=True, slots=True)
+class CfgGateway:
+    name: str
+    address: str
+    protocol: str = "bgp"  # bgp or static
+    local_asn: int = 8103
+    remote_asn: int = 4248829953
+    local_port: int = 10179
+    remote_port: int = 10179
+    hold_time_s: int = 3
+    bfd: bool = False
+    bfd_min_tx_ms: int = 0
+    bfd_min_rx_ms: int = 0
+    bfd_multiplier: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CfgFlow:
+    name: str
+    stream: str
+    priority: int = 0
+    vips: tuple[str, ...] = ()  # Vip names
+    source_subnets: tuple[str, ...] = ()
+    source_ports: tuple[str, ...] = ()  # "any", "4000", "4000-4003"
+    destination_ports: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ()  # lower-case
+
+
+@dataclass(frozen=True, slots=True)
+class CfgStream:
+    name: str
+    conduit: str
+    max_targets: int = 100  # Meridio's default (pkg/controllers/trench/configmap.go)
+
+
+@dataclass(frozen=True, slots=True)
+class CfgConduit:
+    name: str
+    type: str = "stateless-lb"
+
+
+@dataclass(frozen=True, slots=True)
+class CfgAttractor:
+    name: str
+    composites: tuple[str, ...] = ()  # conduit names
+    gateways: tuple[str, ...] = ()
+    vips: tuple[str, ...] = ()
+    interface: str = ""  # the FE's external interface name (ext-vlan0)
+    ipv4_prefix: str = ""
+    ipv6_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MeridioConfig:
+    """One trench's Meridio configuration: what every MDB6xx check compares the pods against."""
+
+    trench: str
+    source: str = ""  # where it was read ("CRs in namespace red", "lab mdl-", "file x.yaml")
+    ip_family: str = "dualstack"
+    conduits: tuple[CfgConduit, ...] = ()
+    streams: tuple[CfgStream, ...] = ()
+    flows: tuple[CfgFlow, ...] = ()
+    vips: tuple[CfgVip, ...] = ()
+    attractors: tuple[CfgAttractor, ...] = ()
+    gateways: tuple[CfgGateway, ...] = ()
+
+    def vip(self, name: str) -> CfgVip | None:
+        return next((v for v in self.vips if v.name == name), None)
+
+    def stream(self, name: str) -> CfgStream | None:
+        return next((s for s in self.streams if s.name == name), None)
+
+
 @dataclass(frozen=True, slots=True)
 class TrenchConfig:
     """What the trench is supposed to look like, when known (ConfigMap, lab contract, flags).
@@ -487,6 +573,8 @@ class TrenchConfig:
     external_interface: str = ""  # the attractor's interface name in the FEs (ext-vlan0)
     # Targets known to have their stream open (TAPA Watch says OPEN); None: unknown.
     open_targets: tuple[str, ...] | None = None
+    # The trench's Meridio objects (CRs / ConfigMap / the lab's), None when not read.
+    meridio: MeridioConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

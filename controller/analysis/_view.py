@@ -414,7 +414,8 @@ class TrenchView:
 
     @cached_property
     def vips(self) -> set[IpNetwork]:
-        """The trench's VIPs: configured, else the VIPs at least two roles agree on.
+        """The trench's VIPs: configured (the Vips, else TrenchConfig.vips), else the VIPs
+        at least two roles agree on.
 
         Without configuration the pods themselves are the evidence: the LBs
         (VIP rules, nft VIP sets), the proxies (VIP rules) and the targets (VIP
@@ -423,9 +424,13 @@ class TrenchView:
         (MDB114) instead of as "missing" in every other pod. When only one
         role reported VIPs at all, its VIPs are taken as they are.
         """
-        if self.config is not None and self.config.vips:
+        configured: tuple[str, ...] = ()
+        if self.config is not None:
+            meridio = self.config.meridio
+            configured = tuple(v.address for v in meridio.vips) if meridio else self.config.vips
+        if configured:
             out: set[IpNetwork] = set()
-            for text in self.config.vips:
+            for text in configured:
                 prefix = net(text)
                 if prefix is not None:
                     out.add(prefix)

@@ -22,6 +22,7 @@ from typing import Any
 
 from meridio_debug.controller.convert import nft_state_from_json
 from meridio_debug.controller.lab.spec import DEFAULT_PREFIX, LabSpec, Pod, build_spec
+from meridio_debug.controller.lab.trench_crs import lab_config
 from meridio_debug.controller.model import (
     Address,
     BfdSession,
@@ -906,6 +907,7 @@ def build_lab(
             name=spec.trench,
             vips=(f"{spec.vip4}/32", f"{spec.vip6}/128"),
             external_interface="ext-vlan0",
+            meridio=lab_config(spec),
         )
     return TrenchState(pods=pods, config=config)
 

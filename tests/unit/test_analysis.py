@@ -75,6 +75,16 @@ CATALOG = {
     "MDB403": Severity.ERROR,
     "MDB404": Severity.ERROR,
     "MDB405": Severity.WARNING,
+    # configuration vs data plane (test_config_checks.py)
+    "MDB601": Severity.ERROR,
+    "MDB602": Severity.ERROR,
+    "MDB603": Severity.WARNING,
+    "MDB611": Severity.ERROR,
+    "MDB621": Severity.ERROR,
+    "MDB622": Severity.WARNING,
+    "MDB631": Severity.WARNING,
+    "MDB632": Severity.WARNING,
+    "MDB633": Severity.WARNING,
 }
 
 Mutation = Callable[[TrenchState], TrenchState]
@@ -882,7 +892,10 @@ def test_every_catalog_code_is_registered_with_its_severity() -> None:
 
 
 def test_every_warning_and_error_code_has_a_mutation() -> None:
+    from test_config_checks import CONFIG_CASES
+
     covered = {code for _name, _m, expected in CASES for code, _pod in expected}
+    covered |= {code for _name, _m, expected in CONFIG_CASES for code, _pod in expected}
     assert {c for c, s in CATALOG.items() if s >= Severity.WARNING} <= covered
 
 
