@@ -149,6 +149,9 @@ def build_parser() -> ArgumentParser:
     from meridio_debug.controller import cli_trace
 
     cli_trace.add_parser(sub, add_target_args)
+    from meridio_debug.controller import cli_e2e
+
+    cli_e2e.add_parser(sub)
     return parser
 
 

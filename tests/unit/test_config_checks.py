@@ -328,3 +328,11 @@ def test_bad_configuration_is_one_line(text: str, message: str, tmp_path: Path) 
     with pytest.raises(ConfigError, match=message) as err:
         read_config_file(path)
     assert "\n" not in str(err.value)
+
+
+def test_readme_findings_table_lists_every_check() -> None:
+    from meridio_debug.controller.analysis import CHECKS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [c.code for c in CHECKS if f"| {c.code} | {c.severity.label} |" not in readme]
+    assert not missing, f"add these codes to the README's findings table: {missing}"
