@@ -45,6 +45,7 @@ ANALYZE_EPILOG = """examples:
   meridio-debug analyze --lab -o junit --report report.html --fail-on warning
   meridio-debug analyze --from bundle.tar.gz -o json --suppress MDB116=lb-fe-b
   meridio-debug analyze --list-checks
+  meridio-debug analyze --lab --wait --timeout 60      # until the trench has settled
 
 exit codes: 0 nothing at or above --fail-on, 1 error, 2 usage, 3 findings at or above --fail-on"""
 
@@ -234,6 +235,26 @@ def add_parser(sub: Any) -> None:
         "--list-checks", action="store_true", help="print every check (code, severity, title)"
     )
     add_config_arg(p)
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="poll until no finding at or above --fail-on (exit 0) or --timeout (exit 3 with "
+        "the last findings); progress on stderr",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="with --wait: give up after S seconds (default 120)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="with --wait: seconds between two analyses (default 2)",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -304,9 +325,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "or --from BUNDLE"
         )
     fail_on = _fail_on(args.fail_on)
-    evidence = evidence_from_args(args)
-    state = trench_state(evidence)
-    result = analyze(state, suppress=args.suppress)
+    if args.wait:
+        if args.from_bundle:
+            raise UsageError("--wait polls live pods: it does not go with --from BUNDLE")
+        if args.timeout <= 0 or args.interval <= 0:
+            raise UsageError("--timeout and --interval must be positive seconds")
+        evidence, state, result = wait_until_settled(args, fail_on)
+    else:
+        evidence = evidence_from_args(args)
+        state = trench_state(evidence)
+        result = analyze(state, suppress=args.suppress)
     report = make_report(evidence, result, state, fail_on)
     sys.stdout.write(render(args.output, report, color=_color(sys.stdout)))
     sys.stdout.flush()
@@ -318,6 +346,46 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 f"cannot write report {args.report}: {exc.strerror or exc}"
             ) from exc
     return EXIT_FINDINGS if report.failed else EXIT_OK
+
+
+def _blocking(result: AnalysisResult, fail_on: Severity | None) -> list[str]:
+    if fail_on is None:
+        return []
+    return [f"{f.code} {f.pod}" for f in result.at_least(fail_on)]
+
+
+def wait_until_settled(
+    args: argparse.Namespace, fail_on: Severity | None
+) -> tuple[Evidence, TrenchState, AnalysisResult]:
+    """``analyze --wait``: analyse every --interval until nothing blocks or --timeout passes.
+
+    Progress goes to stderr, one line per round that still has blocking findings; the
+    caller renders the last analysis (exit 0 when settled, 3 at the timeout).
+    """
+    started = time.monotonic()
+    deadline = started + args.timeout
+    rounds = 0
+    while True:
+        rounds += 1
+        evidence = evidence_from_args(args)
+        state = trench_state(evidence)
+        result = analyze(state, suppress=args.suppress)
+        blocking = _blocking(result, fail_on)
+        elapsed = time.monotonic() - started
+        if not blocking:
+            print(f"✔ settled after {rounds} analyses ({elapsed:.1f} s)", file=sys.stderr)
+            return evidence, state, result
+        left = deadline - time.monotonic()
+        shown = ", ".join(blocking[:4]) + (f" (+{len(blocking) - 4})" if len(blocking) > 4 else "")
+        if left <= 0:
+            print(
+                f"✘ not settled after {args.timeout:g} s ({rounds} analyses): {shown}",
+                file=sys.stderr,
+            )
+            return evidence, state, result
+        print(f"… waiting ({elapsed:.0f} s, {left:.0f} s left): {shown}", file=sys.stderr)
+        sys.stderr.flush()
+        time.sleep(min(args.interval, left))
 
 
 def cmd_collect(args: argparse.Namespace) -> int:

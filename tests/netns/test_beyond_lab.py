@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -121,34 +123,14 @@ def test_e2e_hook_on_failure_writes_four_files_that_replay(
     out_dir = tmp_path / "_output"
     monkeypatch.setenv("OUTPUT_PATH", str(out_dir))
     monkeypatch.setenv("OUTPUT_ID", "spec-42")
-    # a real break, so the reports have something to say: lb-fe-a's v4 conduit neighbour FAILED
-    netns = lab.netns(lab.frontends[0].pod)
-    target_ip = lab.targets[0].ipv4.split("/")[0]
-    dev = next(c.ifname for c in lab.frontends[0].conduits if c.node == lab.targets[0].node)
-    subprocess.run(
-        [
-            "ip",
-            "-n",
-            netns,
-            "neigh",
-            "replace",
-            target_ip,
-            "dev",
-            dev,
-            "lladdr",
-            "02:00:00:00:00:99",
-            "nud",
-            "permanent",
-        ],
-        check=True,
-    )
+    broken = _break_neighbour(lab)  # a real break, so the reports have something to say
     try:
         rc, _out, err = _cli(
             ["e2e-hook", "on_failure", "1700000000000000000", "--lab", "--prefix", lab.prefix],
             capsys,
         )
     finally:
-        subprocess.run(["ip", "-n", netns, "neigh", "del", target_ip, "dev", dev], check=False)
+        _repair_neighbour(*broken)
     assert rc == 0, err
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == [f"meridio-debug-spec-42.{e}" for e in ("html", "json", "tar.gz", "xml")]
@@ -184,3 +166,95 @@ def test_e2e_hook_that_can_write_nothing_exits_1_with_one_line(
     )
     assert rc == 1
     assert err.count("\n") == 1 and "nothing written" in err
+
+
+def _break_neighbour(lab: LabSpec) -> tuple[str, str, str]:
+    """lb-fe-a's neighbour for its first target gets a wrong permanent MAC (MDB112)."""
+    netns = lab.netns(lab.frontends[0].pod)
+    target_ip = lab.targets[0].ipv4.split("/")[0]
+    dev = next(c.ifname for c in lab.frontends[0].conduits if c.node == lab.targets[0].node)
+    subprocess.run(
+        [
+            "ip",
+            "-n",
+            netns,
+            "neigh",
+            "replace",
+            target_ip,
+            "dev",
+            dev,
+            "lladdr",
+            "02:00:00:00:00:99",
+            "nud",
+            "permanent",
+        ],
+        check=True,
+    )
+    return netns, target_ip, dev
+
+
+def _repair_neighbour(netns: str, target_ip: str, dev: str) -> None:
+    subprocess.run(["ip", "-n", netns, "neigh", "del", target_ip, "dev", dev], check=False)
+
+
+def test_analyze_wait_returns_0_once_repaired(
+    lab: LabSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _break_neighbour(lab)
+    timer = threading.Timer(3.0, _repair_neighbour, broken)
+    timer.start()
+    started = time.monotonic()
+    try:
+        rc, out, err = _cli(
+            [
+                "analyze",
+                "--lab",
+                "--prefix",
+                lab.prefix,
+                "--wait",
+                "--timeout",
+                "60",
+                "--interval",
+                "0.5",
+                "-o",
+                "json",
+            ],
+            capsys,
+        )
+    finally:
+        timer.cancel()
+        _repair_neighbour(*broken)
+    assert rc == 0, err
+    assert _findings(out) == set()
+    assert f"MDB112 {lab.frontends[0].pod}" in err and "settled" in err
+    assert 3.0 <= time.monotonic() - started < 60
+
+
+def test_analyze_wait_times_out_with_exit_3_and_the_findings(
+    lab: LabSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _break_neighbour(lab)
+    started = time.monotonic()
+    try:
+        rc, out, err = _cli(
+            [
+                "analyze",
+                "--lab",
+                "--prefix",
+                lab.prefix,
+                "--wait",
+                "--timeout",
+                "3",
+                "--interval",
+                "1",
+                "-o",
+                "json",
+            ],
+            capsys,
+        )
+    finally:
+        _repair_neighbour(*broken)
+    assert rc == 3
+    assert _findings(out) == {("MDB112", lab.frontends[0].pod)}
+    assert "not settled after 3 s" in err
+    assert time.monotonic() - started < 15
