@@ -3,10 +3,9 @@
 Why in one private module: every rule about touching the system lives here.
 Commands are argv lists (never a shell); a failing command becomes a
 one-line LabError naming what was being done. Processes are only ever
-signalled after they are identified as the lab's own: a recorded pid must
-still run bird with a control socket in this lab's state directory, or the
-target server labelled with the namespace it was started in, so a recycled
-pid or someone else's process in a lab namespace is never touched.
+signalled after they are identified as the lab's own (containers.py: the
+container marker in a PID 1's environment), so a recycled pid or someone
+else's process in a lab namespace is never touched.
 """
 
 from __future__ import annotations
@@ -156,50 +155,26 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def is_lab_process(pid: int, state_directory: Path, netns: str) -> bool:
-    """Whether ``pid`` is a bird or target server this lab started in ``netns``."""
-    argv = proc_argv(pid)
-    if not argv or not pid_alive(pid):
-        return False
-    if os.path.basename(argv[0]) == "bird":
-        return any(arg.startswith(f"{state_directory}/") for arg in argv)
-    if TARGET_MODULE in argv:
-        try:
-            return argv[argv.index("--netns") + 1] == netns
-        except (ValueError, IndexError):
-            return False
-    return False
-
-
-def terminate(pids: Iterable[int], grace: float = 3.0) -> list[int]:
-    """SIGTERM ``pids``, SIGKILL what is left after ``grace`` s; the pids still alive after that."""
+def kill(pids: Iterable[int], wait: float = 5.0) -> list[int]:
+    """SIGKILL ``pids`` (containers' PID 1s: that ends their whole PID namespace); the pids still alive after ``wait`` s."""
     pending = {p for p in pids if pid_alive(p)}
     for pid in pending:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    for sig, wait in ((signal.SIGKILL, grace), (None, 2.0)):
-        deadline = time.monotonic() + wait
-        while pending and time.monotonic() < deadline:
-            time.sleep(0.02)
-            pending = {p for p in pending if pid_alive(p)}
-        if sig is None or not pending:
-            break
-        log.warning("pids %s ignored SIGTERM for %g s: killing them", sorted(pending), wait)
-        for pid in pending:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while pending and time.monotonic() < deadline:
+        pending = {p for p in pending if pid_alive(p)}
+        if pending:
+            time.sleep(0.01)
     return sorted(pending)
 
 
-def wait_for_pidfile(path: Path, timeout: float, what: str) -> int:
-    """The pid written in ``path`` once it appears and that process runs."""
+def wait_for_file(path: Path, pid: int, timeout: float, what: str) -> None:
+    """Wait until ``path`` exists (a socket, a pid file) while ``pid`` runs; LabError otherwise."""
     deadline = time.monotonic() + timeout
-    while True:
-        # bird creates the file before it forks and writes it after: it may be empty.
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int(path.read_text().split()[0])
-            if pid_alive(pid):
-                return pid
+    while not path.exists():
+        if not pid_alive(pid):
+            raise LabError(f"{what}: exited before creating {path.name}")
         if time.monotonic() > deadline:
-            raise LabError(f"{what}: no running process in {path} after {timeout:g} s")
-        time.sleep(0.02)
+            raise LabError(f"{what}: no {path.name} after {timeout:g} s")
+        time.sleep(0.01)

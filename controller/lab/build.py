@@ -25,12 +25,12 @@ import logging
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
-from meridio_debug.controller.lab import render
+from meridio_debug.controller.lab import containers, render
+from meridio_debug.controller.lab.containers import ContainerSpec
 from meridio_debug.controller.lab.prereq import Tools, check_prerequisites, check_root_and_ip
 from meridio_debug.controller.lab.spec import LabSpec, Pod, check_prefix
 from meridio_debug.controller.lab.state import (
@@ -129,20 +129,23 @@ def down(prefix: str, *, root: Path = STATE_ROOT, tools: Tools | None = None) ->
 
 
 def _structural_problems(state: LabState, root: Path) -> list[str]:
-    """Missing namespaces and dead processes (cheap: no subprocess)."""
+    """Missing namespaces and containers whose PID 1 is gone (cheap: no subprocess)."""
     spec = state.spec
     directory = state_dir(spec.prefix, root)
     problems = [f"namespace {ns} missing" for ns in spec.namespaces if not system.netns_exists(ns)]
-    recorded = {(r.kind, r.pod) for r in state.processes}
-    wanted = {("bird", spec.gateway.pod)} | {("bird", f.pod) for f in spec.frontends}
-    wanted |= {("target", t.pod) for t in spec.targets}
-    problems += [f"{kind} in {pod} never started" for kind, pod in sorted(wanted - recorded)]
+    recorded = {(r.pod, r.container) for r in state.processes}
+    wanted = {(p.name, c) for p in spec.pods for c in containers.CONTAINERS[p.role]}
+    problems += [f"container {c} of {pod} never started" for pod, c in sorted(wanted - recorded)]
     problems += [
-        f"{r.kind} in {r.pod} (pid {r.pid}) is gone"
+        f"container {r.container} of {r.pod} (pid {r.pid}) is gone"
         for r in state.processes
-        if not system.is_lab_process(r.pid, directory, r.netns)
+        if not containers.alive_and_ours(r.pid, directory, _key(directory, r))
     ]
     return problems
+
+
+def _key(directory: Path, r: ProcessRecord) -> str:
+    return containers.marker(directory, r.pod, r.container)
 
 
 def _leftover_namespaces(spec: LabSpec) -> list[str]:
@@ -164,16 +167,16 @@ def _teardown(
     names = set(system.lab_namespaces(prefix))
     if spec is not None:
         names |= {ns for ns in spec.namespaces if system.netns_exists(ns)}
-    pids = {r.pid for r in processes if system.is_lab_process(r.pid, directory, r.netns)}
-    # Processes started by a run that died before recording them.
+    pids = {
+        r.pid for r in processes if containers.alive_and_ours(r.pid, directory, _key(directory, r))
+    }
+    # Containers started by a run that died before recording them.
     pids |= {
-        pid
-        for pid, ns in system.pids_in_namespaces(names).items()
-        if system.is_lab_process(pid, directory, ns)
+        pid for pid in system.pids_in_namespaces(names) if containers.alive_and_ours(pid, directory)
     }
     if pids:
-        log.info("stopping %d lab processes", len(pids))
-        survivors = system.terminate(pids)
+        log.info("stopping %d lab containers", len(pids))
+        survivors = system.kill(pids)
         if survivors:
             raise LabError(f"lab down: pids {survivors} did not exit even after SIGKILL")
     if names:
@@ -245,50 +248,80 @@ def _build(spec: LabSpec, tools: Tools, root: Path, ready_timeout: float) -> Non
     system.parallel(load_nft, [spec.netns(f.pod) for f in spec.frontends])
     log.debug("namespaces configured in %.2f s", time.monotonic() - t0)
 
-    records: list[ProcessRecord] = []
-    birds = [spec.pod(spec.gateway.pod), *(spec.pod(f.pod) for f in spec.frontends)]
-    records += system.parallel(partial(_start_bird, spec, tools=tools, directory=directory), birds)
-    write_state(LabState(spec=spec, processes=tuple(records)), root)
-    targets = spec.pods_of("target")
-    records += system.parallel(
-        partial(_start_target, spec, tools=tools, directory=directory), targets
-    )
-    write_state(LabState(spec=spec, processes=tuple(records)), root)
-    log.debug("processes started at %.2f s", time.monotonic() - t0)
+    records = _start_containers(spec, tools, root)
+    log.debug("containers started at %.2f s", time.monotonic() - t0)
 
     _wait_ready(spec, tools, root, ready_timeout)
     write_state(LabState(spec=spec, processes=tuple(records), complete=True), root)
 
 
-def _start_bird(spec: LabSpec, pod: Pod, tools: Tools, directory: Path) -> ProcessRecord:
+def _container_specs(spec: LabSpec, tools: Tools, directory: Path) -> list[ContainerSpec]:
+    """Every container of the lab (lab/containers.py has the layout)."""
+    out: list[ContainerSpec] = []
+    for pod in spec.pods:
+        for name in containers.CONTAINERS[pod.role]:
+            if name in ("gateway", "frontend"):
+                out.append(_bird_container(spec, pod, name, tools, directory))
+            elif name == "example-target":
+                out.append(_target_container(spec, pod, name, directory))
+            else:
+                out.append(containers.idle(directory, pod.name, name, pod.netns))
+    return out
+
+
+def _start_containers(spec: LabSpec, tools: Tools, root: Path) -> list[ProcessRecord]:
+    """Start every container, record it, then wait until bird and the servers are listening."""
+    directory = state_dir(spec.prefix, root)
+    specs = _container_specs(spec, tools, directory)
+    pids = containers.start(specs, directory)
+    records = [
+        ProcessRecord(kind=s.kind, pod=s.pod, netns=s.netns, pid=pid, container=s.name)
+        for s, pid in zip(specs, pids, strict=True)
+    ]
+    write_state(LabState(spec=spec, processes=tuple(records)), root)
+
+    def ready(record: ProcessRecord) -> None:
+        what = f"{record.kind} in container {record.container} of {record.pod}"
+        if record.kind == "bird":
+            path = bird_paths(directory, record.pod)["ctl"]
+        elif record.kind == "target":
+            path = target_paths(directory, record.pod)["pid"]
+        else:
+            return
+        try:
+            system.wait_for_file(path, record.pid, 10.0, what)
+        except LabError as exc:
+            last = containers.last_log_line(directory, record.pod, record.container)
+            raise LabError(f"{exc}{f': {last}' if last else ''}") from None
+
+    system.parallel(ready, records)
+    return records
+
+
+def _bird_container(
+    spec: LabSpec, pod: Pod, name: str, tools: Tools, directory: Path
+) -> ContainerSpec:
     paths = bird_paths(directory, pod.name)
     if pod.role == "gateway":
         conf = render.bird_gw_conf(spec, str(paths["log"]))
     else:
         conf = render.bird_fe_conf(spec, pod.name, str(paths["log"]))
     paths["conf"].write_text(conf)
-    for stale in (paths["pid"], paths["ctl"]):
-        stale.unlink(missing_ok=True)
-    # bird checks the configuration, then forks into the background; -P says where it went.
-    argv = [tools.ip, "netns", "exec", pod.netns, tools.bird, "-c", str(paths["conf"])]
-    argv += ["-s", str(paths["ctl"]), "-P", str(paths["pid"])]
-    system.run(argv, what=f"start bird in {pod.netns}")
-    pid = system.wait_for_pidfile(paths["pid"], 5.0, f"bird in {pod.netns}")
-    return ProcessRecord(kind="bird", pod=pod.name, netns=pod.netns, pid=pid)
+    paths["ctl"].unlink(missing_ok=True)
+    # In the foreground: bird is the container's PID 1, as a container runtime runs it.
+    argv = (tools.bird, "-f", "-c", str(paths["conf"]), "-s", str(paths["ctl"]))
+    return ContainerSpec(pod.name, name, pod.netns, "bird", tools.bird, argv)
 
 
-def _start_target(spec: LabSpec, pod: Pod, tools: Tools, directory: Path) -> ProcessRecord:
+def _target_container(spec: LabSpec, pod: Pod, name: str, directory: Path) -> ContainerSpec:
     paths = target_paths(directory, pod.name)
     paths["pid"].unlink(missing_ok=True)
     ports = ",".join(str(p) for p in spec.ports)
-    # --daemon: returns once every socket listens and the pid file is written.
-    argv = [tools.ip, "netns", "exec", pod.netns, sys.executable, "-m", system.TARGET_MODULE]
+    # The pid file is written once every socket listens: the readiness signal.
+    argv = [sys.executable, "-m", system.TARGET_MODULE]
     argv += ["--name", pod.name, "--netns", pod.netns, "--ports", ports]
-    argv += ["--address", spec.vip4, "--address", spec.vip6]
-    argv += ["--daemon", "--pidfile", str(paths["pid"]), "--log", str(paths["log"])]
-    system.run(argv, what=f"start the server of {pod.name}")
-    pid = system.wait_for_pidfile(paths["pid"], 5.0, f"server of {pod.name}")
-    return ProcessRecord(kind="target", pod=pod.name, netns=pod.netns, pid=pid)
+    argv += ["--address", spec.vip4, "--address", spec.vip6, "--pidfile", str(paths["pid"])]
+    return ContainerSpec(pod.name, name, pod.netns, "target", sys.executable, tuple(argv))
 
 
 def _wait_ready(spec: LabSpec, tools: Tools, root: Path, timeout: float) -> None:

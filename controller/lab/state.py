@@ -11,9 +11,15 @@ Layout of ``/run/meridio-debug/lab/<prefix>/`` (tmpfs: gone after a reboot,
 like the namespaces themselves)::
 
     lab.json                 {"spec": ..., "processes": [...], "complete": bool}
-    bird-<pod>.conf/.ctl/.pid/.log
+    bird-<pod>.conf/.ctl/.log
     lb.nft                   the ruleset loaded into every LB
-    target-<pod>.pid/.log
+    target-<pod>.pid
+    <pod>.<container>.log    what each container's PID 1 printed
+    shm/<pod>/               the pod's /dev/shm (bound there in each of its containers)
+    bin/<name>               ``proxy``/``tapa``/...: sleep, named after Meridio's binary
+
+Each record in ``processes`` is a container (lab/containers.py): pod,
+container name, what its PID 1 runs, and that PID 1's pid on the host.
 """
 
 from __future__ import annotations
@@ -37,17 +43,19 @@ from meridio_debug.controller.lab.spec import (
 STATE_ROOT = Path("/run/meridio-debug/lab")
 STATE_FILE = "lab.json"
 
-ProcessKind = Literal["bird", "target"]
+ProcessKind = Literal["bird", "target", "nfqlb", "idle"]
+PROCESS_KINDS: tuple[ProcessKind, ...] = ("bird", "target", "nfqlb", "idle")
 
 
 @dataclass(frozen=True)
 class ProcessRecord:
-    """A process ``up`` started: what, where, and its pid."""
+    """A container ``up`` started: its pod, its name, what its PID 1 runs, and that pid (host)."""
 
     kind: ProcessKind
     pod: str
     netns: str
     pid: int
+    container: str
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,12 @@ def _process(raw: Any) -> ProcessRecord:
     if not isinstance(raw, dict):
         raise ValueError("process record is not an object")
     kind, pod, netns, pid = raw.get("kind"), raw.get("pod"), raw.get("netns"), raw.get("pid")
-    if kind not in ("bird", "target") or not isinstance(pod, str):
+    container = raw.get("container")
+    if kind not in PROCESS_KINDS or not isinstance(pod, str) or not isinstance(container, str):
         raise ValueError(f"bad process record {raw!r}")
     if not isinstance(netns, str) or not isinstance(pid, int) or pid <= 1:
         raise ValueError(f"bad process record {raw!r}")
-    return ProcessRecord(kind=kind, pod=pod, netns=netns, pid=pid)
+    return ProcessRecord(kind=kind, pod=pod, netns=netns, pid=pid, container=container)
 
 
 def read_state(prefix: str, root: Path = STATE_ROOT) -> LabState | None:

@@ -1,4 +1,4 @@
-"""What is there: namespaces, processes and BGP sessions of a lab.
+"""What is there: namespaces, containers and BGP sessions of a lab.
 
 Why separate from building: ``status`` must work for anyone (a half-built
 lab, a lab whose bird died, no lab at all) and must never change anything.
@@ -18,6 +18,7 @@ from typing import Any
 
 from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
+from meridio_debug.controller.lab import containers
 from meridio_debug.controller.lab.prereq import find_tools
 from meridio_debug.controller.lab.spec import DEFAULT_PREFIX, LabSpec
 from meridio_debug.controller.lab.state import (
@@ -45,11 +46,14 @@ class NamespaceStatus:
 
 @dataclass(frozen=True)
 class ProcessStatus:
-    kind: str  # "bird" or "target"
+    """A container of the lab: its PID 1 (host pid) and what that runs."""
+
+    kind: str  # bird, target, nfqlb, idle
     pod: str
     netns: str
     pid: int
     alive: bool
+    container: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,9 @@ class LabStatus:
             out.append("lab up did not finish")
         out += [f"namespace {n.name} missing" for n in self.namespaces if not n.exists]
         out += [
-            f"{p.kind} in {p.pod} (pid {p.pid}) not running" for p in self.processes if not p.alive
+            f"container {p.container} of {p.pod} ({p.kind}, pid {p.pid}) not running"
+            for p in self.processes
+            if not p.alive
         ]
         out += [
             f"{s.pod} {s.protocol}: {s.state} {s.info}".rstrip()
@@ -281,7 +287,14 @@ def status(prefix: str = DEFAULT_PREFIX, root: Path = STATE_ROOT) -> LabStatus:
     )
     processes = tuple(
         ProcessStatus(
-            r.kind, r.pod, r.netns, r.pid, system.is_lab_process(r.pid, directory, r.netns)
+            r.kind,
+            r.pod,
+            r.netns,
+            r.pid,
+            containers.alive_and_ours(
+                r.pid, directory, containers.marker(directory, r.pod, r.container)
+            ),
+            r.container,
         )
         for r in state.processes
     )

@@ -31,7 +31,8 @@ from meridio_debug.controller.lab import (
     traffic,
     up,
 )
-from meridio_debug.controller.lab._system import lab_namespaces, pid_alive
+from meridio_debug.controller.lab._system import lab_namespaces, pid_alive, pids_in_namespaces
+from meridio_debug.controller.lab.containers import MARKER_ENV
 from meridio_debug.controller.lab.state import STATE_ROOT, read_state, state_dir
 
 needs_root = [
@@ -192,12 +193,16 @@ def test_down_removes_namespaces_processes_and_state(lab_prefix):
     try:
         up(spec)
         pids = [p.pid for p in read_state(prefix).processes]
-        assert len(pids) == 3 + 4  # bird in gw and both FEs, one server per target
+        # gateway, 2 x (stateless-lb, frontend), 2 x proxy, 4 x (example-target, tapa)
+        assert len(pids) == 1 + 2 * 2 + 2 + 4 * 2
         assert all(pid_alive(p) for p in pids)
+        # What runs inside the containers (bird, the servers) dies with them.
+        inner = list(pids_in_namespaces(spec.namespaces))
+        assert marked_pids(prefix)
     finally:
         down(prefix)
     assert not set(spec.namespaces) & namespaces()
-    assert not [p for p in pids if pid_alive(p)]
+    assert not [p for p in pids + inner if pid_alive(p)]
     assert not state_dir(prefix).exists()
     assert not status(prefix).exists
     down(prefix)  # nothing left: still fine
@@ -254,3 +259,103 @@ def test_scaled_lab_carries_traffic(lab_prefix):
 def test_state_root_is_under_run():
     # Other tools (analysis, CLI) find running labs here; keep it stable.
     assert Path("/run/meridio-debug/lab") == STATE_ROOT
+
+
+# --- pods as pods: containers ---------------------------------------------------------------
+
+
+def ns_id(pid: int, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+def containers_of(prefix: str) -> dict[tuple[str, str], int]:
+    return {(r.pod, r.container): r.pid for r in read_state(prefix).processes}
+
+
+def in_container(pid: int, *argv: str) -> str:
+    done = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", "-m", "-p", "--", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+@root_test
+def test_pods_have_meridios_containers_each_with_its_own_pid_and_mount_namespace(lab):
+    got = containers_of(lab.prefix)
+    assert {c for pod, c in got if pod == "lb-fe-a"} == {"stateless-lb", "frontend"}
+    assert {c for pod, c in got if pod == "proxy-a"} == {"proxy"}
+    assert {c for pod, c in got if pod == "target-a1"} == {"example-target", "tapa"}
+    lb, fe = got[("lb-fe-a", "stateless-lb")], got[("lb-fe-a", "frontend")]
+    # One network namespace per pod; PID and mount namespaces per container, none the host's.
+    assert (
+        ns_id(lb, "net") == ns_id(fe, "net") == os.stat(f"/run/netns/{lab.netns('lb-fe-a')}").st_ino
+    )
+    host_pid, host_mnt = ns_id(os.getpid(), "pid"), ns_id(os.getpid(), "mnt")
+    assert len({ns_id(lb, "pid"), ns_id(fe, "pid"), host_pid}) == 3
+    assert len({ns_id(lb, "mnt"), ns_id(fe, "mnt"), host_mnt}) == 3
+    # Each container sees its own processes only, with a real PID 1 (bird in frontend).
+    ps = in_container(fe, "ps", "-e", "-o", "pid=,comm=")
+    rows = {tuple(line.split()) for line in ps.splitlines()}
+    assert ("1", "bird") in rows
+    assert not any(comm in ("stateless-lb", "tapa", "proxy", "python") for _, comm in rows)
+    assert in_container(got[("target-a1", "tapa")], "cat", "/proc/1/comm").strip() == "tapa"
+
+
+@root_test
+def test_dev_shm_is_shared_by_a_pods_containers_and_private_to_the_pod(lab):
+    got = containers_of(lab.prefix)
+    a_lb, a_fe = got[("lb-fe-a", "stateless-lb")], got[("lb-fe-a", "frontend")]
+    b_lb = got[("lb-fe-b", "stateless-lb")]
+    name = f"tshm-test-{os.getpid()}"
+    in_container(a_lb, "touch", f"/dev/shm/{name}")
+    try:
+        assert name in in_container(a_fe, "ls", "/dev/shm").split()
+        assert name not in in_container(b_lb, "ls", "/dev/shm").split()
+        assert not Path(f"/dev/shm/{name}").exists()  # not the host's either
+    finally:
+        in_container(a_lb, "rm", "-f", f"/dev/shm/{name}")
+
+
+@root_test
+def test_status_shows_containers(lab):
+    argv = [sys.executable, "-m", "meridio_debug.controller.cli", "lab", "status"]
+    out = subprocess.run(
+        [*argv, "--prefix", lab.prefix],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
+    lines = [line.split() for line in out.splitlines()]
+    assert ["lb-fe-b", "frontend", "bird"] in [row[:3] for row in lines]
+    assert ["target-b2", "tapa", "idle"] in [row[:3] for row in lines]
+
+
+def marked_pids(prefix: str) -> list[int]:
+    """Host pids whose environment carries this lab's container marker."""
+    wanted = f"{MARKER_ENV}={state_dir(prefix)}/".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if any(item.startswith(wanted) for item in env.split(b"\0")):
+                found.append(int(entry))
+    return found
+
+
+@root_test
+def test_failed_up_removes_the_containers_it_started(lab_prefix):
+    """``up`` fails after every container started (birdc missing: BGP cannot be checked)."""
+    prefix = lab_prefix()
+    tools = dataclasses.replace(check_prerequisites(), birdc="/nonexistent/birdc")
+    with pytest.raises(LabError) as info:
+        up(build_spec(prefix=prefix), tools=tools, ready_timeout=1)
+    assert "not ready" in str(info.value)
+    assert not lab_namespaces(prefix)
+    assert not state_dir(prefix).exists()
+    assert not marked_pids(prefix)
