@@ -4,17 +4,22 @@ Why: on this host the local runtime needs one agent per network namespace,
 and starting a Python agent costs ~0.2 s of CPU (interpreter, grpc, protobuf,
 psutil imports) before it serves. With 49 pods on 2 cores that alone is
 seconds. The launcher pays the imports once, then forks one child per
-namespace; the child joins the namespace (``setns``: only the network
-namespace changes, so the child still sees this host's files and its unix
-socket is reachable from the controller) and runs the ordinary agent
+pod; the child joins it the way the kubelet starts an ephemeral container
+(agent/ephemeral.py): the pod's network namespace, the target container's
+PID namespace when one is named, a mount namespace of its own with /proc,
+/sys and the pod's /dev/shm; the host's files stay visible, so its unix
+socket is reachable from the controller. Then it runs the ordinary agent
 ``main()``. The launcher creates no gRPC channel or server and runs no
-thread, so forking it is safe.
+thread, so forking it (and switching the PID namespace of its next child)
+is safe.
 
 Protocol: JSON lines. The controller writes requests on stdin, the launcher
 answers on stdout:
 
     {"id": "1", "netns": "/run/netns/x", "log": "/tmp/.../agent.log",
-     "args": ["--listen", "unix:/tmp/.../agent.sock", ...]}
+     "args": ["--listen", "unix:/tmp/.../agent.sock", ...],
+     "target_pid": 1234, "shm": "/run/.../shm/pod", "container": "frontend",
+     "pod_containers": ["stateless-lb", "frontend"]}     (the last four optional)
         -> {"id": "1", "pid": 1234} | {"id": "1", "error": "one line"}
     {"id": "2", "signal": 15, "pid": 1234}
         -> {"id": "2", "ok": true} | {"id": "2", "error": "..."}
@@ -31,7 +36,6 @@ launcher exits: nothing outlives the controller.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -40,19 +44,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-CLONE_NEWNET = 0x40000000
+from meridio_debug.agent.ephemeral import (
+    POD_CONTAINERS_ENV,
+    TARGET_CONTAINER_ENV,
+    become_ephemeral,
+    fork_into,
+)
+
 GRACE_S = 3.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    """Join the namespace behind ``fd`` (Python 3.11 has no os.setns)."""
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def preload() -> None:
@@ -74,8 +76,28 @@ def preload() -> None:
     capture.preload_libpcap()
 
 
-def child(netns_fd: int, log_path: str, args: Sequence[str]) -> int:
-    """In the forked child: detach, redirect, join the namespace, run the agent."""
+@dataclass(frozen=True)
+class Target:
+    """Which container of the pod the agent joins like an ephemeral container (all optional)."""
+
+    pid: int | None = None  # a pid (host) of the target container: its PID namespace
+    shm: str | None = None  # the host directory that is the pod's /dev/shm
+    container: str = ""  # the target container's name
+    pod_containers: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> Target:
+        pid = req.get("target_pid")
+        return cls(
+            pid=int(pid) if pid is not None else None,
+            shm=str(req["shm"]) if req.get("shm") else None,
+            container=str(req.get("container") or ""),
+            pod_containers=tuple(str(c) for c in req.get("pod_containers") or ()),
+        )
+
+
+def child(netns_fd: int, log_path: str, args: Sequence[str], target: Target = Target()) -> int:
+    """In the forked child: detach, redirect, join the pod, run the agent."""
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -90,12 +112,16 @@ def child(netns_fd: int, log_path: str, args: Sequence[str]) -> int:
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     try:
-        setns(netns_fd)
+        become_ephemeral(netns_fd, shm=target.shm, remount=target.pid is not None)
     except OSError as exc:
-        print(f"meridio-debug-agent: cannot join the network namespace: {exc}", file=sys.stderr)
+        print(f"meridio-debug-agent: cannot join the pod: {exc}", file=sys.stderr)
         return 1
     finally:
         os.close(netns_fd)
+    if target.container:
+        os.environ[TARGET_CONTAINER_ENV] = target.container
+    if target.pod_containers:
+        os.environ[POD_CONTAINERS_ENV] = ",".join(target.pod_containers)
     from meridio_debug.agent.main import main
 
     return main(list(args))
@@ -122,23 +148,28 @@ class Launcher:
                 self._signal(int(req["pid"]), int(req["signal"]))
                 self._write({"id": rid, "ok": True})
             else:
-                pid = self._spawn(str(req["netns"]), str(req["log"]), [str(a) for a in req["args"]])
+                pid = self._spawn(
+                    str(req["netns"]),
+                    str(req["log"]),
+                    [str(a) for a in req["args"]],
+                    Target.from_request(req),
+                )
                 self._write({"id": rid, "pid": pid})
         except (KeyError, TypeError, ValueError) as exc:
             self._write({"id": rid, "error": f"malformed request: {exc!r}"})
         except OSError as exc:
             self._write({"id": rid, "error": str(exc)})
 
-    def _spawn(self, netns: str, log_path: str, args: list[str]) -> int:
+    def _spawn(self, netns: str, log_path: str, args: list[str], target: Target) -> int:
         fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            pid = fork_into(target.pid)
             if pid == 0:  # pragma: no cover - the child never returns here
                 code = 1
                 try:
-                    code = child(fd, log_path, args)
+                    code = child(fd, log_path, args, target)
                 except SystemExit as exc:  # argparse's usage errors
                     code = exc.code if isinstance(exc.code, int) else 1
                 except BaseException as exc:

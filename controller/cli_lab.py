@@ -17,7 +17,7 @@ from typing import Any
 
 from meridio_debug.controller.errors import LabError, UsageError
 from meridio_debug.controller.runtime import PodRef
-from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
+from meridio_debug.controller.runtime.local import EphemeralTarget, LocalRuntime, select_pods
 
 
 def lab_pods(prefix: str) -> list[PodRef]:
@@ -30,12 +30,40 @@ def lab_pods(prefix: str) -> list[PodRef]:
     return [PodRef(name=p.name, role=p.role, location=p.netns, runtime="lab") for p in spec.pods]
 
 
+def lab_targets(prefix: str) -> dict[str, EphemeralTarget]:
+    """Pod name -> the container its agent joins, as an ephemeral container would.
+
+    The same container a cluster's agent targets (lab/containers.AGENT_TARGET,
+    runtime/k8s_spec.target_container): ``frontend`` in an LB/FE pod, so the
+    agent sees bird's processes and not nfqlb's, as in Meridio.
+    """
+    from meridio_debug.controller.lab import containers
+    from meridio_debug.controller.lab.state import read_state, state_dir
+
+    state = read_state(prefix)
+    if state is None:
+        return {}
+    directory = state_dir(prefix)
+    pids = {(r.pod, r.container): r.pid for r in state.processes}
+    out: dict[str, EphemeralTarget] = {}
+    for pod in state.spec.pods:
+        name = containers.AGENT_TARGET[pod.role]
+        pid = pids.get((pod.name, name))
+        if pid is not None:
+            out[pod.name] = EphemeralTarget(
+                container=name,
+                pid=pid,
+                shm=str(containers.shm_dir(directory, pod.name)),
+                pod_containers=containers.CONTAINERS[pod.role],
+            )
+    return out
+
+
 def lab_runtime(prefix: str, names: Sequence[str]) -> LocalRuntime:
     """A local runtime over the named lab pods (all Meridio pods when none are named)."""
     pods = lab_pods(prefix)
-    if not names:
-        return LocalRuntime([p for p in pods if p.role != "gateway"])
-    return LocalRuntime(select_pods(pods, names))
+    chosen = select_pods(pods, names) if names else [p for p in pods if p.role != "gateway"]
+    return LocalRuntime(chosen, targets=lab_targets(prefix))
 
 
 def add_parser(sub: Any) -> None:
@@ -145,9 +173,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for n in st.namespaces:
             print(f"  {n.name:<22} {n.role:<8} {'ok' if n.exists else 'MISSING'}")
         for p in st.processes:
-            print(
-                f"  {p.kind:<7} {p.pod:<14} pid {p.pid:<8} {'running' if p.alive else 'NOT RUNNING'}"
-            )
+            state = "running" if p.alive else "NOT RUNNING"
+            print(f"  {p.pod:<14} {p.container:<15} {p.kind:<7} pid {p.pid:<8} {state}")
         for s in st.sessions:
             info = s.info if s.kind == "bgp" else s.info.split(" on ", 1)[-1]
             print(f"  {s.kind:<7} {s.pod:<14} {s.protocol:<20} {s.state} {info}")

@@ -155,12 +155,12 @@ def trace_runtime(
 
 def lab_trace_source(prefix: str, names: Sequence[str] = ()) -> tuple[Runtime, TrenchConfig]:
     """The lab's pods *with* the gateway (its ECMP picks the entry LB) and the lab's VIPs."""
-    from meridio_debug.controller.cli_lab import lab_pods
+    from meridio_debug.controller.cli_lab import lab_pods, lab_targets
     from meridio_debug.controller.lab import load_spec
     from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
 
     pods = lab_pods(prefix)
-    runtime = LocalRuntime(select_pods(pods, names) if names else pods)
+    runtime = LocalRuntime(select_pods(pods, names) if names else pods, targets=lab_targets(prefix))
     spec = load_spec(prefix)
     config = TrenchConfig()
     if spec is not None:

@@ -1,8 +1,13 @@
 """Local runtime: agents in network namespaces on this host, over unix sockets.
 
-For each pod an agent runs inside the pod's network namespace (only the
-network namespace changes, so the agent still sees this host's files and its
-unix socket, in a private directory, is reachable from here). The agents are
+For each pod an agent runs inside the pod's network namespace. Given an
+``EphemeralTarget`` for the pod (the lab gives one for every pod), it joins
+the pod as the kubelet starts an ephemeral container with
+``targetContainerName``: the target container's PID namespace only, a mount
+namespace of its own with /proc, /sys and the pod's /dev/shm (agent/
+ephemeral.py); without one only the network namespace changes (a bare
+``--netns``). Either way the agent still sees this host's files, so its unix
+socket, in a private directory, is reachable from here. The agents are
 forked by one launcher process per command (agent/launcher.py: it pays the
 Python and gRPC imports once instead of once per pod, which on 2 cores is the
 difference between ~1 s and ~8 s for a 49-pod trench). Each agent is stopped
@@ -24,7 +29,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,32 @@ NETNS_DIR = Path("/run/netns")
 LAUNCHER_MODULE = "meridio_debug.agent.launcher"
 LAUNCHER_START_S = 20.0
 LAUNCHER_STOP_S = 5.0
+
+
+@dataclass(frozen=True)
+class EphemeralTarget:
+    """The container an agent targets, as ``targetContainerName`` names it in a cluster.
+
+    ``pid``: a host pid of that container (its PID 1): the agent shares that
+    PID namespace and no other. ``shm``: the host directory that is the pod's
+    /dev/shm (bound there in the agent's own mount namespace), "" to keep the
+    host's. ``container``/``pod_containers``: names the agent puts on its
+    snapshot's sections (which container each came from).
+    """
+
+    container: str
+    pid: int
+    shm: str = ""
+    pod_containers: tuple[str, ...] = ()
+
+    def request(self) -> dict[str, Any]:
+        """The launcher's request fields for this target (agent/launcher.py)."""
+        return {
+            "target_pid": self.pid,
+            "shm": self.shm,
+            "container": self.container,
+            "pod_containers": list(self.pod_containers),
+        }
 
 
 def netns_path(pod: PodRef) -> str:
@@ -190,8 +222,16 @@ class AgentLauncher:
             raise RuntimeUnavailable(str(reply["error"]))
         return reply
 
-    async def spawn(self, netns: str, log_path: str, args: Sequence[str]) -> int:
-        reply = await self._request({"netns": netns, "log": log_path, "args": list(args)})
+    async def spawn(
+        self,
+        netns: str,
+        log_path: str,
+        args: Sequence[str],
+        target: EphemeralTarget | None = None,
+    ) -> int:
+        """Fork an agent in ``netns`` (joining ``target``'s container when given); its pid."""
+        request = {"netns": netns, "log": log_path, "args": list(args)}
+        reply = await self._request({**request, **(target.request() if target else {})})
         pid = int(reply["pid"])
         self._exit_future(pid)
         return pid
@@ -241,8 +281,11 @@ class LocalRuntime:
         python: str = sys.executable,
         start_timeout: float = 15.0,
         idle_timeout: float = 600.0,
+        targets: Mapping[str, EphemeralTarget] | None = None,
     ) -> None:
+        """``targets``: pod name -> the container its agent joins (see EphemeralTarget)."""
         self._pods = list(pods)
+        self._targets = dict(targets or {})
         self._python = python
         self._start_timeout = start_timeout
         self._idle_timeout = idle_timeout
@@ -296,7 +339,9 @@ class LocalRuntime:
         channel: grpc.aio.Channel | None = None
         await launcher.acquire()
         try:
-            pid = await launcher.spawn(netns, log_path, self.agent_args(socket_path))
+            pid = await launcher.spawn(
+                netns, log_path, self.agent_args(socket_path), self._targets.get(pod.name)
+            )
             channel = grpc.aio.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
             client = AgentClient(channel, pod.name)
             await self._wait_ready(
