@@ -8,8 +8,9 @@ With ``--active`` the same command also captures in every pod at once while
 probes (``--probe``) or the user's own traffic flow (controller/trace_active.py)
 and reports the path the packets actually took.
 
-Exit codes: 0 the path is whole both ways, 3 it is broken somewhere (like a
-finding at ``--fail-on``), 1 an error (lab not up, agents unreachable, no
+Exit codes: 0 the path is whole both ways (also when degraded: a hop on it
+breaks *other* flows), 3 it is broken or may be (like a finding at
+``--fail-on``), 1 an error (lab not up, agents unreachable, no
 packet of the flow seen with --active), 2 usage.
 """
 
@@ -34,8 +35,13 @@ EPILOG = """examples:
   meridio-debug trace --lab --active --probe 10 --flow 'tcp [200:100::7]:40000 -> [2000::1]:4000' -o json
   meridio-debug trace -n red --active --duration 10 --flow 'tcp 10.0.0.5:43210 -> 20.0.0.1:4000' -w flow.pcapng
 
--o json is {flow, paths: [{target, chosen, hops: [{pod, role, direction, ok, reason,
-code}]}], first_broken: {pod, direction, reason, code} | null}; with several --flow, a list.
+-o json is {flow, verdict: whole|degraded|uncertain|broken, paths: [{target, chosen,
+hops: [{pod, role, direction, ok, reason, code, degraded, candidates, via}]}],
+first_broken: {pod, direction, reason, code, certain} | null, degraded: [{pod, direction,
+reason, code}]}; with several --flow, a list. A hop whose ECMP choice the kernel makes
+with a hash the trace cannot compute (IPv6, TCP replies) lists candidates (pod names) and
+the path continues through each (hops with via). degraded: kernel state on the path that
+breaks other flows, not this one (exit 0). uncertain: broken on some candidates (exit 3).
 
 --active captures in every pod at once (BPF filter for the flow, both directions), sends
 probes only with --probe (from the gateway pod; without one, marked from the entry LB as if
@@ -50,11 +56,13 @@ the JSON an "active" object:
    lost_at: {pod, direction, reason, code} | null  (where packets disappeared),
    first_broken, evidence, agrees_with_static, static_target, static_first_broken,
    notes, captures: [{pod, packets, kernel_drops, agent_drops, error}], timings_ms}
-With --active the top-level first_broken is the active verdict: the first hop where
-packets disappeared, or a hop they passed whose kernel state is broken (evidence "state",
-e.g. a proxy nexthop missing for another LB).
+With --active the top-level verdict, first_broken and degraded are the packets': a flow
+whose probes were all answered is whole (a hop they passed with broken kernel state is
+degraded); else the first hop where packets disappeared, or the broken state that explains
+it (evidence "state"). agrees_with_static: same target, the LBs the replies took are among
+static's candidates, and the packets' verdict is one of static's ways.
 
-exit codes: 0 path whole, 1 error, 2 usage, 3 path broken"""
+exit codes: 0 path whole (or degraded), 1 error, 2 usage, 3 path broken (or uncertain)"""
 
 
 def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -189,7 +197,9 @@ def _active(args: argparse.Namespace, runtime: Any, flow: Any, config: Any) -> i
         return EXIT_OK if static.ok else EXIT_BROKEN
     if args.output == "json":
         doc = static.to_dict()
+        doc["verdict"] = active.verdict
         doc["first_broken"] = active.first_broken.to_dict() if active.first_broken else None
+        doc["degraded"] = active.to_dict()["degraded"]
         doc["active"] = {
             **active.to_dict(),
             "captures": list(run.captures),

@@ -25,8 +25,9 @@ from meridio_debug.controller.trace import Flow, RouteAnswer, RouteQuery, TraceR
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
 
-# What the trace reads; sockets, processes and sysctls are left out (the
-# sockets section alone costs ~10 ms per pod).
+# What the trace reads; sockets and processes are left out (the sockets
+# section alone costs ~10 ms per pod). sysctls: fib_multipath_hash_policy
+# decides whether an ECMP answer is exact (trace/multipath.py).
 TRACE_SECTIONS = (
     "links",
     "addresses",
@@ -37,6 +38,7 @@ TRACE_SECTIONS = (
     "nftables",
     "bird",
     "nfqlb",
+    "sysctls",
 )
 
 

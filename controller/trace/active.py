@@ -352,6 +352,7 @@ class ActiveHop:
     reason: str
     code: str | None = None
     evidence: Evidence | None = None
+    degraded: bool = False  # packets passed; the kernel state here breaks other flows (code)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -370,6 +371,7 @@ class ActiveHop:
             "reason": self.reason,
             "code": self.code,
             "evidence": self.evidence,
+            "degraded": self.degraded,
         }
 
 
@@ -392,10 +394,22 @@ class ActiveResult:
     static_target: str
     sender: str = ""
     notes: tuple[str, ...] = field(default=())
+    static_back: tuple[str, ...] = ()  # the LB(s) static said the replies take (candidates)
+    lbs_back: tuple[str, ...] = ()  # the LB(s) the replies took
 
     @property
     def ok(self) -> bool:
         return self.first_broken is None
+
+    @property
+    def degraded(self) -> tuple[ActiveHop, ...]:
+        return tuple(h for h in self.hops if h.degraded)
+
+    @property
+    def verdict(self) -> str:
+        if self.first_broken is not None:
+            return "broken"
+        return "degraded" if self.degraded else "whole"
 
     def to_dict(self) -> dict[str, Any]:
         t0 = self.sightings[0].ts_ns if self.sightings else 0
@@ -421,7 +435,14 @@ class ActiveResult:
             "lost_at": self.lost_at.to_dict() if self.lost_at else None,
             "first_broken": self.first_broken.to_dict() if self.first_broken else None,
             "evidence": self.evidence,
+            "verdict": self.verdict,
+            "degraded": [
+                {"pod": h.pod, "direction": h.direction, "reason": h.reason, "code": h.code}
+                for h in self.degraded
+            ],
             "agrees_with_static": self.agrees_with_static,
+            "static_return_lbs": list(self.static_back),
+            "return_lbs": list(self.lbs_back),
             "static_target": self.static_target or None,
             "static_first_broken": (
                 self.static_first_broken.to_dict() if self.static_first_broken else None
@@ -473,10 +494,16 @@ def _probe_of(p: Packet, direction: Direction, probes: Sequence[ProbeMark]) -> i
     return -1
 
 
-def _udp_reply_of(ts_ns: int, probes: Sequence[ProbeMark]) -> int:
-    """A UDP reply carries no marker of ours: it answers the last probe sent before it."""
-    before = [p for p in probes if p.ok and p.sent_ns <= ts_ns]
-    return max(before, key=lambda p: p.sent_ns).index if before else -1
+def _udp_reply_of(ts_ns: int, probes: Sequence[ProbeMark], taken: set[int]) -> int:
+    """A UDP reply carries no marker of ours: it answers the earliest probe sent before it
+    that no earlier reply answered (replies come back in order; with 10 ms between probes a
+    reply may arrive after the next probe left), else the last one sent before it."""
+    before = sorted((p for p in probes if p.ok and p.sent_ns <= ts_ns), key=lambda p: p.sent_ns)
+    if not before:
+        return -1
+    free = next((p for p in before if p.index not in taken), before[-1])
+    taken.add(free.index)
+    return free.index
 
 
 def _passes(
@@ -540,18 +567,21 @@ def trails(
             runs.append([])
         runs[-1].append(s)
     out: list[Trail] = []
-    for key, runs in instances.items():
-        direction = cast(Direction, key[0])
-        for seen in runs:
-            index = -1
-            if probes is not None:
-                index = _probe_of(seen[0].packet, direction, probes)
-                if index < 0 and direction == "return" and seen[0].packet.proto == 17:
-                    index = _udp_reply_of(seen[0].ts_ns, probes)
-                if index < 0:
-                    continue  # not a probe nor a reply to one (e.g. the client's RST)
-            passes, flooded = _passes(direction, seen, roles)
-            out.append(Trail(direction, seen[0].packet, tuple(seen), passes, flooded, index))
+    taken: set[int] = set()
+    ordered = sorted(
+        ((cast(Direction, key[0]), seen) for key, runs in instances.items() for seen in runs),
+        key=lambda item: item[1][0].ts_ns,
+    )
+    for direction, seen in ordered:
+        index = -1
+        if probes is not None:
+            index = _probe_of(seen[0].packet, direction, probes)
+            if index < 0 and direction == "return" and seen[0].packet.proto == 17:
+                index = _udp_reply_of(seen[0].ts_ns, probes, taken)
+            if index < 0:
+                continue  # not a probe nor a reply to one (e.g. the client's RST)
+        passes, flooded = _passes(direction, seen, roles)
+        out.append(Trail(direction, seen[0].packet, tuple(seen), passes, flooded, index))
     out.sort(key=lambda t: t.sightings[0].ts_ns)
     return out
 
@@ -663,6 +693,18 @@ def correlate(
 
     static_hops = _static_path_hops(static, target or static_target)
     state_of = {(h.pod, h.direction): h for h in static_hops}
+    # Every packet got through (probes: each one answered; traffic: each delivered both
+    # ways): the flow is whole, whatever the kernel state on its hops says about others.
+    if probes is not None:
+        sent_ok = [p for p in probes if p.ok]
+        all_through = bool(sent_ok) and len(answered_probes) >= len(sent_ok)
+    else:
+        all_through = (
+            bool(fwd)
+            and len(delivered) == len(fwd)
+            and bool(ret)
+            and all(_return_delivered(t) for t in ret)
+        )
 
     # A target that got a request and sent no reply: the loss is in that target;
     # packets cannot say which way, the target's kernel state does.
@@ -712,7 +754,11 @@ def correlate(
         ok, reason, code = True, "", None
         evidence: Evidence | None = None
         state_bad = state is not None and not state.ok
-        if tally.lost:
+        degraded = False
+        if not tally.lost and state is not None and (state.degraded or (state_bad and all_through)):
+            degraded, code = True, state.code
+            reason = f"packets passed; the kernel state here breaks other flows: {state.reason}"
+        elif tally.lost:
             ok, evidence = False, "packets"
             total = max(tally.seen, tally.lost)
             why = f" -- kernel: {state.reason}" if state is not None and state_bad else ""
@@ -744,6 +790,7 @@ def correlate(
                 reason=reason,
                 code=code,
                 evidence=evidence,
+                degraded=degraded,
             )
         )
     first = next((h for h in hops if not h.ok), None)
@@ -778,38 +825,35 @@ def correlate(
     if rep and any(_direction(flow, s.packet) == "return" for s in rep):
         rtt = (rep[-1].ts_ns - rep[0].ts_ns) / 1000.0
     static_broken = static.first_broken
+    lbs_back = sorted({p.pod for t in ret for p in t.passes if p.role == "lb-fe"})
+    static_back = _static_back(static_hops)
+    same_verdict = _same_verdict(first_broken, static_hops)
+    same_back = not lbs_back or not static_back or set(lbs_back) <= set(static_back)
     agrees = (
         bool(all_trails)
-        and (first_broken is None) == (static_broken is None)
-        and (
-            first_broken is None
-            or static_broken is None
-            or (first_broken.pod, first_broken.direction)
-            == (static_broken.pod, static_broken.direction)
-        )
+        and same_verdict
+        and same_back
         and (not target or not static_target or target == static_target)
     )
     if target and static_target and target != static_target:
         notes.append(f"the packets went to {target}; the static trace expected {static_target}")
-    lbs_back = sorted({p.pod for t in ret for p in t.passes if p.role == "lb-fe"})
     if len(lbs_back) > 1:
         notes.append(
             f"replies left through several LBs ({', '.join(lbs_back)}): the proxy's ECMP "
             "choice is per packet hash (a TCP socket's random txhash is kept across veth)"
         )
-    static_back = next(
-        (h.pod for h in static_hops if h.role == "lb-fe" and h.direction == "return"), ""
-    )
-    if len(lbs_back) == 1 and static_back and lbs_back[0] != static_back:
-        why = (
-            " (a TCP reply carries its socket's random hash, kept across veth, not the 5-tuple's)"
-            if flow.proto == "tcp"
-            else ""
-        )
-        notes.append(
-            f"replies left through {lbs_back[0]}; the 5-tuple hash predicted {static_back}{why}"
-        )
-    if lbs_back and static_back and lbs_back != [static_back]:
+    if lbs_back and static_back:
+        if not same_back:
+            notes.append(
+                f"replies left through {', '.join(lbs_back)}; the static trace said "
+                f"{' or '.join(static_back)}"
+            )
+        elif len(static_back) > 1:
+            notes.append(
+                f"replies left through {', '.join(lbs_back)}, one of the static trace's "
+                f"candidates {', '.join(static_back)} (the kernel's hash is not computable)"
+            )
+    if lbs_back and static_back and not same_back:
         hops = [
             replace(h, reason=f"{h.reason}; the packets went to {', '.join(lbs_back)}")
             if h.ok and h.role == "proxy" and h.direction == "return"
@@ -839,6 +883,40 @@ def correlate(
         static_target=static_target,
         sender=probe_run.pod if probe_run is not None else "",
         notes=tuple(notes),
+        static_back=tuple(static_back),
+        lbs_back=tuple(lbs_back),
+    )
+
+
+def _static_back(static_hops: Sequence[Hop]) -> list[str]:
+    """The LBs the static trace says the replies may leave through (one when exact)."""
+    proxy = next((h for h in static_hops if h.role == "proxy" and h.direction == "return"), None)
+    if proxy is not None and proxy.candidates:
+        return list(proxy.candidates)
+    return [h.pod for h in static_hops if h.role == "lb-fe" and h.direction == "return"][:1]
+
+
+def _ways(static_hops: Sequence[Hop]) -> list[list[Hop]]:
+    """Each way the flow may take through the static path: common hops + one candidate's."""
+    branches = sorted({h.via for h in static_hops if h.via})
+    if not branches:
+        return [list(static_hops)]
+    return [[h for h in static_hops if not h.via or h.via == b] for b in branches]
+
+
+def _same_verdict(active_broken: Broken | None, static_hops: Sequence[Hop]) -> bool:
+    """Do packets and state agree: whole on a way static found whole, or broken where one stops?
+
+    The static trace may list several ways (a reply ECMP it cannot predict); the
+    packets took one. They agree when that is one of static's ways: broken at a
+    hop where one of its ways first breaks, or whole when one of its ways is whole.
+    """
+    firsts = [next((h for h in way if not h.ok), None) for way in _ways(static_hops)]
+    if active_broken is None:
+        return any(f is None for f in firsts) or not static_hops
+    return any(
+        f is not None and (f.pod, f.direction) == (active_broken.pod, active_broken.direction)
+        for f in firsts
     )
 
 
@@ -867,7 +945,7 @@ def _blame_next(
     if at + 1 >= len(static_hops):
         return None
     nxt = static_hops[at + 1]
-    if nxt.ok or any((pod, d) == (nxt.pod, nxt.direction) for pod, _r, d in observed):
+    if nxt.via or nxt.ok or any((pod, d) == (nxt.pod, nxt.direction) for pod, _r, d in observed):
         return None
     return ActiveHop(
         pod=nxt.pod,

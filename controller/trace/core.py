@@ -21,13 +21,22 @@ Two pure steps, so the I/O layer (controller/trace_session.py) stays thin::
 Nothing here keys on rule priorities or table numbers: the mark comes from
 the LB's own map, the table from the rule that carries that mark, the proxy
 and target from the subnet that holds the next hop.
+
+What is certain and what is a candidate set: a kernel answer is the packets'
+choice only where the forwarding kernel hashes what the query carries
+(multipath.py has the rule, from net/ipv4/route.c and net/ipv6/route.c).
+Where it is not -- the proxy's reply ECMP for IPv6 and TCP, a gateway
+forwarding a client's IPv6 packets -- the hop carries ``candidates`` and the
+path continues through each of them (hops with ``via``). State that breaks
+other flows but not this one (an LB missing from a proxy's ECMP) is
+*degraded*, never this flow's first broken hop.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meridio_debug.controller.analysis._view import (
     PodView,
@@ -48,6 +57,7 @@ from meridio_debug.controller.model import (
 )
 from meridio_debug.controller.trace.flow import Flow
 from meridio_debug.controller.trace.hashing import computable, mark_for
+from meridio_debug.controller.trace.multipath import EcmpRule, forwarded, originated, policy_of
 from meridio_debug.controller.trace.types import (
     Answers,
     Broken,
@@ -438,7 +448,31 @@ class _Ctx:
         )
 
 
-def _gateway_forward(ctx: _Ctx, gw: PodView) -> tuple[Hop, PodView | None]:
+def _client_is_local(gw: PodView, client: IpAddress) -> bool:
+    return any(a.interface.ip == client for addrs in gw.addrs_by_if.values() for a in addrs)
+
+
+def _ecmp_rule(ctx: _Ctx, pod: PodView, *, reply: bool) -> EcmpRule:
+    """Can the kernel's answer at ``pod`` be trusted as the packets' ECMP choice?"""
+    if not reply and _client_is_local(pod, ctx.client):
+        return originated()
+    family = "ipv4" if ctx.flow.family == 4 else "ipv6"
+    value = pod.sysctl(f"net.{family}.fib_multipath_hash_policy") if pod.ok("sysctls") else None
+    return forwarded(ctx.flow, policy_of(value), reply=reply)
+
+
+def _owners(trench: TrenchView, ans: RouteAnswer) -> list[PodView]:
+    """The LBs whose external addresses are the answer's ECMP next hops."""
+    out: dict[str, PodView] = {}
+    for hop in ans.nexthops:
+        addr = ip(hop.gateway) if hop.gateway else None
+        owner = _lb_owner_of_ext(trench, addr) if addr is not None else None
+        if owner is not None:
+            out[owner.name] = owner
+    return [out[name] for name in sorted(out)]
+
+
+def _gateway_forward(ctx: _Ctx, gw: PodView) -> tuple[Hop, list[PodView] | None]:
     ans = ctx.answer(gw.name, Q_GW)
     if ans is None:
         return ctx.unasked(gw, "gateway", "forward", "the route to the VIP"), None
@@ -459,6 +493,24 @@ def _gateway_forward(ctx: _Ctx, gw: PodView) -> tuple[Hop, PodView | None]:
     addr = ip(ans.gateway) if ans.gateway else None
     lb = _lb_owner_of_ext(ctx.trench, addr) if addr is not None else None
     ecmp = f" (ECMP over {len(ans.nexthops)})" if len(ans.nexthops) > 1 else ""
+    rule = _ecmp_rule(ctx, gw, reply=False)
+    owners = _owners(ctx.trench, ans)
+    if len(owners) > 1 and not rule.exact:
+        names = [o.name for o in owners]
+        return (
+            Hop(
+                gw.name,
+                "gateway",
+                "forward",
+                True,
+                f"VIP {ctx.vip}: ECMP over {', '.join(names)}; one of them: {rule.why} "
+                f"({ans.describe()})",
+                None,
+                f"one of {', '.join(names)}",
+                candidates=tuple(names),
+            ),
+            owners,
+        )
     if lb is None:
         return (
             Hop(
@@ -483,7 +535,7 @@ def _gateway_forward(ctx: _Ctx, gw: PodView) -> tuple[Hop, PodView | None]:
             None,
             f"via {lb.name}",
         ),
-        lb,
+        [lb],
     )
 
 
@@ -804,10 +856,11 @@ def _target_return(ctx: _Ctx, target: PodView) -> tuple[Hop, IpAddress | None]:
     ), gw
 
 
-def _proxy_return(ctx: _Ctx, proxy: PodView) -> tuple[Hop, IpAddress | None]:
+def _proxy_return(ctx: _Ctx, proxy: PodView) -> tuple[Hop, list[IpAddress]]:
+    """The proxy's reply ECMP: the LB (or, hash unknown, the candidate LBs) the reply takes."""
     ans = ctx.answer(proxy.name, Q_PROXY_RET)
     if ans is None:
-        return ctx.unasked(proxy, "proxy", "return", "the return route"), None
+        return ctx.unasked(proxy, "proxy", "return", "the return route"), []
     vip, trench = ctx.vip, ctx.trench
     tables = _source_rule_tables(proxy, vip)
     if not ans.ok or ans.table not in tables:
@@ -823,7 +876,7 @@ def _proxy_return(ctx: _Ctx, proxy: PodView) -> tuple[Hop, IpAddress | None]:
             f"reply from {vip}: {why} ({ans.describe()})",
             code,
             "no egress",
-        ), None
+        ), []
     hops = [ip(h.gateway) for h in ans.nexthops if h.gateway] or [ip(ans.gateway)]
     have = {h for h in hops if h is not None}
     bridge_nets = [s for s in proxy.bridge_subnets if s.version == vip.version]
@@ -832,23 +885,39 @@ def _proxy_return(ctx: _Ctx, proxy: PodView) -> tuple[Hop, IpAddress | None]:
         for addr, (owner, subnet) in trench.lb_conduit_addrs.items()
         if addr.version == vip.version and owner.up and any(subnet == s for s in bridge_nets)
     }
-    chosen = ip(ans.gateway) if ans.gateway else None
-    found = trench.lb_conduit_addrs.get(chosen) if chosen is not None else None
-    chosen_owner = found[0] if found is not None else None
     ecmp = ", ".join(f"{h} ({live[h].pod})" if h in live else str(h) for h in sorted(have, key=str))
     missing = sorted((a for a in live if a not in have), key=str)
+    degraded = ""
     if missing:
         names = ", ".join(f"{a} ({live[a].pod})" for a in missing)
+        degraded = (
+            f"; egress ECMP lacks a nexthop for live LB link(s) {names}: those LBs get no "
+            "return traffic (other flows' replies may be lost)"
+        )
+    rule = _ecmp_rule(ctx, proxy, reply=True)
+    if len(have) > 1 and not rule.exact:
+        # The kernel's answer is one boot's (or one socket's) pick: every nexthop is a candidate.
+        cands = sorted(have, key=str)
+        owners = []
+        for addr in cands:
+            found = trench.lb_conduit_addrs.get(addr)
+            owners.append(found[0].pod if found is not None else str(addr))
+        names = ", ".join(owners)
         return Hop(
             proxy.name,
             "proxy",
             "return",
-            False,
-            f"egress ECMP [{ecmp}] lacks a nexthop for live LB link(s) {names}: those LBs get "
-            f"no return traffic; this flow hashes to {ans.gateway}",
-            "MDB204",
-            "nexthop missing",
-        ), chosen
+            True,
+            f"reply from {vip} → table {ans.table}, ECMP [{ecmp}]: one of {names}: {rule.why}"
+            + degraded,
+            "MDB204" if degraded else None,
+            f"one of {names}",
+            degraded=bool(degraded),
+            candidates=tuple(owners),
+        ), cands
+    chosen = ip(ans.gateway) if ans.gateway else None
+    found = trench.lb_conduit_addrs.get(chosen) if chosen is not None else None
+    chosen_owner = found[0] if found is not None else None
     if chosen_owner is None:
         return Hop(
             proxy.name,
@@ -859,29 +928,66 @@ def _proxy_return(ctx: _Ctx, proxy: PodView) -> tuple[Hop, IpAddress | None]:
             f"(ECMP [{ecmp}])",
             "MDB205",
             "dead nexthop",
-        ), None
-    if proxy.ok("neighbours") and chosen is not None:
-        neighbour = proxy.neighbour(chosen, ans.dev)
-        if neighbour is not None and neighbour.is_failed:
-            return Hop(
-                proxy.name,
-                "proxy",
-                "return",
-                False,
-                f"reply from {vip} hashes to {chosen} ({chosen_owner.pod}), neighbour {neighbour}",
-                "MDB205",
-                "nexthop FAILED",
-            ), None
+        ), []
+    bad = _failed_neighbour(proxy, chosen, ans.dev)
+    if bad:
+        return Hop(
+            proxy.name,
+            "proxy",
+            "return",
+            False,
+            f"reply from {vip} hashes to {chosen} ({chosen_owner.pod}), neighbour {bad}",
+            "MDB205",
+            "nexthop FAILED",
+        ), []
+    how = "this flow hashes to" if len(have) > 1 else "the only nexthop is"
     return Hop(
         proxy.name,
         "proxy",
         "return",
         True,
-        f"reply from {vip} → table {ans.table}, ECMP [{ecmp}] → this flow hashes to "
-        f"{ans.gateway} ({chosen_owner.pod}) dev {ans.dev}",
-        None,
+        f"reply from {vip} → table {ans.table}, ECMP [{ecmp}] → {how} "
+        f"{ans.gateway} ({chosen_owner.pod}) dev {ans.dev}" + degraded,
+        "MDB204" if degraded else None,
         f"ECMP → {chosen_owner.pod}",
-    ), chosen
+        degraded=bool(degraded),
+    ), [chosen] if chosen is not None else []
+
+
+def _failed_neighbour(proxy: PodView, addr: IpAddress | None, dev: str = "") -> str:
+    if addr is None or not proxy.ok("neighbours"):
+        return ""
+    neighbour = proxy.neighbour(addr, dev)
+    return str(neighbour) if neighbour is not None and neighbour.is_failed else ""
+
+
+def _candidate_nexthop(ctx: _Ctx, proxy: PodView, addr: IpAddress) -> Hop | None:
+    """Why a candidate nexthop of the proxy's ECMP cannot carry the reply (None: it can)."""
+    found = ctx.trench.lb_conduit_addrs.get(addr)
+    if found is None or not found[0].up:
+        return Hop(
+            proxy.name,
+            "proxy",
+            "return",
+            False,
+            f"if the reply hashes to {addr}: no live LB conduit has that address",
+            "MDB205",
+            "dead nexthop",
+            via=found[0].pod if found is not None else str(addr),
+        )
+    bad = _failed_neighbour(proxy, addr)
+    if bad:
+        return Hop(
+            proxy.name,
+            "proxy",
+            "return",
+            False,
+            f"if the reply hashes to {addr} ({found[0].pod}): neighbour {bad}",
+            "MDB205",
+            "nexthop FAILED",
+            via=found[0].pod,
+        )
+    return None
 
 
 def _lb_return(ctx: _Ctx, lb: PodView, via: IpAddress) -> Hop:
@@ -946,7 +1052,7 @@ def _fallthrough(p: PodView, tables: Sequence[int], family: int) -> str:
     return ""
 
 
-def _gateway_return(ctx: _Ctx, gw: PodView, lb: PodView) -> Hop:
+def _gateway_return(ctx: _Ctx, gw: PodView, lbs: Sequence[PodView]) -> Hop:
     trench = ctx.trench
     answers = [
         (ifname, ctx.answer(gw.name, q_gw_ret(ifname))) for ifname in _gateway_ifaces(trench, gw)
@@ -962,7 +1068,8 @@ def _gateway_return(ctx: _Ctx, gw: PodView, lb: PodView) -> Hop:
             "gateway",
             "return",
             True,
-            f"reply from {lb.name} arrives on {ifname}: {ctx.client} is local (client)",
+            f"reply from {' or '.join(lb.name for lb in lbs)} arrives on {ifname}: "
+            f"{ctx.client} is local (client)",
             None,
             "client",
         )
@@ -999,11 +1106,12 @@ def trace(state: TrenchState, flow: Flow, answers: Answers) -> TraceResult:
     entry: list[PodView] = lbs
     gw = gateways[0] if gateways else None
     if gw is not None:
-        gw_hop, chosen_lb = _gateway_forward(ctx, gw)
-        if chosen_lb is not None:
-            entry = [chosen_lb]
+        gw_hop, chosen_lbs = _gateway_forward(ctx, gw)
+        if chosen_lbs:
+            entry = chosen_lbs
     else:
         notes.append("no gateway pod: every LB is a possible entry")
+    entry_branches = gw_hop is not None and len(gw_hop.candidates) > 1
 
     choices = {lb.name: mark_choice(lb, flow) for lb in lbs}
     exact = all(choices[lb.name].exact for lb in entry) and bool(entry)
@@ -1012,7 +1120,7 @@ def trace(state: TrenchState, flow: Flow, answers: Answers) -> TraceResult:
         for mark in choices[lb.name].marks:
             candidates[mark_target(trench, [lb, *lbs], flow.family, mark)] = None
     chosen_target = ""
-    if exact and entry and choices[entry[0].name].marks:
+    if exact and entry and choices[entry[0].name].marks and len(candidates) == 1:
         chosen_target = mark_target(
             trench, [entry[0], *lbs], flow.family, choices[entry[0].name].marks[0]
         )
@@ -1026,27 +1134,11 @@ def trace(state: TrenchState, flow: Flow, answers: Answers) -> TraceResult:
         if gw_hop is not None:
             hops.append(gw_hop)
         for lb in entry:
-            hops.append(_lb_forward(ctx, lb, target_name, choices[lb.name]))
+            hop = _lb_forward(ctx, lb, target_name, choices[lb.name])
+            hops.append(replace(hop, via=lb.name) if entry_branches else hop)
         target = trench.by_name.get(target_name)
         if target is not None and target.role == "target":
-            target_addr = _target_own_ip(trench, target, flow.family)
-            proxy_hop = _proxy_forward(ctx, target, target_addr, entry)
-            if proxy_hop is not None:
-                hops.append(proxy_hop)
-            hops.append(_target_forward(ctx, target))
-            ret_hop, bridge_ip = _target_return(ctx, target)
-            hops.append(ret_hop)
-            proxy = trench.bridge_ips.get(bridge_ip) if bridge_ip is not None else None
-            proxy_view = trench.by_name.get(proxy.pod) if proxy is not None else None
-            if proxy_view is not None:
-                phop, lb_ip = _proxy_return(ctx, proxy_view)
-                hops.append(phop)
-                owner = trench.lb_conduit_addrs.get(lb_ip) if lb_ip is not None else None
-                ret_lb = trench.by_name.get(owner[0].pod) if owner is not None else None
-                if ret_lb is not None and lb_ip is not None:
-                    hops.append(_lb_return(ctx, ret_lb, lb_ip))
-                    if gw is not None:
-                        hops.append(_gateway_return(ctx, gw, ret_lb))
+            hops.extend(_from_target(ctx, target, entry, gw))
         elif target_name:
             hops.append(
                 Hop(
@@ -1066,24 +1158,66 @@ def trace(state: TrenchState, flow: Flow, answers: Answers) -> TraceResult:
                 hops=tuple(hops),
             )
         )
-    if flow.proto == "tcp" and any(len(p.bridge_subnets) for p in trench.role("proxy")):
-        # Measured in the lab by the active trace: SYN-ACKs of one 5-tuple left through both LBs.
-        notes.append(
-            "a TCP reply leaves the target with its socket's random txhash, which veth keeps "
-            "and the proxy's L4 ECMP uses: the LB shown on the way back is the 5-tuple's "
-            "choice, a given connection may return through another LB"
-        )
     paths.sort(key=lambda p: (not p.chosen, p.target))
-    first: Hop | None = None
     chosen_path = next((p for p in paths if p.chosen), None)
-    if chosen_path is not None:
-        first = chosen_path.first_broken
-    else:
-        first = next((p.first_broken for p in paths if p.first_broken is not None), None)
-    broken = (
-        Broken(first.pod, first.direction, first.reason, first.code) if first is not None else None
-    )
-    return TraceResult(flow, tuple(paths), broken, tuple(notes))
+    first: Hop | None = None
+    certain = True
+    for path in [chosen_path] if chosen_path is not None else paths:
+        first = path.first_broken
+        if first is None and path.maybe_broken is not None:
+            first, certain = path.maybe_broken, False
+        if first is not None:
+            break
+    broken = None
+    if first is not None:
+        reason = first.reason
+        if not certain:
+            reason = f"if the kernel picks {first.via}: {reason}"
+        broken = Broken(first.pod, first.direction, reason, first.code, certain)
+    degraded: dict[tuple[str, str, str | None], Hop] = {}
+    for path in [chosen_path] if chosen_path is not None else paths:
+        for hop in path.degraded:
+            degraded.setdefault((hop.pod, hop.direction, hop.code), hop)
+    return TraceResult(flow, tuple(paths), broken, tuple(notes), tuple(degraded.values()))
+
+
+def _from_target(
+    ctx: _Ctx, target: PodView, entry: Sequence[PodView], gw: PodView | None
+) -> list[Hop]:
+    """Proxy forward, target both ways, proxy return and on: one branch per candidate LB."""
+    trench, flow = ctx.trench, ctx.flow
+    hops: list[Hop] = []
+    target_addr = _target_own_ip(trench, target, flow.family)
+    proxy_hop = _proxy_forward(ctx, target, target_addr, entry)
+    if proxy_hop is not None:
+        hops.append(proxy_hop)
+    hops.append(_target_forward(ctx, target))
+    ret_hop, bridge_ip = _target_return(ctx, target)
+    hops.append(ret_hop)
+    proxy = trench.bridge_ips.get(bridge_ip) if bridge_ip is not None else None
+    proxy_view = trench.by_name.get(proxy.pod) if proxy is not None else None
+    if proxy_view is None:
+        return hops
+    phop, lb_ips = _proxy_return(ctx, proxy_view)
+    hops.append(phop)
+    branching = len(phop.candidates) > 1
+    back: list[PodView] = []
+    for lb_ip in lb_ips:
+        owner = trench.lb_conduit_addrs.get(lb_ip)
+        ret_lb = trench.by_name.get(owner[0].pod) if owner is not None else None
+        if branching:
+            bad = _candidate_nexthop(ctx, proxy_view, lb_ip)
+            if bad is not None:
+                hops.append(bad)
+                continue
+        if ret_lb is None:
+            continue
+        hop = _lb_return(ctx, ret_lb, lb_ip)
+        hops.append(replace(hop, via=ret_lb.name) if branching else hop)
+        back.append(ret_lb)
+    if back and gw is not None:
+        hops.append(_gateway_return(ctx, gw, back))
+    return hops
 
 
 def answers_for(

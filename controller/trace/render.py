@@ -23,9 +23,44 @@ _ARROW: Final = {"forward": "→", "return": "←"}
 def _status(path: TracePath) -> str:
     first = path.first_broken
     if first is None:
+        maybe = path.maybe_broken
+        if maybe is not None:
+            code = f" [{maybe.code}]" if maybe.code else ""
+            return f"uncertain: broken at {maybe.pod} ({maybe.direction}){code} if the kernel picks {maybe.via}"
+        if path.degraded:
+            return "degraded: " + ", ".join(_degraded_text(h) for h in path.degraded)
         return "whole"
     code = f" [{first.code}]" if first.code else ""
     return f"broken at {first.pod} ({first.direction}){code}"
+
+
+def _degraded_text(hop: Hop) -> str:
+    return f"{hop.pod} ({hop.direction}){f' [{hop.code}]' if hop.code else ''}"
+
+
+def _state(hop: Hop) -> str:
+    if not hop.ok:
+        return "BROKEN"
+    return "degraded" if hop.degraded else "ok"
+
+
+def _why(hop: Hop) -> str:
+    return f"[if via {hop.via}] {hop.reason}" if hop.via else hop.reason
+
+
+def _verdict_text(result: TraceResult) -> str:
+    broken = result.first_broken
+    degraded = "; ".join(f"{_degraded_text(h)}: {h.reason}" for h in result.degraded)
+    if broken is None:
+        if degraded:
+            return f"whole for this flow, DEGRADED for others at {degraded}"
+        return "the path is whole, both directions"
+    code = f" [{broken.code}]" if broken.code else ""
+    head = "BROKEN" if broken.certain else "MAY BREAK (uncertain)"
+    text = f"{head} at {broken.pod} ({broken.direction}){code}: {broken.reason}"
+    if not broken.certain:
+        text += " -- trace --active shows the kernel's pick"
+    return text + (f"; also degraded at {degraded}" if degraded else "")
 
 
 def render_table(result: TraceResult) -> str:
@@ -46,9 +81,9 @@ def render_table(result: TraceResult) -> str:
                     _ARROW[hop.direction],
                     hop.pod,
                     hop.role,
-                    "ok" if hop.ok else "BROKEN",
+                    _state(hop),
                     hop.code or "",
-                    hop.reason,
+                    _why(hop),
                 )
             )
         widths = [max(len(r[c]) for r in rows) for c in range(6)]
@@ -61,12 +96,7 @@ def render_table(result: TraceResult) -> str:
         lines.append("other candidates:")
         lines.extend(f"  {p.target}: {_status(p)}" for p in others)
     lines.append("")
-    broken = result.first_broken
-    if broken is None:
-        lines.append("verdict  the path is whole, both directions")
-    else:
-        code = f" [{broken.code}]" if broken.code else ""
-        lines.append(f"verdict  BROKEN at {broken.pod} ({broken.direction}){code}: {broken.reason}")
+    lines.append(f"verdict  {_verdict_text(result)}")
     return "\n".join(lines)
 
 
@@ -76,12 +106,13 @@ _COLUMNS: Final = {"gateway": 0, "lb-fe": 1, "proxy": 2, "target": 3}
 _BOX_W, _BOX_H = 224, 74
 _COL_X: Final = (16, 278, 540, 802)
 _ROW_Y: Final = {"forward": 40, "return": 210}
-_OK, _BAD, _GREY = "#2e7d32", "#c62828", "#9e9e9e"
+_OK, _BAD, _GREY, _AMBER = "#2e7d32", "#c62828", "#9e9e9e", "#b26a00"
 _CSS: Final = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 .verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; }
 .whole { background: #e8f5e9; color: #1b5e20; } .broken { background: #ffebee; color: #b71c1c; }
+.degraded { background: #fff8e1; color: #8d6e00; } tr.degraded td { background: #fff8e1; }
 table { border-collapse: collapse; font-size: 13px; margin-top: 8px; }
 td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; } tr.bad td { background: #ffebee; } tr.unreached td { color: #999; }
@@ -141,8 +172,8 @@ def render_svg(path: TracePath) -> str:
         'fill="#555">return (VIP → client)</text>'
     )
     # arrows first, boxes on top
-    for i in range(1, len(pos)):
-        (x0, y0), (x1, y1) = pos[i - 1], pos[i]
+    for j, i in _edges(path):
+        (x0, y0), (x1, y1) = pos[j], pos[i]
         y0, y1 = y0 + shift, y1 + shift
         if i > broken_at:
             color, marker = _GREY, "grey"
@@ -150,7 +181,7 @@ def render_svg(path: TracePath) -> str:
             color, marker = _BAD, "bad"
         else:
             color, marker = _OK, "ok"
-        if pos[i - 1] == pos[i]:
+        if pos[j] == pos[i]:
             continue
         if abs(y0 - y1) > _BOX_H:  # the turn: forward row down to return row
             sx, sy = x0 + _BOX_W / 2, y0 + _BOX_H
@@ -166,12 +197,14 @@ def render_svg(path: TracePath) -> str:
         )
     for i, (hop, (x, y0)) in enumerate(zip(path.hops, pos, strict=True)):
         y = y0 + shift
-        if i < broken_at:
-            stroke, fill = _OK, "#f1f8e9"
-        elif i == broken_at:
-            stroke, fill = _BAD, "#ffebee"
-        else:
+        if i > broken_at:
             stroke, fill = _GREY, "#fafafa"
+        elif not hop.ok:
+            stroke, fill = _BAD, "#ffebee"
+        elif hop.degraded:
+            stroke, fill = _AMBER, "#fff8e1"
+        else:
+            stroke, fill = _OK, "#f1f8e9"
         width = 3 if i == broken_at else 1.5
         parts.append(
             f"<g><title>{_esc(hop.reason)}</title>"
@@ -188,9 +221,37 @@ def render_svg(path: TracePath) -> str:
     return "".join(parts)
 
 
+def _edges(path: TracePath) -> list[tuple[int, int]]:
+    """(from, to) hop indexes: a candidate's branch hangs off the hop before the branches."""
+    out: list[tuple[int, int]] = []
+    last_common = -1
+    run: list[int] = []
+    for i, hop in enumerate(path.hops):
+        if hop.via:
+            prev = path.hops[i - 1] if i else None
+            if prev is not None and prev.via == hop.via:
+                out.append((i - 1, i))
+            elif last_common >= 0:
+                out.append((last_common, i))
+            run.append(i)
+            continue
+        if run:
+            ends = [
+                k
+                for k in run
+                if k + 1 >= len(path.hops) or path.hops[k + 1].via != path.hops[k].via
+            ]
+            out.extend((k, i) for k in ends)
+            run = []
+        elif i:
+            out.append((i - 1, i))
+        last_common = i
+    return out
+
+
 def _box_label(hop: Hop) -> str:
     if hop.ok:
-        return hop.label or "ok"
+        return f"⚠ {hop.code}: {hop.label}" if hop.degraded else (hop.label or "ok")
     return f"✗ {hop.code + ': ' if hop.code else ''}{hop.label or 'broken'}"
 
 
@@ -199,12 +260,16 @@ def _hop_rows(path: TracePath) -> str:
     broken_at = path.hops.index(first) if first is not None else len(path.hops)
     rows = []
     for i, hop in enumerate(path.hops):
-        cls = "bad" if i == broken_at else ("unreached" if i > broken_at else "")
+        cls = (
+            "unreached"
+            if i > broken_at
+            else ("bad" if not hop.ok else ("degraded" if hop.degraded else ""))
+        )
         rows.append(
             f'<tr class="{cls}"><td>{i + 1}</td><td>{_ARROW[hop.direction]} {hop.direction}</td>'
             f"<td>{_esc(hop.pod)}</td><td>{_esc(hop.role)}</td>"
-            f"<td>{'ok' if hop.ok else 'BROKEN'}</td><td>{_esc(hop.code or '')}</td>"
-            f"<td><code>{_esc(hop.reason)}</code></td></tr>"
+            f"<td>{_state(hop)}</td><td>{_esc(hop.code or '')}</td>"
+            f"<td><code>{_esc(_why(hop))}</code></td></tr>"
         )
     head = "<tr><th>#</th><th>dir</th><th>pod</th><th>role</th><th>state</th><th>code</th><th>why</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
@@ -212,15 +277,8 @@ def _hop_rows(path: TracePath) -> str:
 
 def render_html(result: TraceResult) -> str:
     """One self-contained page: verdict, the drawn path, hop table, other candidates."""
-    broken = result.first_broken
-    if broken is None:
-        verdict = '<p class="verdict whole">The path is whole, both directions.</p>'
-    else:
-        code = f" [{broken.code}]" if broken.code else ""
-        verdict = (
-            f'<p class="verdict broken">Broken at {_esc(broken.pod)} ({broken.direction})'
-            f"{_esc(code)}: {_esc(broken.reason)}</p>"
-        )
+    cls = {"whole": "whole", "degraded": "degraded"}.get(result.verdict, "broken")
+    verdict = f'<p class="verdict {cls}">{_esc(_verdict_text(result))}</p>'
     body = [f"<h1>meridio-debug trace: <code>{_esc(str(result.flow))}</code></h1>", verdict]
     body.extend(f"<p>{_esc(note)}</p>" for note in result.notes)
     chosen = result.chosen
@@ -266,6 +324,11 @@ def _active_verdict(active: ActiveResult) -> str:
     if broken is None:
         if not active.packets.get("forward"):
             return "no packet of the flow was seen"
+        degraded = "; ".join(
+            f"{h.pod} ({h.direction}){f' [{h.code}]' if h.code else ''}" for h in active.degraded
+        )
+        if degraded:
+            return f"whole for this flow (packets went through), DEGRADED for others at {degraded}"
         return "the path is whole, both directions (packets went through)"
     code = f" [{broken.code}]" if broken.code else ""
     by = f", by {active.evidence}" if active.evidence else ""
@@ -299,7 +362,9 @@ def render_active_table(static: TraceResult, active: ActiveResult) -> str:
                 f"{h.t_in_us:.0f}µs" if h.seen else "-",
                 _us(h.latency_us) if h.seen else "-",
                 f"{h.seen - h.lost}/{h.seen}" if h.seen else f"0/{h.lost}",
-                "ok" if h.ok else f"BROKEN{' ' + h.code if h.code else ''}",
+                (f"degraded {h.code or ''}".strip() if h.degraded else "ok")
+                if h.ok
+                else f"BROKEN{' ' + h.code if h.code else ''}",
                 h.reason,
             )
         )
@@ -314,20 +379,24 @@ def render_active_table(static: TraceResult, active: ActiveResult) -> str:
     static_broken = static.first_broken
     same = "agrees" if active.agrees_with_static else "DISAGREES"
     static_text = (
-        "whole"
+        static.verdict
         if static_broken is None
-        else f"broken at {static_broken.pod} ({static_broken.direction})"
+        else f"{static.verdict} at {static_broken.pod} ({static_broken.direction})"
         + (f" [{static_broken.code}]" if static_broken.code else "")
     )
     target = f", target {static.chosen.target}" if static.chosen is not None else ""
-    lines.append(f"static   {static_text}{target} ({same})")
+    back = ""
+    if active.static_back:
+        back = f", back via {' or '.join(active.static_back)}"
+        if active.lbs_back:
+            back += f" (packets: {', '.join(active.lbs_back)})"
+    lines.append(f"static   {static_text}{target}{back} ({same})")
     return "\n".join(lines)
 
 
 def render_active_html(static: TraceResult, active: ActiveResult) -> str:
     """One page: the path the packets took (latencies, broken hop in red), then the static trace."""
-    broken = active.first_broken
-    cls = "whole" if broken is None else "broken"
+    cls = {"whole": "whole", "degraded": "degraded"}.get(active.verdict, "broken")
     body = [
         f"<h1>meridio-debug trace --active: <code>{_esc(str(active.flow))}</code></h1>",
         f'<p class="verdict {cls}">{_esc(_active_verdict(active))}</p>',
@@ -345,7 +414,8 @@ def render_active_html(static: TraceResult, active: ActiveResult) -> str:
             f"<td>{_esc(h.pod)}</td><td>{_esc(h.in_iface or '-')}</td>"
             f"<td>{_esc(h.out_iface or '-')}</td><td>{h.t_in_us:.0f} µs</td>"
             f"<td>{_esc(_us(h.latency_us))}</td><td>{h.seen - h.lost}/{h.seen or h.lost}</td>"
-            f"<td>{'ok' if h.ok else 'BROKEN'}</td><td>{_esc(h.code or '')}</td>"
+            f"<td>{('degraded' if h.degraded else 'ok') if h.ok else 'BROKEN'}</td>"
+            f"<td>{_esc(h.code or '')}</td>"
             f"<td><code>{_esc(h.reason)}</code></td></tr>"
         )
     head = (

@@ -6,9 +6,25 @@ must be testable with hand-built answers; the I/O layer
 ``RouteAnswer`` at its boundary, exactly as convert.py does for snapshots.
 
 The JSON contract of ``trace -o json`` is ``TraceResult.to_dict()``: an
-object with ``flow``, ``paths`` (one per candidate target: ``target``,
-``chosen``, ``hops`` of ``{pod, role, direction, ok, reason, code}``) and
-``first_broken`` (``{pod, direction, reason, code}`` or null).
+object with ``flow``, ``verdict`` (whole | degraded | uncertain | broken),
+``paths`` (one per candidate target: ``target``, ``chosen``, ``hops`` of
+``{pod, role, direction, ok, reason, code, degraded, candidates, via}``),
+``first_broken`` (``{pod, direction, reason, code, certain}`` or null) and
+``degraded`` (``[{pod, direction, reason, code}]``).
+
+Verdict words, so nobody reads a working flow as broken:
+- *whole*: every way the flow can take gets through, both directions;
+- *degraded*: whole, but a hop on its path has kernel state that breaks
+  other flows (a proxy's ECMP lacking an LB's nexthop): listed with its code,
+  never as this flow's ``first_broken``;
+- *uncertain*: the kernel picks between candidates with a hash we cannot
+  compute (multipath.py) and some of them are broken: ``first_broken`` names
+  the first such hop with ``certain: false``;
+- *broken*: every way fails; ``first_broken`` is the first hop that stops it.
+
+A hop where the kernel picks with such a hash carries ``candidates`` (pod
+names); the hops after it that depend on the pick carry ``via`` (the
+candidate they belong to), one run of hops per candidate.
 """
 
 from __future__ import annotations
@@ -85,6 +101,9 @@ class Hop:
     reason: str
     code: str | None = None
     label: str = ""  # a few words for the drawing (mark, table, port ...)
+    degraded: bool = False  # ok for this flow; ``code`` breaks other flows here
+    candidates: tuple[str, ...] = ()  # the kernel picks one of these pods, hash unknown
+    via: str = ""  # on the branch of this candidate (of the hop with candidates before it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +113,9 @@ class Hop:
             "ok": self.ok,
             "reason": self.reason,
             "code": self.code,
+            "degraded": self.degraded,
+            "candidates": list(self.candidates) if self.candidates else None,
+            "via": self.via or None,
         }
 
 
@@ -107,11 +129,47 @@ class TracePath:
 
     @property
     def first_broken(self) -> Hop | None:
+        """The first hop that stops the flow on *every* way it can take (None: not certain)."""
+        branches = self.branches
+        for i, hop in enumerate(self.hops):
+            if hop.ok:
+                continue
+            if not hop.via:
+                return hop
+            # a branch hop: certain only when every candidate's branch fails
+            if all(any(not h.ok for h in hs) for hs in branches.values()):
+                return hop
+            return next((h for h in self.hops[i + 1 :] if not h.ok and not h.via), None)
+        return None
+
+    @property
+    def maybe_broken(self) -> Hop | None:
+        """The first broken hop on *some* way the flow can take."""
         return next((h for h in self.hops if not h.ok), None)
 
     @property
+    def branches(self) -> dict[str, list[Hop]]:
+        out: dict[str, list[Hop]] = {}
+        for hop in self.hops:
+            if hop.via:
+                out.setdefault(hop.via, []).append(hop)
+        return out
+
+    @property
+    def degraded(self) -> tuple[Hop, ...]:
+        return tuple(h for h in self.hops if h.degraded)
+
+    @property
     def whole(self) -> bool:
-        return self.first_broken is None
+        return self.maybe_broken is None
+
+    @property
+    def verdict(self) -> str:
+        if self.first_broken is not None:
+            return "broken"
+        if self.maybe_broken is not None:
+            return "uncertain"
+        return "degraded" if self.degraded else "whole"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +185,7 @@ class Broken:
     direction: Direction
     reason: str
     code: str | None = None
+    certain: bool = True  # False: broken on some of the candidates the kernel picks from
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,7 +193,12 @@ class Broken:
             "direction": self.direction,
             "reason": self.reason,
             "code": self.code,
+            "certain": self.certain,
         }
+
+
+def degraded_dict(hop: Hop) -> dict[str, Any]:
+    return {"pod": hop.pod, "direction": hop.direction, "reason": hop.reason, "code": hop.code}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +207,7 @@ class TraceResult:
     paths: tuple[TracePath, ...]
     first_broken: Broken | None
     notes: tuple[str, ...] = field(default=())  # how the choice was made, what is unknown
+    degraded: tuple[Hop, ...] = field(default=())  # on the flow's path, breaking other flows
 
     @property
     def chosen(self) -> TracePath | None:
@@ -152,9 +217,17 @@ class TraceResult:
     def ok(self) -> bool:
         return self.first_broken is None
 
+    @property
+    def verdict(self) -> str:
+        if self.first_broken is not None:
+            return "broken" if self.first_broken.certain else "uncertain"
+        return "degraded" if self.degraded else "whole"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "flow": self.flow.to_dict(),
+            "verdict": self.verdict,
             "paths": [p.to_dict() for p in self.paths],
             "first_broken": self.first_broken.to_dict() if self.first_broken else None,
+            "degraded": [degraded_dict(h) for h in self.degraded],
         }

@@ -11,6 +11,7 @@ then insists the path is whole again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from trace_lab import BREAKS, FLOWS, Lab, running_lab
+from trace_lab import BREAKS, FLOWS, Lab, drop_proxy_nexthop, running_lab
 
 from meridio_debug.controller import cli
 from meridio_debug.controller.client import AgentClient
@@ -70,8 +71,8 @@ def test_healthy_trace_names_the_target_that_answers(lab: Lab, family: int) -> N
         assert t.first_broken is None, t.first_broken
         assert t.chosen is not None
         assert t.chosen.target == r.answer == r.expected, (t.flow, r)
-        # both directions, every role on the way
-        roles = [(h.role, h.direction) for h in t.chosen.hops]
+        # both directions, every role on the way (candidate LBs back: one row each)
+        roles = [k for k, _ in itertools.groupby((h.role, h.direction) for h in t.chosen.hops)]
         assert roles == [
             ("gateway", "forward"),
             ("lb-fe", "forward"),
@@ -106,14 +107,24 @@ def test_vip_the_trench_does_not_have(lab: Lab) -> None:
 def test_break_is_named_first(lab: Lab, breaker: Any, family: int) -> None:
     healthy = lab.trace(FLOWS[family])
     assert healthy.first_broken is None
-    with breaker(lab, healthy, family) as (pod, direction, code):
+    with breaker(lab, healthy, family) as b:
         result = lab.trace(FLOWS[family])
+        if b.degraded:  # the flow still gets through: whole for it, degraded for others
+            assert result.first_broken is None, result.first_broken
+            assert result.verdict == "degraded"
+            assert (b.pod, b.direction, b.code) in {
+                (h.pod, h.direction, h.code) for h in result.degraded
+            }
+            return
         first = result.first_broken
         assert first is not None, f"{breaker.__name__}: trace saw nothing"
-        assert (first.pod, first.direction, first.code) == (pod, direction, code), first
+        assert (first.pod, first.direction, first.code) == (b.pod, b.direction, b.code), first
+        assert first.certain and result.verdict == "broken"
         assert result.chosen is not None
         broken = [h for h in result.chosen.hops if not h.ok]
-        assert broken[0].pod == pod
+        assert broken[0].pod == b.pod
+        # every candidate way is broken where the breaker broke it
+        assert {h.pod for h in broken if h.via} <= set(b.pods)
 
 
 # --------------------------------------------------------------------------- CLI and RPC
@@ -125,17 +136,37 @@ def test_cli_json_contract_and_usage(lab: Lab, capsys: pytest.CaptureFixture[str
     )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"flow", "paths", "first_broken"}
-    assert doc["first_broken"] is None
+    assert set(doc) == {"flow", "verdict", "paths", "first_broken", "degraded"}
+    assert doc["first_broken"] is None and doc["verdict"] == "whole" and doc["degraded"] == []
     [path] = doc["paths"]
     assert set(path) == {"target", "chosen", "hops"} and path["chosen"] is True
+    keys = {"pod", "role", "direction", "ok", "reason", "code", "degraded", "candidates", "via"}
     for hop in path["hops"]:
-        assert set(hop) == {"pod", "role", "direction", "ok", "reason", "code"}
+        assert set(hop) == keys
         assert hop["direction"] in ("forward", "return")
+    # a TCP reply: the proxy's ECMP is a candidate set of LB pod names, one branch each
+    [proxy] = [h for h in path["hops"] if h["role"] == "proxy" and h["direction"] == "return"]
+    assert set(proxy["candidates"]) == {p.name for p in lab.runtime.pods() if p.role == "lb-fe"}
+    vias = [h["via"] for h in path["hops"] if h["role"] == "lb-fe" and h["direction"] == "return"]
+    assert sorted(vias) == sorted(proxy["candidates"])
     code = cli.main(["trace", "--lab", "--prefix", lab.spec.prefix, "--flow", "tcp 1.2.3.4 -> x"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected" in err
+
+
+def test_cli_degraded_flow_exits_0(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    """A proxy ECMP missing an LB breaks other flows, not this one: exit 0, and it is said."""
+    base = ["trace", "--lab", "--prefix", lab.spec.prefix, "--flow", FLOWS[4]]
+    with drop_proxy_nexthop(lab, lab.trace(FLOWS[4]), 4) as b:
+        code = cli.main([*base, "-o", "json"])
+        doc = json.loads(capsys.readouterr().out)
+        table_code = cli.main(base)
+        table = capsys.readouterr().out
+    assert code == 0 and table_code == 0
+    assert doc["verdict"] == "degraded" and doc["first_broken"] is None
+    assert [(d["pod"], d["code"]) for d in doc["degraded"]] == [(b.pod, "MDB204")]
+    assert "DEGRADED for others" in table and f"{b.pod} (return) [MDB204]" in table
 
 
 def test_route_get_rpc_bad_input(lab: Lab) -> None:

@@ -94,8 +94,18 @@ def test_healthy_path_is_whole_and_names_the_hashed_target(healthy: TrenchState,
     assert result.chosen is not None
     spec = build_spec("mdl-")
     assert result.chosen.target == predict_target(spec, parse_flow(flow).src)
-    assert [h.direction for h in result.chosen.hops].count("return") == 4
-    assert len(result.paths) == 1  # the hash is computable: one candidate
+    assert len(result.paths) == 1  # the mark's hash is computable: one candidate target
+    back = [h for h in result.chosen.hops if h.direction == "return"]
+    [proxy] = [h for h in back if h.role == "proxy"]
+    lbs = [h.pod for h in back if h.role == "lb-fe"]
+    if flow.startswith("icmp"):  # IPv4 ICMP: the proxy's L4 hash is the 5-tuple's, exact
+        assert proxy.candidates == () and len(lbs) == 1 and "hashes to" in proxy.reason
+    else:  # TCP (socket hash), IPv6 (flow label / per-boot seed): every nexthop, one branch each
+        assert proxy.candidates == ("lb-fe-a", "lb-fe-b") and lbs == ["lb-fe-a", "lb-fe-b"]
+        assert [h.via for h in back if h.role == "lb-fe"] == lbs
+        assert "one of lb-fe-a, lb-fe-b" in proxy.reason and "hashes to" not in proxy.reason
+    assert [h.role for h in back][-1] == "gateway"
+    assert result.verdict == "whole" and result.to_dict()["verdict"] == "whole"
 
 
 def test_every_client_source_matches_the_lab_prediction(healthy: TrenchState) -> None:
@@ -136,7 +146,7 @@ def _chosen(healthy: TrenchState, flow: str) -> tuple[str, str, str]:
 @pytest.mark.parametrize("family", [4, 6])
 def test_breaks_are_named(healthy: TrenchState, family: int) -> None:
     flow = FLOW4 if family == 4 else FLOW6
-    lb, target, proxy = _chosen(healthy, flow)
+    lb, target, _proxy = _chosen(healthy, flow)
     mark = build_spec("mdl-").target(target).fwmark
     vip = "20.0.0.1" if family == 4 else "2000::1"
     cases = [
@@ -167,23 +177,6 @@ def test_breaks_are_named(healthy: TrenchState, family: int) -> None:
                 s, rules=drop(s.rules, lambda r: r.src.startswith(vip) and r.family == family)
             ),
             (target, "return", "MDB302"),
-        ),
-        (
-            proxy,
-            lambda s: replace(
-                s,
-                routes=change(
-                    s.routes,
-                    lambda r: r.table == 1 and r.family == family,
-                    nexthops=tuple(
-                        h
-                        for r in s.routes
-                        if r.table == 1 and r.family == family
-                        for h in r.nexthops[:1]
-                    ),
-                ),
-            ),
-            (proxy, "return", "MDB204"),
         ),
     ]
     for pod, mutate, expected in cases:
@@ -223,3 +216,129 @@ def test_unreachable_pod_is_mdb002(healthy: TrenchState) -> None:
     }
     result = trace(state, flow, answers)
     assert result.first_broken is not None
+
+
+def _drop_nexthop(family: int, keep: int = 1):  # type: ignore[no-untyped-def]
+    """A proxy whose reply ECMP keeps only its first ``keep`` nexthop(s)."""
+
+    def mutate(s: PodSnapshot) -> PodSnapshot:
+        return replace(
+            s,
+            routes=change(
+                s.routes,
+                lambda r: r.table == 1 and r.family == family,
+                nexthops=tuple(
+                    h
+                    for r in s.routes
+                    if r.table == 1 and r.family == family
+                    for h in r.nexthops[:keep]
+                ),
+            ),
+        )
+
+    return mutate
+
+
+@pytest.mark.parametrize("flow", [FLOW4, FLOW6, "udp 200.100.0.7:40000 -> 20.0.0.1:4001"])
+def test_a_missing_proxy_nexthop_degrades_the_flow_it_does_not_break(
+    healthy: TrenchState, flow: str
+) -> None:
+    _lb, _target, proxy = _chosen(healthy, flow)
+    family = parse_flow(flow).family
+    result = run(with_pod(healthy, proxy, _drop_nexthop(family)), flow)
+    assert result.first_broken is None and result.ok  # the reply goes via the LB left
+    assert result.verdict == "degraded"
+    [hop] = result.degraded
+    assert (hop.pod, hop.direction, hop.code) == (proxy, "return", "MDB204")
+    doc = result.to_dict()
+    assert doc["first_broken"] is None and doc["degraded"][0]["code"] == "MDB204"
+    assert result.chosen is not None
+    [phop] = [h for h in result.chosen.hops if h.role == "proxy" and h.direction == "return"]
+    assert phop.ok and phop.degraded and phop.candidates == ()  # one nexthop: no choice
+
+
+def _empty_egress(family: int):  # type: ignore[no-untyped-def]
+    table = build_spec("mdl-").vip_table
+
+    def mutate(s: PodSnapshot) -> PodSnapshot:
+        return replace(s, routes=drop(s.routes, lambda r: r.table == table and r.family == family))
+
+    return mutate
+
+
+@pytest.mark.parametrize("flow", [FLOW4, FLOW6])
+def test_a_broken_candidate_makes_the_verdict_uncertain_all_broken_make_it_broken(
+    healthy: TrenchState, flow: str
+) -> None:
+    family = parse_flow(flow).family
+    one = run(with_pod(healthy, "lb-fe-b", _empty_egress(family)), flow)
+    assert one.first_broken is not None and not one.first_broken.certain
+    assert (one.first_broken.pod, one.first_broken.direction) == ("lb-fe-b", "return")
+    assert one.first_broken.code == "MDB103" and one.verdict == "uncertain"
+    assert one.first_broken.reason.startswith("if the kernel picks lb-fe-b:")
+    state = with_pod(healthy, "lb-fe-b", _empty_egress(family))
+    both = run(with_pod(state, "lb-fe-a", _empty_egress(family)), flow)
+    assert both.first_broken is not None and both.first_broken.certain
+    assert (both.first_broken.pod, both.first_broken.code) == ("lb-fe-a", "MDB103")
+    assert both.verdict == "broken" and both.to_dict()["first_broken"]["certain"] is True
+
+
+def test_ipv4_udp_reply_is_exact_and_follows_the_kernels_answer(healthy: TrenchState) -> None:
+    """IPv4 UDP with policy 1: the proxy hashes the 5-tuple like RouteGet does -- one LB."""
+    result = run(healthy, "udp 200.100.0.7:40000 -> 20.0.0.1:4001")
+    assert result.chosen is not None
+    back = [h for h in result.chosen.hops if h.direction == "return"]
+    [proxy] = [h for h in back if h.role == "proxy"]
+    assert proxy.candidates == () and [h.role for h in back].count("lb-fe") == 1
+    # a broken LB that the reply does not take stays off this flow's verdict
+    other = "lb-fe-b" if next(h.pod for h in back if h.role == "lb-fe") == "lb-fe-a" else "lb-fe-a"
+    assert run(with_pod(healthy, other, _empty_egress(4)), str(result.flow)).first_broken is None
+
+
+def test_candidates_are_pod_names_in_json(healthy: TrenchState) -> None:
+    doc = run(healthy, FLOW6).to_dict()
+    [path] = doc["paths"]
+    [proxy] = [h for h in path["hops"] if h["role"] == "proxy" and h["direction"] == "return"]
+    assert proxy["candidates"] == ["lb-fe-a", "lb-fe-b"]
+    assert all(isinstance(c, str) for c in proxy["candidates"])
+    assert [h["via"] for h in path["hops"] if h["role"] == "lb-fe" and h["direction"] == "return"] \
+        == ["lb-fe-a", "lb-fe-b"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flow", "policy", "exact"),
+    [
+        ("udp 1.1.1.1:1 -> 2.2.2.2:2", 1, True),
+        ("icmp 1.1.1.1 -> 2.2.2.2", 1, True),
+        ("udp 1.1.1.1:1 -> 2.2.2.2:2", None, True),
+        ("tcp 1.1.1.1:1 -> 2.2.2.2:2", 1, False),
+        ("tcp 1.1.1.1:1 -> 2.2.2.2:2", 0, True),
+        ("tcp 1.1.1.1:1 -> 2.2.2.2:2", None, False),
+        ("udp 1.1.1.1:1 -> 2.2.2.2:2", 2, False),
+        ("udp [1::1]:1 -> [2::2]:2", 0, False),
+        ("udp [1::1]:1 -> [2::2]:2", 1, False),
+        ("icmp 1::1 -> 2::2", 1, False),
+        ("tcp [1::1]:1 -> [2::2]:2", 0, False),
+    ],
+)
+def test_the_multipath_rule(flow: str, policy: int | None, exact: bool) -> None:
+    from meridio_debug.controller.trace.multipath import forwarded
+
+    rule = forwarded(parse_flow(flow), policy, reply=True)
+    assert rule.exact == exact
+    assert bool(rule.why) != exact
+
+
+def test_table_and_html_say_candidates_and_degraded(healthy: TrenchState) -> None:
+    from meridio_debug.controller.trace.render import render_html, render_table
+
+    result = run(healthy, "udp [200:100::7]:40000 -> [2000::1]:4001")
+    text = "one of lb-fe-a, lb-fe-b: the kernel hashes this reply with a per-boot seed"
+    assert text in render_table(result) and text in render_html(result)
+    assert "[if via lb-fe-b]" in render_table(result)
+    _lb, _target, proxy = _chosen(healthy, FLOW4)
+    degraded = run(with_pod(healthy, proxy, _drop_nexthop(4)), FLOW4)
+    table = render_table(degraded)
+    assert "verdict  whole for this flow, DEGRADED for others at" in table
+    assert f"{proxy} (return) [MDB204]" in table and "BROKEN" not in table
+    assert 'class="verdict degraded"' in render_html(degraded)

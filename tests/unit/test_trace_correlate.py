@@ -11,6 +11,7 @@ netns tier checks the whole thing on the real lab.
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -309,17 +310,44 @@ def test_a_silent_target_is_named_by_its_kernel_state(
     assert result.evidence == "packets" and result.agrees_with_static
 
 
-def test_a_broken_state_on_a_hop_the_packets_passed() -> None:
+def test_a_broken_state_on_a_hop_the_packets_passed_is_degraded_when_all_got_through() -> None:
+    """Every probe answered: the flow is whole; the state breaks other flows (issue 10)."""
     result = correlate(
         FLOWS[6], sightings(6), ROLES, static(6, ("proxy-a", "return", "MDB204")), probe_run(6)
     )
-    assert result.lost_at is None
-    assert result.first_broken is not None and result.evidence == "state"
-    assert (result.first_broken.pod, result.first_broken.direction, result.first_broken.code) == (
-        "proxy-a",
-        "return",
-        "MDB204",
+    assert result.lost_at is None and result.packets["answered"] == 2
+    assert result.first_broken is None and result.verdict == "degraded"
+    [hop] = result.degraded
+    assert (hop.pod, hop.direction, hop.code, hop.ok) == ("proxy-a", "return", "MDB204", True)
+    assert result.to_dict()["degraded"][0]["code"] == "MDB204"
+    assert not result.agrees_with_static  # static called the flow broken; it was not
+
+
+def test_a_degraded_static_hop_agrees_with_whole_packets() -> None:
+    st = static(6)
+    path = st.paths[0]
+    hops = tuple(
+        replace(h, degraded=True, code="MDB204", reason="lacks lb-fe-b")
+        if (h.pod, h.direction) == ("proxy-a", "return")
+        else h
+        for h in path.hops
     )
+    st = replace(st, paths=(replace(path, hops=hops),), degraded=(hops[5],))
+    assert st.verdict == "degraded" and st.ok
+    result = correlate(FLOWS[6], sightings(6), ROLES, st, probe_run(6))
+    assert result.first_broken is None and result.verdict == "degraded"
+    assert result.agrees_with_static
+
+
+def test_a_state_break_with_lost_packets_stays_broken() -> None:
+    result = correlate(
+        FLOWS[4],
+        sightings(4, back=RETURN[:6]),
+        ROLES,
+        static(4, ("proxy-a", "return", "MDB205")),
+        probe_run(4),
+    )
+    assert result.first_broken is not None and result.verdict == "broken"
 
 
 def test_reply_lost_in_the_lb_on_the_way_back() -> None:
@@ -376,6 +404,18 @@ def test_identical_ipv6_udp_replies_are_told_apart_in_time() -> None:
         s += [Sighting(p, n, t + k, kind, fwd) for k, (p, n, kind) in enumerate(FORWARD)]
         s += [Sighting(p, n, t + 500 + k, kind, reply) for k, (p, n, kind) in enumerate(RETURN)]
     assert answered(flow, s, ROLES, run.probes) == {0, 1, 2}
+    # replies slower than the probe interval: each still answers its own probe (in order)
+    late: list[Sighting] = []
+    for i, m in enumerate(marks):
+        fwd = decode(
+            ether(build_packet("udp", src=flow.src, dst=flow.dst, sport=40000, dport=4001, marks=m))
+        )
+        assert fwd is not None
+        t = i * 1_000_000 + 1000
+        late += [Sighting(p, n, t + k, kind, fwd) for k, (p, n, kind) in enumerate(FORWARD)]
+        t_back = t + 1_500_000  # after the next probe left
+        late += [Sighting(p, n, t_back + k, kind, reply) for k, (p, n, kind) in enumerate(RETURN)]
+    assert answered(flow, late, ROLES, run.probes) == {0, 1, 2}
 
 
 def test_replies_through_another_lb_than_the_hash_predicted_are_said() -> None:
@@ -388,8 +428,45 @@ def test_replies_through_another_lb_than_the_hash_predicted_are_said() -> None:
     result = correlate(FLOWS[4], sightings(4, back=back), roles, static(4), probe_run(4))
     assert result.first_broken is None
     assert any(
-        "replies left through lb-fe-b; the 5-tuple hash predicted lb-fe-a" in n
-        for n in result.notes
+        "replies left through lb-fe-b; the static trace said lb-fe-a" in n for n in result.notes
     )
     (proxy_back,) = [h for h in result.hops if (h.pod, h.direction) == ("proxy-a", "return")]
     assert proxy_back.reason.endswith("the packets went to lb-fe-b")
+    # the return path is compared too: an exact claim the packets contradict disagrees
+    assert not result.agrees_with_static
+    assert result.to_dict()["return_lbs"] == ["lb-fe-b"]
+
+
+def _with_candidates(st: TraceResult, broken_lb: str = "") -> TraceResult:
+    """The static path with the proxy's reply ECMP as candidates lb-fe-a, lb-fe-b (branches)."""
+    path = st.paths[0]
+    out: list[Hop] = []
+    for h in path.hops:
+        if (h.role, h.direction) == ("proxy", "return"):
+            out.append(replace(h, candidates=("lb-fe-a", "lb-fe-b")))
+        elif (h.role, h.direction) == ("lb-fe", "return"):
+            for lb in ("lb-fe-a", "lb-fe-b"):
+                bad = lb == broken_lb
+                out.append(replace(h, pod=lb, via=lb, ok=not bad, code="MDB103" if bad else None))
+        else:
+            out.append(h)
+    return replace(st, paths=(replace(path, hops=tuple(out)),))
+
+
+def test_replies_through_one_of_static_candidates_agree() -> None:
+    back = [
+        (pod.replace("lb-fe-a", "lb-fe-b"), iface.replace("ext-lb-fe-a", "ext-lb-fe-b"), kind)
+        for pod, iface, kind in RETURN
+    ]
+    roles = {**ROLES, "lb-fe-b": "lb-fe"}
+    st = _with_candidates(static(6))
+    result = correlate(FLOWS[6], sightings(6, back=back), roles, st, probe_run(6))
+    assert result.first_broken is None and result.agrees_with_static
+    assert result.static_back == ("lb-fe-a", "lb-fe-b") and result.lbs_back == ("lb-fe-b",)
+    assert any("one of the static trace's candidates" in n for n in result.notes)
+    # static: broken if the kernel picks lb-fe-a (uncertain); the packets took lb-fe-b: agree
+    uncertain = _with_candidates(static(6), broken_lb="lb-fe-a")
+    assert uncertain.paths[0].first_broken is None
+    assert uncertain.paths[0].maybe_broken is not None
+    result = correlate(FLOWS[6], sightings(6, back=back), roles, uncertain, probe_run(6))
+    assert result.first_broken is None and result.agrees_with_static

@@ -113,15 +113,15 @@ def _result(broken_at: int | None) -> TraceResult:
 
 def test_json_contract_keys() -> None:
     doc = json.loads(json.dumps(_result(1).to_dict()))
-    assert set(doc) == {"flow", "paths", "first_broken"}
-    assert set(doc["first_broken"]) == {"pod", "direction", "reason", "code"}
-    assert doc["first_broken"]["pod"] == "lb-fe-a"
+    assert set(doc) == {"flow", "verdict", "paths", "first_broken", "degraded"}
+    assert set(doc["first_broken"]) == {"pod", "direction", "reason", "code", "certain"}
+    assert doc["first_broken"]["pod"] == "lb-fe-a" and doc["verdict"] == "broken"
     assert set(doc["paths"][0]) == {"target", "chosen", "hops"}
-    assert all(
-        set(h) == {"pod", "role", "direction", "ok", "reason", "code"}
-        for h in doc["paths"][0]["hops"]
-    )
-    assert _result(None).to_dict()["first_broken"] is None
+    keys = {"pod", "role", "direction", "ok", "reason", "code", "degraded", "candidates", "via"}
+    assert all(set(h) == keys for h in doc["paths"][0]["hops"])
+    whole = _result(None).to_dict()
+    assert whole["first_broken"] is None and whole["verdict"] == "whole"
+    assert whole["degraded"] == []
 
 
 def test_table_and_html() -> None:
