@@ -29,8 +29,10 @@ answers on stdout:
 Signals go through the launcher because only the parent knows whether the
 pid is still its unreaped child (a pid the controller signals itself could
 have been reused). When stdin closes -- the controller is done, or died --
-every child gets SIGTERM, then SIGKILL after a grace period, and the
-launcher exits: nothing outlives the controller.
+every child gets SIGTERM, then SIGKILL after a grace period, the children's
+working directories (``meridio-debug-agent-*``, where their socket and log
+are) are removed, and the launcher exits: nothing outlives the controller,
+not even after ``kill -9`` of it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import gc
 import json
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -54,6 +57,7 @@ from meridio_debug.agent.ephemeral import (
     fork_into,
 )
 
+WORKDIR_PREFIX = "meridio-debug-agent-"  # controller/runtime/local.py makes them
 GRACE_S = 3.0
 
 
@@ -133,6 +137,7 @@ class Launcher:
     def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
         self._write = write
         self.children: set[int] = set()
+        self.workdirs: set[str] = set()  # removed when the launcher stops
 
     def handle(self, line: str) -> None:
         try:
@@ -183,6 +188,9 @@ class Launcher:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.children.add(pid)
+        workdir = os.path.dirname(log_path)
+        if os.path.basename(workdir).startswith(WORKDIR_PREFIX):
+            self.workdirs.add(workdir)
         return pid
 
     def _signal(self, pid: int, sig: int) -> None:
@@ -219,6 +227,9 @@ class Launcher:
             except ChildProcessError:
                 break
             self.children.discard(pid)
+        for workdir in self.workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.workdirs.clear()
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -36,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
 from meridio_debug.controller import packet_summary
+from meridio_debug.controller.cli_args import MAX_STREAM_S, int_range, seconds
 from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
 from meridio_debug.controller.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.protos import agent_pb2 as pb
 
+MAX_SNAPLEN = 262144  # the agent's own bound
 MERGE_BYTES = 64 << 20  # pending packets held for ordering, at most
 STOP_GRACE_S = 5.0  # after a stop request, wait this long for the agents' final stats
 FLAGS = (*PKTTYPE_FLAGS, 0, 0, 0)  # sll_pkttype 5-7 (loopback, user, kernel): no direction
@@ -472,7 +475,7 @@ def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("-f", "--filter", default="", help="BPF filter, pcap-filter(7) syntax")
     p.add_argument(
         "--duration",
-        type=float,
+        type=seconds(MAX_STREAM_S),
         default=0.0,
         help="stop after S seconds (default: Ctrl-C, at most 1 h)",
     )
@@ -483,7 +486,12 @@ def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], No
         default=0,
         help="stop when the file reaches N bytes (with --rotate: size of each file)",
     )
-    p.add_argument("--snaplen", type=int, default=0, help="bytes kept per packet (default 262144)")
+    p.add_argument(
+        "--snaplen",
+        type=int_range(0, MAX_SNAPLEN),
+        default=0,
+        help=f"bytes kept per packet (default and at most {MAX_SNAPLEN})",
+    )
     p.add_argument(
         "--rotate",
         type=int,
@@ -543,6 +551,14 @@ def cmd_capture(args: argparse.Namespace) -> int:
             raise MeridioDebugError(f"cannot write {args.write}: {exc}") from exc
         sink = PcapngSink(writer)
     states = asyncio.run(run_capture(runtime, options, sink, log))
+    if not any(st.capture_id for st in states):
+        # Nothing could start (bad filter, unknown interface...): _ready said why, once per
+        # pod; a header-only file would only look like an empty capture.
+        if isinstance(sink, PcapngSink) and args.write != "-":
+            for name in sink.writer.files:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        return 1
     for line in summary_lines(states):
         log(line)
     if isinstance(sink, PcapngSink) and sink.writer.files:
@@ -582,4 +598,6 @@ def _ready(states: Sequence[PodState], log: Callable[[str], None]) -> None:
         log(f"capturing in {', '.join(live)} (Ctrl-C to stop)")
     for st in states:
         if st.error:
-            log(f"{st.pod.name}: {st.error}")
+            log(
+                st.error if st.error.startswith(f"{st.pod.name}:") else f"{st.pod.name}: {st.error}"
+            )

@@ -3,7 +3,10 @@
 Conventions (Hubble, Inspektor Gadget, istioctl): data on stdout, logs and
 errors on stderr, ``-o table|json|yaml``; exit codes 0 ok, 1 error, 2 usage,
 3 findings at or above ``--fail-on``. A known failure is one line on stderr,
-never a traceback.
+never a traceback. Usage errors (a NaN duration, a bad section, a missing
+namespace) are found before any agent starts. SIGTERM is handled exactly like
+Ctrl-C: the running command is cancelled, writes what it has, stops its
+agents and removes their files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from meridio_debug.controller.cli_args import MAX_STREAM_S, seconds
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
 
 log = logging.getLogger("meridio_debug")
@@ -40,7 +44,11 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lab", action="store_true", help="the pods of the local lab (meridio-debug lab up)"
     )
-    g.add_argument("--prefix", default="mdl-", help="lab namespace prefix (default mdl-)")
+    from meridio_debug.controller.cli_lab import lab_prefix
+
+    g.add_argument(
+        "--prefix", default="mdl-", type=lab_prefix, help="lab namespace prefix (default mdl-)"
+    )
     g.add_argument(
         "--netns",
         action="append",
@@ -103,11 +111,15 @@ def build_parser() -> ArgumentParser:
     )
     add_target_args(p)
     add_output_arg(p)
+    from meridio_debug.controller.output import SECTION_KEYS
+
     p.add_argument(
         "--section",
         action="append",
         default=[],
-        help="only these sections (repeatable; default all)",
+        choices=SECTION_KEYS,
+        metavar="SECTION",
+        help=f"only these sections (repeatable; default all): {', '.join(SECTION_KEYS)}",
     )
     p.set_defaults(func=cmd_snapshot)
 
@@ -120,7 +132,7 @@ def build_parser() -> ArgumentParser:
     add_output_arg(p, ("table", "json"))
     p.add_argument(
         "--duration",
-        type=float,
+        type=seconds(MAX_STREAM_S),
         default=0.0,
         help="stop after this many seconds (default: until Ctrl-C)",
     )
@@ -165,7 +177,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 def make_runtime(args: argparse.Namespace) -> Any:
     """The runtime for the chosen target flags (exactly one kind)."""
     from meridio_debug.controller import cli_kube
-    from meridio_debug.controller.runtime.local import LocalRuntime
+    from meridio_debug.controller.runtime.local import LocalRuntime, netns_path
 
     cluster = cli_kube.wants_cluster(args)
     chosen = [bool(args.lab), bool(args.netns), bool(args.netns_pid), cluster]
@@ -182,9 +194,14 @@ def make_runtime(args: argparse.Namespace) -> Any:
         from meridio_debug.controller.cli_lab import lab_runtime
 
         return lab_runtime(args.prefix, args.pods)
-    if args.netns:
-        return LocalRuntime.for_netns(args.netns)
-    return LocalRuntime.for_pids(args.netns_pid)
+    # A missing namespace is one line and exit 1 for every command, before any agent starts
+    # (per pod, analyze would make it a finding and collect a bundle of nothing).
+    runtime = (
+        LocalRuntime.for_netns(args.netns) if args.netns else LocalRuntime.for_pids(args.netns_pid)
+    )
+    for pod in runtime.pods():
+        netns_path(pod)
+    return runtime
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -242,8 +259,15 @@ def run_until_signal(make: Callable[[], Any]) -> Any:
     return asyncio.run(runner())
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM does what Ctrl-C does (asyncio.run's SIGINT handling, or KeyboardInterrupt)."""
+    signal.raise_signal(signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(

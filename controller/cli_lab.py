@@ -66,6 +66,16 @@ def lab_runtime(prefix: str, names: Sequence[str]) -> LocalRuntime:
     return LocalRuntime(chosen, targets=lab_targets(prefix))
 
 
+def lab_prefix(text: str) -> str:
+    """argparse type: a valid lab prefix, else a usage error (exit 2) before anything runs."""
+    from meridio_debug.controller.lab.spec import check_prefix
+
+    try:
+        return check_prefix(text)
+    except LabError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(sub: Any) -> None:
     lab = sub.add_parser(
         "lab",
@@ -76,7 +86,9 @@ def add_parser(sub: Any) -> None:
     labsub = lab.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=type(lab))
 
     def prefix_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prefix", default="mdl-", help="namespace name prefix (default mdl-)")
+        p.add_argument(
+            "--prefix", default="mdl-", type=lab_prefix, help="namespace name prefix (default mdl-)"
+        )
 
     p = labsub.add_parser(
         "up", help="build the lab (idempotent) and wait until BGP is up and traffic flows"
@@ -124,7 +136,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     for name in ("lbs", "proxies", "targets_per_proxy"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    spec = lab.build_spec(args.prefix, args.lbs, args.proxies, args.targets_per_proxy)
+    try:  # sizes the address scheme cannot hold are usage errors, found before building
+        spec = lab.build_spec(args.prefix, args.lbs, args.proxies, args.targets_per_proxy)
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
     started = time.monotonic()
     lab.up(spec)
     pods = ", ".join(p.name for p in spec.pods)
@@ -168,7 +183,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         if not st.exists:
-            print(f"no lab with prefix {args.prefix!r}")
+            print(
+                f"meridio-debug: no lab with prefix {args.prefix!r} (`meridio-debug lab up` "
+                "builds one)",
+                file=sys.stderr,
+            )
             return 1
         for n in st.namespaces:
             print(f"  {n.name:<22} {n.role:<8} {'ok' if n.exists else 'MISSING'}")

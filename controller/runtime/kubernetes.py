@@ -78,6 +78,7 @@ from meridio_debug.controller.errors import (
 )
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime import k8s_spec as spec
+from meridio_debug.controller.runtime.workdirs import sweep
 from meridio_debug.controller.tls import (
     AGENT_TLS_NAME,
     DEFAULT_TLS_DIR,
@@ -694,6 +695,7 @@ class PortForwardRelay:
         self.fatal: MeridioDebugError | None = None
 
     async def start(self) -> None:
+        sweep()  # relay directories of runs that were killed (runtime/workdirs.py)
         self._server = await asyncio.start_unix_server(self._accept, path=self.path)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

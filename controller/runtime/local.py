@@ -44,6 +44,7 @@ from meridio_debug.controller.errors import (
     UsageError,
 )
 from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.runtime.workdirs import sweep
 
 NETNS_DIR = Path("/run/netns")
 LAUNCHER_MODULE = "meridio_debug.agent.launcher"
@@ -131,6 +132,7 @@ class AgentLauncher:
 
     async def _start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        sweep()  # directories of runs that died with their launcher (runtime/workdirs.py)
         self._ready = self.loop.create_future()
         try:
             self._proc = await asyncio.create_subprocess_exec(
