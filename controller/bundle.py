@@ -29,6 +29,7 @@ bundle over a bound is a one-line BundleError.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import io
@@ -46,7 +47,15 @@ from google.protobuf import json_format
 from meridio_debug.controller import convert, output
 from meridio_debug.controller.errors import BundleError, ConfigError
 from meridio_debug.controller.meridio_config import config_from_crs, to_crs
-from meridio_debug.controller.model import PodResult, TrenchConfig, TrenchState
+from meridio_debug.controller.model import (
+    ContainerHealth,
+    KubeState,
+    PodHealth,
+    PodResult,
+    ReadProblem,
+    TrenchConfig,
+    TrenchState,
+)
 from meridio_debug.controller.output import PodSnapshot
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.protos import agent_pb2 as pb
@@ -54,6 +63,7 @@ from meridio_debug.protos import agent_pb2 as pb
 BUNDLE_KIND: Final = "meridio-debug/bundle"
 FORMAT_VERSION: Final = 1
 META_NAME: Final = "meta.json"
+KUBE_NAME: Final = "kubernetes.json"  # optional: pod status and log tails (Kubernetes runs)
 POD_DIR: Final = "pods"
 # A snapshot of a big LB is a few MiB; anything far beyond is not ours (or a zip bomb).
 MAX_MEMBER_BYTES: Final = 64 * 1024 * 1024
@@ -86,6 +96,7 @@ class Evidence:
     runtime: str = ""
     created_unix_ns: int = 0
     meta: Mapping[str, Any] = field(default_factory=dict)
+    kube: KubeState | None = None  # pods' Kubernetes status and log tails (cluster runs)
 
 
 def trench_state(evidence: Evidence) -> TrenchState:
@@ -97,7 +108,7 @@ def trench_state(evidence: Evidence) -> TrenchState:
         convert.pod_result_from_proto(item.pod.name, item.pod.role, item.snapshot, error=item.error)
         for item in evidence.items
     ]
-    return TrenchState(pods=tuple(pods), config=evidence.config)
+    return TrenchState(pods=tuple(pods), config=evidence.config, kube=evidence.kube)
 
 
 # --------------------------------------------------------------------------- writing
@@ -208,6 +219,8 @@ def write_bundle(
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             _add(tar, META_NAME, _dump(meta), mtime)
+            if evidence.kube is not None:
+                _add(tar, KUBE_NAME, _dump(kube_to_dict(evidence.kube)), mtime)
             for item, pod in zip(evidence.items, meta["pods"], strict=True):
                 _add(tar, pod["file"], _dump(output.snapshot_to_dict(item)), mtime)
         tmp.replace(target)
@@ -228,6 +241,47 @@ def _tool_version() -> str:
         return version("meridio-debug")
     except PackageNotFoundError:
         return "unknown"
+
+
+def kube_to_dict(kube: KubeState) -> dict[str, Any]:
+    doc = dataclasses.asdict(kube)
+    doc["timings"] = [list(t) for t in kube.timings]
+    return doc
+
+
+def kube_from_dict(data: Any, path: Path) -> KubeState:
+    """kubernetes.json back into the model; BundleError (one line) when it does not fit."""
+    try:
+        if not isinstance(data, Mapping):
+            raise TypeError("not an object")
+        pods = tuple(
+            PodHealth(
+                **{
+                    **{k: v for k, v in pod.items() if k != "containers"},
+                    "containers": tuple(
+                        ContainerHealth(
+                            **{
+                                **c,
+                                "log": tuple(c.get("log", ())),
+                                "previous_log": tuple(c.get("previous_log", ())),
+                            }
+                        )
+                        for c in pod.get("containers", ())
+                    ),
+                }
+            )
+            for pod in data.get("pods", ())
+        )
+        return KubeState(
+            read_unix=float(data["read_unix"]),
+            since_unix=float(data.get("since_unix", 0.0)),
+            pods=pods,
+            problems=tuple(ReadProblem(**p) for p in data.get("problems", ())),
+            trench=str(data.get("trench", "")),
+            timings=tuple((str(g), float(t)) for g, t in data.get("timings", ())),
+        )
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{path}: {KUBE_NAME} does not fit this version ({exc})") from exc
 
 
 # --------------------------------------------------------------------------- reading
@@ -413,8 +467,12 @@ def read_bundle(path: str | Path) -> Evidence:
         if snap is None and not error:
             error = "no snapshot in the bundle"
         items.append(PodSnapshot(ref, snap, error if snap is None else ""))
+    kube = None
+    if KUBE_NAME in members:
+        kube = kube_from_dict(_json(p, KUBE_NAME, members[KUBE_NAME]), p)
     created = meta.get("created_unix_ns")
     return Evidence(
+        kube=kube,
         items=tuple(items),
         config=_config_from_dict(meta.get("trench")),
         source=f"bundle {p.name} ({meta.get('source') or meta.get('runtime') or 'unknown source'})",

@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +57,38 @@ COLLECT_EPILOG = """examples:
 # --------------------------------------------------------------------------- API
 
 
+@dataclass(frozen=True)
+class HealthOptions:
+    """How much Kubernetes state to read beside the snapshots (cluster runtime only)."""
+
+    log_lines: int = 100
+    log_bytes: int = 32 * 1024
+    since_unix: float = 0.0
+
+
 async def gather_async(
-    runtime: Runtime, config: TrenchConfig | None = None, source: str = ""
+    runtime: Runtime,
+    config: TrenchConfig | None = None,
+    source: str = "",
+    health: HealthOptions | None = None,
 ) -> Evidence:
-    """Snapshot every pod of ``runtime`` at once; unreachable pods stay in as errors."""
+    """Snapshot every pod of ``runtime`` at once; unreachable pods stay in as errors.
+
+    A runtime that can read pod status (Kubernetes) also gives the pods' health and log
+    tails, read while the snapshots are taken.
+    """
     from meridio_debug.controller.session import snapshot_all
 
     created = time.time_ns()
+    read_health = getattr(runtime, "read_health", None)
+    kube_task = None
+    if read_health is not None:
+        opts = health or HealthOptions()
+        kube_task = asyncio.get_running_loop().run_in_executor(
+            None, lambda: read_health(opts.log_lines, opts.log_bytes, opts.since_unix)
+        )
     items = await snapshot_all(runtime)
+    kube = await kube_task if kube_task is not None else None
     runtimes = sorted({i.pod.runtime for i in items})
     return Evidence(
         items=tuple(items),
@@ -72,6 +96,7 @@ async def gather_async(
         source=source,
         runtime=",".join(runtimes),
         created_unix_ns=created,
+        kube=kube,
     )
 
 
@@ -139,7 +164,12 @@ def _evidence(args: argparse.Namespace) -> Evidence:
         return gather(runtime, config, source)
     runtime = make_runtime(args)  # validates the combination of flags
     if cluster_flags(args):
-        return gather(runtime, None, f"namespace {runtime.namespace}")
+        health = HealthOptions(
+            log_lines=0 if args.no_logs else args.log_lines,
+            log_bytes=args.log_bytes,
+            since_unix=args.since_ns / 1e9 if getattr(args, "since_ns", 0) else 0.0,
+        )
+        return asyncio.run(gather_async(runtime, None, f"namespace {runtime.namespace}", health))
     where = args.netns or [f"pid:{p}" for p in args.netns_pid]
     return gather(runtime, None, f"netns {','.join(map(str, where))}")
 
@@ -274,6 +304,29 @@ def add_parser(sub: Any) -> None:
 
 
 def add_config_arg(p: Any) -> None:
+    g = p.add_argument_group("Kubernetes state (with -n/--context/...)")
+    g.add_argument(
+        "--log-lines",
+        type=int,
+        default=100,
+        metavar="N",
+        help="keep the last N log lines of each container, current and previous (default 100)",
+    )
+    g.add_argument(
+        "--log-bytes",
+        type=int,
+        default=32 * 1024,
+        metavar="B",
+        help="at most B bytes of log per container instance (default 32768)",
+    )
+    g.add_argument("--no-logs", action="store_true", help="read no container logs")
+    g.add_argument(
+        "--since-ns",
+        type=int,
+        default=0,
+        metavar="UNIX_NS",
+        help="count container restarts after this time only (an e2e spec's start)",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -336,6 +389,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         state = trench_state(evidence)
         result = analyze(state, suppress=args.suppress)
     report = make_report(evidence, result, state, fail_on)
+    print_health_summary(evidence)
     sys.stdout.write(render(args.output, report, color=_color(sys.stdout)))
     sys.stdout.flush()
     if args.report and report_fmt is not None:
@@ -346,6 +400,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 f"cannot write report {args.report}: {exc.strerror or exc}"
             ) from exc
     return EXIT_FINDINGS if report.failed else EXIT_OK
+
+
+def print_health_summary(evidence: Evidence) -> None:
+    """The pods' Kubernetes health, one line per group, on stderr (cluster evidence only)."""
+    if evidence.kube is None:
+        return
+    from meridio_debug.controller.analysis.health import summary_lines
+
+    for line in summary_lines(evidence.kube):
+        print(line, file=sys.stderr)
 
 
 def _blocking(result: AnalysisResult, fail_on: Severity | None) -> list[str]:
@@ -394,6 +458,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             "say where the pods are: --lab, --netns NAME, --netns-pid PID or -n NAMESPACE"
         )
     evidence = evidence_from_args(args)
+    print_health_summary(evidence)
     meta = write_bundle(
         evidence,
         args.output,

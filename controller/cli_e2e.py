@@ -100,7 +100,11 @@ def _output_id(args: argparse.Namespace) -> str:
 def _gather(args: argparse.Namespace) -> Any:
     """Every pod's snapshot, bounded by --timeout; a failure is an empty evidence + why."""
     from meridio_debug.controller.bundle import Evidence
-    from meridio_debug.controller.cli_analyze import gather_async, lab_evidence_source
+    from meridio_debug.controller.cli_analyze import (
+        HealthOptions,
+        gather_async,
+        lab_evidence_source,
+    )
 
     try:
         if args.lab:
@@ -113,8 +117,13 @@ def _gather(args: argparse.Namespace) -> Any:
             runtime, config = cluster_runtime(args, progress=False), None
             source = f"namespace {runtime.namespace}"
 
+        since = int(args.spec_start_ns) / 1e9 if args.spec_start_ns.isdigit() else 0.0
+        health = HealthOptions(since_unix=since)
+
         async def bounded() -> Evidence:
-            return await asyncio.wait_for(gather_async(runtime, config, source), args.timeout)
+            return await asyncio.wait_for(
+                gather_async(runtime, config, source, health), args.timeout
+            )
 
         return asyncio.run(bounded()), ""
     except TimeoutError:

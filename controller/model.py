@@ -577,12 +577,80 @@ class TrenchConfig:
     meridio: MeridioConfig | None = None
 
 
+# --------------------------------------------------------------------------- Kubernetes
+
+# The pods' Kubernetes state (the kubelet's view), read by the Kubernetes runtime
+# (runtime/k8s_health.py parses pod objects into these) and judged by analysis/health.py.
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerHealth:
+    """One container's status as the kubelet reports it, plus the tail of its logs."""
+
+    name: str
+    ready: bool = True
+    state: str = "running"  # running, waiting, terminated
+    reason: str = ""  # waiting/terminated reason: CrashLoopBackOff, ImagePullBackOff, Error ...
+    message: str = ""
+    exit_code: int | None = None  # terminated state's exit code
+    restart_count: int = 0
+    last_reason: str = ""  # lastState.terminated: OOMKilled, Error, Completed
+    last_exit_code: int | None = None
+    last_finished_unix: float = 0.0
+    init: bool = False  # an init container
+    log: tuple[str, ...] = ()  # last lines of the current instance's log
+    previous_log: tuple[str, ...] = ()  # last lines of the previous instance (after a restart)
+
+
+PodKind = Literal["lb-fe", "proxy", "target", "nsp", "ipam", "nse", "nsm", "spire", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class PodHealth:
+    """One pod's Kubernetes status: phase, scheduling, deletion, containers."""
+
+    name: str
+    namespace: str = ""
+    kind: PodKind = "other"
+    phase: str = "Running"  # Pending, Running, Succeeded, Failed, Unknown
+    node: str = ""
+    reason: str = ""  # status.reason (Evicted, NodeLost, ...)
+    message: str = ""
+    unschedulable: str = ""  # PodScheduled=False: "<reason>: <message>"
+    deleting_since_unix: float = 0.0  # metadata.deletionTimestamp, 0 when not deleting
+    containers: tuple[ContainerHealth, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadProblem:
+    """Something the runtime could not read (RBAC), said with the verb that is missing."""
+
+    what: str  # "NSM and Spire pods in all namespaces", "logs of red/lb-fe-a"
+    verb: str  # list, get
+    resource: str  # pods, pods/log
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KubeState:
+    """The trench's pods (Meridio, NSP/IPAM/NSE, NSM/Spire) as Kubernetes sees them."""
+
+    read_unix: float  # when it was read: the analysis' "now" (analysis reads no clock)
+    since_unix: float = 0.0  # count restarts after this (e2e spec start); 0 = any time
+    pods: tuple[PodHealth, ...] = ()
+    problems: tuple[ReadProblem, ...] = ()
+    trench: str = ""
+    # (group, seconds it took to read) for the summary lines ("✔ LB/FE pods ready (took 0.4 s)")
+    timings: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class TrenchState:
     """Input of ``analyze``: every pod result of one trench plus optional expectations."""
 
     pods: tuple[PodResult, ...]
     config: TrenchConfig | None = None
+    kube: KubeState | None = None  # Kubernetes' view of the pods, when read from a cluster
 
     def pod(self, name: str) -> PodResult | None:
         for result in self.pods:

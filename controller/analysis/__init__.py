@@ -24,7 +24,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meridio_debug.controller.analysis import access, config, lbfe, proxy, target, trench
+from meridio_debug.controller.analysis import access, config, health, lbfe, proxy, target, trench
 from meridio_debug.controller.analysis._view import release
 from meridio_debug.controller.analysis.findings import (
     Check,
@@ -49,7 +49,13 @@ __all__ = [
 ]
 
 CHECKS: tuple[Check, ...] = (
-    access.CHECKS + lbfe.CHECKS + proxy.CHECKS + target.CHECKS + trench.CHECKS + config.CHECKS
+    access.CHECKS
+    + lbfe.CHECKS
+    + proxy.CHECKS
+    + target.CHECKS
+    + trench.CHECKS
+    + config.CHECKS
+    + health.CHECKS
 )
 
 # Not in the catalog's rule list: a rule that raised on unexpected data. Reported

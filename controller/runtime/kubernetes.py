@@ -54,7 +54,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -308,6 +308,143 @@ class KubernetesRuntime:
             raise self._error(exc, "listing pods") from exc
         items: list[dict[str, Any]] = self._json(resp).get("items", [])
         return items
+
+    # --- pod health and logs (analysis/health.py) -------------------------------------------
+
+    def _problem(
+        self, exc: Exception, what: str, verb: str, resource: str, optional: bool = True
+    ) -> Any:
+        """A 403 as a ReadProblem (the finding MDB542 says which verb is missing); else raise."""
+        from meridio_debug.controller.model import ReadProblem
+
+        if isinstance(exc, ApiException) and exc.status == 403:
+            msg = spec.status_message(exc.body) or str(exc.reason or "")
+            denial = spec.rbac_denial(msg)
+            if denial:
+                verb, resource = denial
+            return ReadProblem(what=what, verb=verb, resource=resource, message=msg)
+        error = self._error(exc, f"reading {what}")
+        if optional:  # partial failure is data: the finding says what is missing
+            return ReadProblem(what=what, verb=verb, resource=resource, message=str(error))
+        raise error
+
+    def _list_sync(self, what: str, all_namespaces: bool, selector: str | None) -> Any:
+        try:
+            if all_namespaces:
+                resp = self._core.list_pod_for_all_namespaces(
+                    label_selector=selector,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            else:
+                resp = self._core.list_namespaced_pod(
+                    self.namespace,
+                    label_selector=selector,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            return self._problem(exc, what, "list", "pods", optional=all_namespaces)
+        items: list[dict[str, Any]] = self._json(resp).get("items", [])
+        return items
+
+    def _log_sync(
+        self, pod: str, container: str, previous: bool, lines: int, max_bytes: int
+    ) -> Any:
+        try:
+            text = self._core.read_namespaced_pod_log(
+                pod,
+                self.namespace,
+                container=container,
+                previous=previous,
+                tail_lines=lines,
+                limit_bytes=max_bytes,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, ApiException) and exc.status in (400, 404):
+                return ""  # no previous instance, or the container never started
+            return self._problem(exc, f"logs of {self.namespace}/{pod}", "get", "pods/log")
+        return str(text or "")
+
+    def read_health(
+        self, log_lines: int = 100, log_bytes: int = 32 * 1024, since_unix: float = 0.0
+    ) -> Any:
+        """The trench's pods as Kubernetes sees them (KubeState), logs tails included.
+
+        Meridio pods and the trench's NSP/IPAM/NSE from the namespace; NSM and Spire
+        pods cluster-wide when RBAC allows (else a ReadProblem naming the verb).
+        """
+        import time
+
+        from meridio_debug.controller.model import ContainerHealth, KubeState, ReadProblem
+        from meridio_debug.controller.runtime import k8s_health
+
+        started = time.monotonic()
+        meridio = self.meridio_pods()
+        roles = {p.name: p.role for p in meridio}
+        trench = self.opts.trench or next((p.trench for p in meridio if p.trench), "") or ""
+        problems: list[ReadProblem] = []
+        listed: list[tuple[Any, Any]] = []
+        timings: dict[str, float] = {}
+        items = self._list_sync(f"pods of namespace {self.namespace}", False, None)
+        if isinstance(items, ReadProblem):
+            problems.append(items)
+            items = []
+        for raw in items:  # discovery leaves deleting pods out; their health still counts
+            name = str((raw.get("metadata") or {}).get("name", ""))
+            role = spec.classify(raw)
+            mine = not trench or (role and spec.trench_of(raw, role) in (None, trench))
+            if name not in roles and role and mine and not self.opts.names:
+                roles[name] = role
+        listed += k8s_health.select(items, roles, trench)
+        t_ns = time.monotonic() - started
+        for what, selector in (
+            ("NSM pods in all namespaces", k8s_health.NSM_SELECTOR),
+            ("Spire pods in all namespaces", k8s_health.SPIRE_SELECTOR),
+        ):
+            t0 = time.monotonic()
+            found = self._list_sync(what, True, selector)
+            if isinstance(found, ReadProblem):
+                problems.append(found)
+                continue
+            listed += [
+                (p, k) for p, k in k8s_health.select(found, {}, trench) if k in ("nsm", "spire")
+            ]
+            timings[k8s_health.GROUPS["nsm" if "NSM" in what else "spire"]] = time.monotonic() - t0
+        pods = []
+        denied_logs = False
+        for obj, kind in listed:
+            t0 = time.monotonic()
+            health = k8s_health.pod_health(obj, kind)
+            if kind not in ("nsm", "spire") and log_lines > 0 and not denied_logs:
+                containers: list[ContainerHealth] = []
+                for c in health.containers:
+                    tails: list[tuple[str, ...]] = []
+                    for previous in (False, True)[: 2 if c.restart_count else 1]:
+                        text = self._log_sync(health.name, c.name, previous, log_lines, log_bytes)
+                        if isinstance(text, ReadProblem):
+                            problems.append(text)
+                            denied_logs = True
+                            break
+                        tails.append(k8s_health.bounded_lines(text, log_lines, log_bytes))
+                    tails += [(), ()]
+                    containers.append(replace(c, log=tails[0], previous_log=tails[1]))
+                    if denied_logs:
+                        break
+                if not denied_logs:
+                    health = replace(health, containers=tuple(containers))
+            pods.append(health)
+            group = k8s_health.GROUPS.get(kind, "other pods")
+            timings[group] = timings.get(group, t_ns) + time.monotonic() - t0
+        return KubeState(
+            read_unix=time.time(),
+            since_unix=since_unix,
+            pods=tuple(pods),
+            problems=tuple(problems),
+            trench=trench,
+            timings=tuple(sorted(timings.items())),
+        )
 
     # --- discovery --------------------------------------------------------------------------
 

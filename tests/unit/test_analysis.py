@@ -75,6 +75,17 @@ CATALOG = {
     "MDB403": Severity.ERROR,
     "MDB404": Severity.ERROR,
     "MDB405": Severity.WARNING,
+    # pods and containers (test_health.py)
+    "MDB501": Severity.ERROR,
+    "MDB502": Severity.ERROR,
+    "MDB503": Severity.WARNING,
+    "MDB511": Severity.ERROR,
+    "MDB521": Severity.WARNING,
+    "MDB522": Severity.ERROR,
+    "MDB531": Severity.ERROR,
+    "MDB532": Severity.ERROR,
+    "MDB541": Severity.ERROR,
+    "MDB542": Severity.WARNING,
     # configuration vs data plane (test_config_checks.py)
     "MDB601": Severity.ERROR,
     "MDB602": Severity.ERROR,
@@ -893,9 +904,11 @@ def test_every_catalog_code_is_registered_with_its_severity() -> None:
 
 def test_every_warning_and_error_code_has_a_mutation() -> None:
     from test_config_checks import CONFIG_CASES
+    from test_health import COVERED
 
     covered = {code for _name, _m, expected in CASES for code, _pod in expected}
     covered |= {code for _name, _m, expected in CONFIG_CASES for code, _pod in expected}
+    covered |= COVERED
     assert {c for c, s in CATALOG.items() if s >= Severity.WARNING} <= covered
 
 
