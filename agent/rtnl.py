@@ -1,35 +1,39 @@
-"""Raw rtnetlink for the agent: dump requests, multicast subscriptions, attribute parsing.
+"""rtnetlink for the agent, on pyroute2: its socket, message classes, constants and parser.
 
-Why our own netlink code instead of pyroute2 on this path: measured with
-bench/snapshot_bench.py (2,000 routes in 200 tables), pyroute2 0.9's generic
-message classes need ~110 ms to decode the routes (``get_routes``, both
-families), while ``ip -j -batch`` prints routes, rules, addresses, links and
-neighbours in ~8 ms and this module's route section takes ~10 ms; and
-``import pyroute2`` alone costs ~140 ms of agent start-up. A snapshot must stay within 2x of
-iproute2, so the dumps use a plain ``AF_NETLINK`` socket and decode only the
-attributes we report, with precompiled ``struct`` formats (see
-collectors/netlink.py for the conversions). pyroute2 stays the oracle for our
-constants in the unit tests and does namespace handling in tests/bench.
+Requests are pyroute2 message classes (``rtmsg``, ``fibmsg``, ``ifinfmsg``,
+``ifaddrmsg``, ``ndmsg``) encoded by pyroute2 and sent on pyroute2's
+``IPRSocket``; answers are split and decoded by pyroute2's ``MarshalRtnl``, so
+every attribute and kernel quirk pyroute2 knows is known here. Constants are
+pyroute2's; what pyroute2 0.9 lacks (the RouteGet attributes RTA_IP_PROTO,
+RTA_SPORT, RTA_DPORT; the RTM_F_* request flags; names iproute2 gives to a
+few protocol numbers and route flags) is added in one place below, as an
+``nla_map`` extension of pyroute2's own ``rtmsg`` where it is an attribute.
 
-Kernel behaviours this module works around (quotes from the kernel sources):
+What this module adds on top, because an agent must never hang or die:
 
+- Every wait is bounded: each ``recv`` has a timeout derived from one overall
+  deadline, and the messages and bytes of a dump are capped.
 - A dump answers in several datagrams, each one skb of at most
   ``max(recvmsg length, NLMSG_GOODSIZE)`` capped near 32 KiB
   (net/netlink/af_netlink.c ``netlink_dump``); we read with ``MSG_TRUNC`` into
-  a 1 MiB buffer and fail loudly if a datagram was ever larger than the buffer
-  instead of decoding a silently truncated one.
-- When the table changes during a dump the kernel sets ``NLM_F_DUMP_INTR``
-  ("Dump was interrupted and may be inconsistent", include/uapi/linux/netlink.h);
+  a 1 MiB buffer and fail loudly if a datagram was larger than the buffer.
+- When the table changes during a dump the kernel sets ``NLM_F_DUMP_INTR``;
   we redo the dump a few times and keep the last answer.
-- ``NLA_F_NESTED``/``NLA_F_NET_BYTEORDER`` live in the top bits of ``nla_type``
-  and must be masked off before comparing types.
-- Every wait is bounded: each ``recv`` has a socket timeout derived from one
-  overall deadline, and the number of messages and bytes per dump is capped,
-  so a collector can never hang the agent.
+- A dump that fails after it started ends with an ``NLMSG_DONE`` carrying the
+  error (net/netlink/af_netlink.c ``netlink_dump_done``); pyroute2 decodes it
+  only when extended-ack TLVs follow, the parser hook below always does.
 
-Numbers below are the stable UAPI values from include/uapi/linux/rtnetlink.h,
-if_link.h, if_addr.h, neighbour.h and fib_rules.h; names follow iproute2 6.1
-(lib/rt_names.c, /etc/iproute2/rt_protos) so our output compares 1:1 with ``ip``.
+The one measured hot path is the route dump (thousands of routes on a large
+LB): pyroute2's generic ``rtmsg`` decode plus ``get_attr`` costs ~70 us a
+route (bench/snapshot_bench.py: ~150 ms for 2,000 routes against ~10 ms for
+``ip -j``). So route messages of a dump go through a parser hook of pyroute2's
+Marshal (``get_parser``) that decodes the rtmsg header with rtmsg's own
+``fields`` and only the attributes whose pyroute2 type it knows
+(``target``, ``uint32``, ``uint8``, ``rtvia``, the nexthop list), keyed by
+rtmsg's ``nla_map``, into the same shape pyroute2 gives (fields plus
+``get_attr``). tests/unit/test_netlink_decode.py checks that both decoders
+agree on recorded kernel answers. Events and RouteGet answers (a few
+messages) use the generic class.
 """
 
 from __future__ import annotations
@@ -40,48 +44,45 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from pyroute2 import IPRSocket
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_ACK_TLVS,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    nlmsg,
+)
+from pyroute2.netlink.exceptions import NetlinkError as Pyroute2NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETNEIGH,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    rt_proto,
+    rt_scope,
+    rt_type,
+)
+from pyroute2.netlink.rtnl.fibmsg import FR_ACT_NAMES, fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NAMES
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_NAMES
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+from pyroute2.netlink.rtnl.ndmsg import NTF_NAMES, NUD_NAMES
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_NAMES, nh, rtmsg
 
 from meridio_debug.agent.errors import CollectorError
 
-# --- netlink core (include/uapi/linux/netlink.h) -------------------------------------------
-
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_EXT_ACK = 11
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; Python's socket module lacks it
-
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
-
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_REPLACE = 0x100  # on new-object requests (same bit as NLM_F_CAPPED on errors)
-NLM_F_CREATE = 0x400
-NLM_F_DUMP = 0x300
-NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: the request payload is not echoed
-NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR: extended ack attributes follow
-
-NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
-NLMSGERR_ATTR_MSG = 1
-
-AF_UNSPEC = 0
-AF_INET = socket.AF_INET
-AF_INET6 = socket.AF_INET6
-AF_BRIDGE = 7
-
-# --- rtnetlink message types --------------------------------------------------------------
-
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+Message = Any  # a decoded pyroute2 message (nlmsg) or a FastMessage: fields by key, get_attr()
 
 GET_NAMES = {
     RTM_GETLINK: "RTM_GETLINK (links)",
@@ -91,262 +92,42 @@ GET_NAMES = {
     RTM_GETRULE: "RTM_GETRULE (rules)",
 }
 
-# multicast groups (enum rtnetlink_groups)
-RTNLGRP_LINK = 1
-RTNLGRP_NEIGH = 3
-RTNLGRP_IPV4_IFADDR = 5
-RTNLGRP_IPV4_ROUTE = 7
-RTNLGRP_IPV4_RULE = 8
-RTNLGRP_IPV6_IFADDR = 9
-RTNLGRP_IPV6_ROUTE = 11
-RTNLGRP_IPV6_RULE = 19
-
-# --- links (if_link.h) ------------------------------------------------------------------
-
-IFLA_ADDRESS = 1
-IFLA_BROADCAST = 2
-IFLA_IFNAME = 3
-IFLA_MTU = 4
-IFLA_LINK = 5
-IFLA_MASTER = 10
-IFLA_OPERSTATE = 16
-IFLA_LINKINFO = 18
-IFLA_IFALIAS = 20
-IFLA_STATS64 = 23
-IFLA_LINK_NETNSID = 37
-IFLA_INFO_KIND = 1
-IFLA_INFO_DATA = 2
-IFLA_INFO_SLAVE_KIND = 4
-IFLA_VLAN_ID = 1
-
-OPERSTATES: tuple[str, ...] = (
-    "UNKNOWN",
-    "NOTPRESENT",
-    "DOWN",
-    "LOWERLAYERDOWN",
-    "TESTING",
-    "DORMANT",
-    "UP",
-)
-
-# net/if.h IFF_*, in the order iproute2's print_link_flags prints them.
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-LINK_FLAGS: tuple[tuple[int, str], ...] = (
-    (0x8, "LOOPBACK"),
-    (0x2, "BROADCAST"),
-    (0x10, "POINTOPOINT"),
-    (0x1000, "MULTICAST"),
-    (0x80, "NOARP"),
-    (0x200, "ALLMULTI"),
-    (0x100, "PROMISC"),
-    (0x400, "MASTER"),
-    (0x800, "SLAVE"),
-    (0x4, "DEBUG"),
-    (0x8000, "DYNAMIC"),
-    (0x4000, "AUTOMEDIA"),
-    (0x2000, "PORTSEL"),
-    (0x20, "NOTRAILERS"),
-    (0x1, "UP"),
-    (0x10000, "LOWER_UP"),
-    (0x20000, "DORMANT"),
-    (0x40000, "ECHO"),
-)
-
-# --- addresses (if_addr.h) ----------------------------------------------------------------
-
-IFA_ADDRESS = 1
-IFA_LOCAL = 2
-IFA_LABEL = 3
-IFA_BROADCAST = 4
-IFA_FLAGS = 8
-
-IFA_F_SECONDARY = 0x01
-ADDR_FLAGS: tuple[tuple[int, str], ...] = (
-    (0x01, "secondary"),  # "temporary" for IPv6 (same bit)
-    (0x02, "nodad"),
-    (0x04, "optimistic"),
-    (0x08, "dadfailed"),
-    (0x10, "home"),
-    (0x20, "deprecated"),
-    (0x40, "tentative"),
-    (0x80, "permanent"),
-    (0x100, "mngtmpaddr"),
-    (0x200, "noprefixroute"),
-    (0x400, "autojoin"),
-    (0x800, "stable-privacy"),
-)
-
-# --- routes (rtnetlink.h) ---------------------------------------------------------------
-
-RTA_DST = 1
-RTA_SRC = 2
-RTA_IIF = 3
-RTA_OIF = 4
-RTA_GATEWAY = 5
-RTA_PRIORITY = 6
-RTA_PREFSRC = 7
-RTA_MULTIPATH = 9
-RTA_TABLE = 15
-RTA_VIA = 18
-RTA_PREF = 20
-RTA_NH_ID = 30
-
-RT_TABLE_MAIN = 254
-RT_TABLE_LOCAL = 255
-
-RTN_UNICAST = 1
-ROUTE_TYPES: dict[int, str] = {
-    0: "none",
-    1: "unicast",
-    2: "local",
-    3: "broadcast",
-    4: "anycast",
-    5: "multicast",
-    6: "blackhole",
-    7: "unreachable",
-    8: "prohibit",
-    9: "throw",
-    10: "nat",
-    11: "xresolve",
-}
-
-# iproute2 6.1 etc/iproute2/rt_protos (what `ip` prints); anything else prints as a number.
-ROUTE_PROTOCOLS: dict[int, str] = {
-    0: "unspec",
-    1: "redirect",
-    2: "kernel",
-    3: "boot",
-    4: "static",
-    8: "gated",
-    9: "ra",
-    10: "mrt",
-    11: "zebra",
-    12: "bird",
-    13: "dnrouted",
-    14: "xorp",
-    15: "ntk",
-    16: "dhcp",
-    18: "keepalived",
-    42: "babel",
-    99: "openr",
-    186: "bgp",
-    187: "isis",
-    188: "ospf",
-    189: "rip",
-    192: "eigrp",
-}
-
-ROUTE_SCOPES: dict[int, str] = {
-    0: "universe",
-    200: "site",
-    253: "link",
-    254: "host",
-    255: "nowhere",
-}
-ADDRESS_SCOPES: dict[int, str] = {**ROUTE_SCOPES, 0: "global"}
-
-# rtnh_flags / rtm_flags bits (RTNH_F_*, RTM_F_*)
-ROUTE_FLAGS: tuple[tuple[int, str], ...] = (
-    (0x1, "dead"),
-    (0x2, "pervasive"),
-    (0x4, "onlink"),
-    (0x8, "offload"),
-    (0x10, "linkdown"),
-    (0x20, "unresolved"),
-    (0x40, "trap"),
-    (0x200, "cloned"),
-    (0x4000, "rt_offload"),
-    (0x8000, "rt_trap"),
-    (0x20000000, "rt_offload_failed"),
-)
-NEXTHOP_FLAGS: tuple[tuple[int, str], ...] = ROUTE_FLAGS[:7]
-
-# --- rules (fib_rules.h) -----------------------------------------------------------------
-
-FRA_DST = 1
-FRA_SRC = 2
-FRA_IIFNAME = 3
-FRA_GOTO = 4
-FRA_PRIORITY = 6
-FRA_FWMARK = 10
-FRA_SUPPRESS_PREFIXLEN = 14
-FRA_TABLE = 15
-FRA_FWMASK = 16
-FRA_OIFNAME = 17
-FRA_UID_RANGE = 20
-FRA_PROTOCOL = 21
-FRA_IP_PROTO = 22
-FRA_SPORT_RANGE = 23
-FRA_DPORT_RANGE = 24
-
-FIB_RULE_INVERT = 0x2
-RULE_ACTIONS: dict[int, str] = {
-    0: "unspec",
-    1: "to_tbl",
-    2: "goto",
-    3: "nop",
-    6: "blackhole",
-    7: "unreachable",
-    8: "prohibit",
-}
-
-# --- neighbours (neighbour.h) -------------------------------------------------------------
-
-NDA_DST = 1
-NDA_LLADDR = 2
-NDA_VLAN = 5
-NDA_MASTER = 9
-NDA_FLAGS_EXT = 15
-
-NUD_STATES: tuple[tuple[int, str], ...] = (
-    (0x01, "INCOMPLETE"),
-    (0x02, "REACHABLE"),
-    (0x04, "STALE"),
-    (0x08, "DELAY"),
-    (0x10, "PROBE"),
-    (0x20, "FAILED"),
-    (0x40, "NOARP"),
-    (0x80, "PERMANENT"),
-)
-NUD_PERMANENT = 0x80
-NUD_NOARP = 0x40
-NUD_STALE = 0x04
-NUD_REACHABLE = 0x02
-
-NEIGH_FLAGS: tuple[tuple[int, str], ...] = (
-    (0x01, "use"),
-    (0x02, "self"),
-    (0x04, "master"),
-    (0x08, "proxy"),
-    (0x10, "extern_learn"),
-    (0x20, "offload"),
-    (0x40, "sticky"),
-    (0x80, "router"),
-)
-NEIGH_EXT_FLAGS: tuple[tuple[int, str], ...] = ((0x1, "managed"), (0x2, "locked"))
-
-# --- struct layouts ----------------------------------------------------------------------
-
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-NLATTR = struct.Struct("=HH")  # len, type
-IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type flags
-FIBRULEHDR = RTMSG  # family dst_len src_len tos table res1 res2 action flags: same layout
-NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
-RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
-U8 = struct.Struct("=B")
-U16 = struct.Struct("=H")
-U32 = struct.Struct("=I")
-I32 = struct.Struct("=i")
-STATS64_8 = struct.Struct("=8Q")  # first 8 counters of rtnl_link_stats64
-
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # a socket option, not netlink
 RECV_BUFFER = 1 << 20
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGES = 4_000_000  # a full IPv4+IPv6 internet table is ~1.2 M routes
 DEFAULT_MAX_BYTES = 1 << 30
 DUMP_INTR_RETRIES = 3
+
+
+class RouteGetMessage(rtmsg):  # type: ignore[misc]
+    """pyroute2's rtmsg plus the RouteGet attributes its 0.9 nla_map stops before.
+
+    Numbers from include/uapi/linux/rtnetlink.h (enum rtattr_type_t); RTA_SPORT and
+    RTA_DPORT are in network byte order.
+    """
+
+    # pyroute2 caches the compiled nla table on the class (nlmsg_base.compile_nla_table);
+    # without these a subclass reads rtmsg's cached table once rtmsg has been used.
+    _nlmsg_base__compiled_nla = False
+    _nlmsg_base__t_nla_map = None
+    _nlmsg_base__r_nla_map = None
+
+    nla_map = (
+        *((i, name, kind) for i, (name, kind) in enumerate(rtmsg.nla_map)),
+        (24, "RTA_PAD", "hex"),
+        (25, "RTA_UID", "uint32"),
+        (26, "RTA_TTL_PROPAGATE", "uint8"),
+        (27, "RTA_IP_PROTO", "uint8"),
+        (28, "RTA_SPORT", "be16"),
+        (29, "RTA_DPORT", "be16"),
+        (30, "RTA_NH_ID", "uint32"),
+    )
+
+
+# RouteGet request flags (rtnetlink.h), absent from pyroute2 0.9.
+RTM_F_LOOKUP_TABLE = 0x1000  # report the table that matched (IPv4 says 254 otherwise)
+RTM_F_FIB_MATCH = 0x2000  # answer the matching FIB entry, not the resolved dst
 
 
 class NetlinkError(CollectorError):
@@ -357,47 +138,81 @@ class NetlinkError(CollectorError):
         self.errno = err
 
 
-# --- pure helpers ------------------------------------------------------------------------
+# --- names, as iproute2 6.1 prints them ----------------------------------------------------
 
 
-def align4(n: int) -> int:
-    """Netlink aligns messages and attributes to 4 bytes (NLMSG_ALIGN / NLA_ALIGN)."""
-    return (n + 3) & ~3
+def _bits(
+    names: dict[str, int], prefix: str, order: Sequence[str] = ()
+) -> tuple[tuple[int, str], ...]:
+    """(mask, name) pairs of a pyroute2 name->value map, lower-cased without ``prefix``."""
+    items = {name.removeprefix(prefix): value for name, value in names.items()}
+    keys = list(order) or sorted(items, key=lambda k: items[k])
+    return tuple((items[k], k) for k in keys)
 
 
-def parse_attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    """Attributes between ``off`` and ``end`` as {type: payload}; the last of a repeated type wins.
+# iproute2's print_link_flags order.
+LINK_FLAGS = _bits(
+    IFF_NAMES,
+    "IFF_",
+    ("LOOPBACK", "BROADCAST", "POINTOPOINT", "MULTICAST", "NOARP", "ALLMULTI", "PROMISC",
+     "MASTER", "SLAVE", "DEBUG", "DYNAMIC", "AUTOMEDIA", "PORTSEL", "NOTRAILERS", "UP",
+     "LOWER_UP", "DORMANT", "ECHO"),
+)  # fmt: skip
+IFF_UP = IFF_NAMES["IFF_UP"]
+IFF_RUNNING = IFF_NAMES["IFF_RUNNING"]
 
-    Stops at a malformed length instead of looping: ``nla_len`` < 4 or past the end.
-    """
-    attrs: dict[int, bytes] = {}
-    unpack = NLATTR.unpack_from
-    while off + 4 <= end:
-        alen, atype = unpack(data, off)
-        if alen < 4 or off + alen > end:
-            break
-        attrs[atype & NLA_TYPE_MASK] = data[off + 4 : off + alen]
-        off += (alen + 3) & ~3
-    return attrs
+# ip-address names (IFA_F_SECONDARY prints "temporary" for IPv6: same bit, see fill_address).
+_IFA_NAME = {"HOMEADDRESS": "home", "MANAGETEMPADDR": "mngtmpaddr", "MCAUTOJOIN": "autojoin",
+             "STABLE_PRIVACY": "stable-privacy"}  # fmt: skip
+ADDR_FLAGS: tuple[tuple[int, str], ...] = tuple(
+    (mask, _IFA_NAME.get(name, name.lower()))
+    for mask, name in _bits(
+        {k: v for k, v in IFA_F_NAMES.items() if k != "IFA_F_TEMPORARY"}, "IFA_F_"
+    )
+)
+IFA_F_SECONDARY = IFA_F_NAMES["IFA_F_SECONDARY"]
 
+NUD_STATES = tuple((m, n) for m, n in _bits(NUD_NAMES, "NUD_") if m)
+NUD_PERMANENT = NUD_NAMES["NUD_PERMANENT"]
+NUD_NOARP = NUD_NAMES["NUD_NOARP"]
+NUD_STALE = NUD_NAMES["NUD_STALE"]
+NUD_REACHABLE = NUD_NAMES["NUD_REACHABLE"]
+NTF_USE = NTF_NAMES["NTF_USE"]
+_NTF_NAME = {"EXT_LEARNED": "extern_learn", "OFFLOADED": "offload"}
+NEIGH_FLAGS: tuple[tuple[int, str], ...] = tuple(
+    (mask, _NTF_NAME.get(name, name.lower())) for mask, name in _bits(NTF_NAMES, "NTF_")
+)
+# NDA_FLAGS_EXT bits (neighbour.h NTF_EXT_*), absent from pyroute2 0.9.
+NEIGH_EXT_FLAGS: tuple[tuple[int, str], ...] = ((0x1, "managed"), (0x2, "locked"))
 
-def cstr(value: bytes) -> str:
-    """A NUL-terminated netlink string attribute as text."""
-    return value.split(b"\0", 1)[0].decode("utf-8", "replace")
+# rtnh_flags from pyroute2, plus the RTNH_F_*/RTM_F_* bits it lacks, as `ip route` names them.
+NEXTHOP_FLAGS: tuple[tuple[int, str], ...] = (
+    *((m, n.lower()) for m, n in _bits(RTNH_F_NAMES, "RTNH_F_")),
+    (0x20, "unresolved"),
+    (0x40, "trap"),
+)
+ROUTE_FLAGS: tuple[tuple[int, str], ...] = (
+    *NEXTHOP_FLAGS,
+    (0x200, "cloned"),
+    (0x4000, "rt_offload"),
+    (0x8000, "rt_trap"),
+    (0x20000000, "rt_offload_failed"),
+)
+RTM_F_NOTIFY = 0x100  # request-only: never printed
 
-
-def u32(value: bytes) -> int:
-    return int(U32.unpack_from(value)[0])
-
-
-def mac(value: bytes) -> str:
-    """Link-layer address as ``ip`` prints it (aa:bb:...)."""
-    return value.hex(":")
-
-
-def ip(family: int, value: bytes) -> str:
-    """An address of ``family`` (AF_INET/AF_INET6) in its canonical text form."""
-    return socket.inet_ntop(family, value)
+# iproute2's etc/iproute2/rt_protos names that pyroute2's rt_proto lacks.
+ROUTE_PROTOCOLS: dict[int, str] = {
+    **{k: v for k, v in rt_proto.items() if isinstance(k, int)},
+    18: "keepalived", 42: "babel", 99: "openr", 186: "bgp", 187: "isis", 188: "ospf",
+    189: "rip", 192: "eigrp",
+}  # fmt: skip
+ROUTE_TYPES: dict[int, str] = {k: v for k, v in rt_type.items() if isinstance(k, int)}
+ROUTE_TYPES[0] = "none"  # ip prints RTN_UNSPEC as "none"
+ROUTE_SCOPES: dict[int, str] = {k: v for k, v in rt_scope.items() if isinstance(k, int)}
+ADDRESS_SCOPES: dict[int, str] = {**ROUTE_SCOPES, 0: "global"}
+RULE_ACTIONS: dict[int, str] = {
+    v: k.removeprefix("FR_ACT_").lower() for k, v in FR_ACT_NAMES.items()
+}
 
 
 def names_of(bits: int, table: Sequence[tuple[int, str]]) -> list[str]:
@@ -444,118 +259,281 @@ def link_flag_names(flags: int) -> list[str]:
     return out + names_of(flags & ~IFF_RUNNING, LINK_FLAGS)
 
 
-def build_request(msg_type: int, flags: int, seq: int, header: bytes, attrs: bytes = b"") -> bytes:
-    """One netlink request: nlmsghdr + family header + attributes."""
-    return NLMSGHDR.pack(16 + len(header) + len(attrs), msg_type, flags, seq, 0) + header + attrs
+# IP protocol numbers as iproute2 names them (its names come from /etc/protocols,
+# which an agent image may not have; these are the ones a rule plausibly names).
+IP_PROTO_NAMES = {
+    1: "icmp", 2: "igmp", 4: "ipencap", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp",
+    51: "ah", 58: "ipv6-icmp", 89: "ospf", 103: "pim", 112: "vrrp", 132: "sctp", 136: "udplite",
+}  # fmt: skip
 
 
-def pack_attr(atype: int, payload: bytes) -> bytes:
-    """One attribute, padded to 4 bytes."""
-    raw = NLATTR.pack(4 + len(payload), atype) + payload
-    return raw + b"\0" * (align4(len(raw)) - len(raw))
+def ip_proto_name(number: int) -> str:
+    """``ip rule``'s name for an IP protocol number (``ipproto-N`` when it has none)."""
+    return IP_PROTO_NAMES.get(number, f"ipproto-{number}")
 
 
-def split_messages(
-    data: bytes | bytearray | memoryview, n: int
-) -> list[tuple[int, int, int, bytes]]:
-    """Split one datagram into (type, flags, seq, body); raises on a malformed length."""
-    out: list[tuple[int, int, int, bytes]] = []
-    off = 0
-    unpack = NLMSGHDR.unpack_from
-    while off + 16 <= n:
-        mlen, mtype, mflags, mseq, _pid = unpack(data, off)
-        if mlen < 16 or off + mlen > n:
-            raise NetlinkError(f"malformed netlink message: length {mlen} at offset {off} of {n}")
-        out.append((mtype, mflags, mseq, bytes(data[off + 16 : off + mlen])))
-        off += (mlen + 3) & ~3
-    return out
+# --- the fast parser hook ------------------------------------------------------------------
 
 
-def error_of(body: bytes, flags: int = 0) -> tuple[int, str]:
-    """(errno, extended-ack text) of an NLMSG_ERROR body; errno 0 is an ACK.
+class FastMessage(dict[str, Any]):
+    """A message decoded by FastParser: the class's fields by key, attributes by ``get_attr``.
 
-    struct nlmsgerr is the error and the request's nlmsghdr, followed by the
-    request's payload unless NLM_F_CAPPED, then TLVs if NLM_F_ACK_TLVS
-    (include/uapi/linux/netlink.h, NETLINK_EXT_ACK).
+    The same reading interface as a pyroute2 nlmsg (``msg["family"]``,
+    ``msg["header"]["type"]``, ``msg.get_attr("RTA_DST")``), a plain dict underneath.
     """
-    (err,) = I32.unpack_from(body)
-    text = ""
-    if flags & NLM_F_ACK_TLVS and len(body) >= 20:
-        (orig_len,) = U32.unpack_from(body, 4)
-        tlv_off = 4 + 16 if flags & NLM_F_CAPPED else 4 + align4(orig_len)
-        msg = parse_attrs(body, tlv_off, len(body)).get(NLMSGERR_ATTR_MSG)
-        if msg:
-            text = cstr(msg)
-    return -err, text
+
+    __slots__ = ("get_attr", "nla")
+    nla: dict[str, Any]
+    get_attr: Callable[..., Any]
 
 
-def done_error(body: bytes, flags: int = 0) -> tuple[int, str]:
-    """(errno, extended-ack text) of an NLMSG_DONE body: a dump that failed after it started.
+_HEADER_KEYS = ("length", "type", "flags", "sequence_number", "pid")
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLA_HDR = struct.Struct("=HH").unpack_from
+_NLA_TYPE = 0x3FFF  # NLA_F_NESTED | NLA_F_NET_BYTEORDER live in the top bits
+_U32 = struct.Struct("=I").unpack_from
+_U16 = struct.Struct("=H").unpack_from
+_BE16 = struct.Struct("!H").unpack_from
+_ntop = socket.inet_ntop
 
-    Unlike NLMSG_ERROR, DONE carries the int error and then the TLVs directly
-    (net/netlink/af_netlink.c ``netlink_dump_done``).
+Decoder = Callable[[bytes, int, int, int], Any]
+
+
+def _ip(d: bytes, s: int, e: int, af: int) -> str:
+    return _ntop(af, d[s:e])
+
+
+def _via(d: bytes, s: int, e: int, af: int) -> dict[str, Any]:
+    """RTA_VIA as pyroute2's rtvia decodes it: {'family', 'addr'}."""
+    fam = _U16(d, s)[0]
+    addr = d[s + 2 : e]
+    if (fam == socket.AF_INET and len(addr) == 4) or (fam == socket.AF_INET6 and len(addr) == 16):
+        return {"family": fam, "addr": _ntop(fam, addr)}
+    return {"family": fam, "addr": addr.hex(":")}
+
+
+def _range(fmt: str) -> Decoder:
+    unpack = struct.Struct(fmt).unpack_from
+
+    def decode(d: bytes, s: int, e: int, af: int) -> dict[str, int] | None:
+        if e - s < struct.calcsize(fmt):
+            return None
+        start, end = unpack(d, s)
+        return {"start": start, "end": end}
+
+    return decode
+
+
+class FastParser:
+    """A parser hook for pyroute2's Marshal, built from a message class's own definitions.
+
+    The header layout comes from the class's ``fields``, attribute numbers and
+    names from its ``nla_map``; attributes of a pyroute2 type decoded here
+    (``target``/``ipaddr``, ``uint32``, ``uint8``, ``be16``, ``asciiz``, ``rtvia``,
+    port/uid ranges, the route nexthop list) give the value pyroute2 gives;
+    the others are skipped (nothing reads them from a dump).
     """
-    if len(body) < 4:
+
+    def __init__(self, msg_class: Any) -> None:
+        fields = [(name, fmt) for name, fmt in msg_class.fields]
+        self._fields = tuple(name for name, _ in fields)
+        self._struct = struct.Struct("=" + "".join(fmt for _, fmt in fields))
+        self._start = 16 + self._struct.size
+        table: dict[int, tuple[str, Decoder]] = {}
+        for index, entry in enumerate(msg_class.nla_map):
+            code, name, kind = entry if len(entry) == 3 else (index, *entry)
+            decode = self._decoder(kind)
+            if decode is not None:
+                table[code] = (name, decode)
+        self._nla = table
+
+    def _decoder(self, kind: str) -> Decoder | None:
+        simple: dict[str, Decoder] = {
+            "target": _ip,
+            "ipaddr": _ip,
+            "uint32": lambda d, s, e, af: _U32(d, s)[0],
+            "uint8": lambda d, s, e, af: d[s],
+            "be16": lambda d, s, e, af: _BE16(d, s)[0],
+            "asciiz": lambda d, s, e, af: d[s:e].split(b"\0", 1)[0].decode("utf-8", "replace"),
+            "rtvia": _via,
+            "port_range": _range("=HH"),
+            "uid_range": _range("=II"),
+            "*get_nh": self._nexthops,
+        }
+        return simple.get(kind)
+
+    def attrs(self, data: bytes, off: int, end: int, af: int) -> dict[str, Any]:
+        nla: dict[str, Any] = {}
+        table = self._nla
+        while off + 4 <= end:
+            alen, atype = _NLA_HDR(data, off)
+            if alen < 4 or off + alen > end:
+                break
+            entry = table.get(atype & _NLA_TYPE)
+            if entry is not None:
+                nla[entry[0]] = entry[1](data, off + 4, off + alen, af)
+            off += (alen + 3) & ~3
+        return nla
+
+    def _nexthops(self, data: bytes, start: int, end: int, af: int) -> list[FastMessage]:
+        """RTA_MULTIPATH: packed struct rtnexthop + attributes, as pyroute2's ``nh`` gives them."""
+        out: list[FastMessage] = []
+        off = start
+        while off + 8 <= end:
+            rlen, flags, hops, oif = _NH(data, off)
+            if rlen < 8 or off + rlen > end:
+                break
+            hop = FastMessage(flags=flags, hops=hops, oif=oif)
+            hop.nla = self.attrs(data, off + 8, off + rlen, af)
+            hop.get_attr = hop.nla.get
+            out.append(hop)
+            off += (rlen + 3) & ~3
+        return out
+
+    def __call__(self, data: bytes, offset: int, length: int) -> FastMessage:
+        """One message at ``offset`` of ``data`` (the signature of Marshal's parsers)."""
+        header = dict(zip(_HEADER_KEYS, _NLMSGHDR.unpack_from(data, offset), strict=True))
+        header["error"] = None
+        msg = FastMessage(
+            zip(self._fields, self._struct.unpack_from(data, offset + 16), strict=True)
+        )
+        msg["header"] = header
+        msg.nla = self.attrs(data, offset + self._start, offset + length, msg["family"])
+        msg.get_attr = msg.nla.get
+        return msg
+
+
+_NH = struct.Struct("=H" + "".join(fmt for _name, fmt in nh.fields)).unpack_from  # rtnh_len first
+FAST_ROUTES = FastParser(rtmsg)
+FAST_RULES = FastParser(fibmsg)
+
+
+class RtnlMarshal(MarshalRtnl):  # type: ignore[misc]
+    """pyroute2's rtnetlink Marshal with two parser hooks.
+
+    ``fast``: route and rule messages through FastParser (dumps); NLMSG_DONE is
+    always decoded as an error message, so a dump that fails after it started
+    reports its errno also without extended-ack TLVs.
+    """
+
+    def __init__(self, fast: bool = False) -> None:
+        super().__init__()
+        self.fast = fast
+
+    def get_parser(self, key: int, flags: int, sequence_number: int) -> Any:
+        parser = self._parser(key, flags, sequence_number)
+
+        def guarded(data: bytes, offset: int, length: int) -> Message:
+            try:
+                return parser(data, offset, length)
+            except (struct.error, IndexError, ValueError, KeyError, TypeError) as exc:
+                # pyroute2 raises on a truncated message: one bad message must not end a stream
+                header: dict[str, Any] = {
+                    "length": length,
+                    "type": key,
+                    "flags": flags,
+                    "sequence_number": sequence_number,
+                    "error": None,
+                    "undecodable": f"undecodable rtnetlink message type {key}: {exc}",
+                }
+                msg = FastMessage(header=header)
+                msg.nla = {}
+                msg.get_attr = msg.nla.get
+                return msg
+
+        return guarded
+
+    def _parser(self, key: int, flags: int, sequence_number: int) -> Any:
+        if self.fast:
+            if key in (RTM_NEWROUTE, RTM_DELROUTE):
+                return FAST_ROUTES
+            if key in (RTM_NEWRULE, RTM_DELRULE):
+                return FAST_RULES
+        if key == NLMSG_DONE and not flags & NLM_F_ACK_TLVS:
+            return self._done
+        return super().get_parser(key, flags, sequence_number)
+
+    @staticmethod
+    def _done(data: bytes, offset: int, length: int) -> nlmsg:
+        msg = nlmsg(data, offset=offset)
+        msg.decode()
+        err = struct.unpack_from("=i", data, offset + 16)[0] if length >= 20 else 0
+        msg["header"]["error"] = Pyroute2NetlinkError(-err) if err < 0 else None
+        return msg
+
+
+def kernel_error(msg: Message) -> tuple[int, str]:
+    """(errno, extended-ack text) of an answer; (0, "") when it is not an error."""
+    err = msg["header"].get("error")
+    if err is None:
         return 0, ""
-    (err,) = I32.unpack_from(body)
-    text = ""
-    if err < 0 and flags & NLM_F_ACK_TLVS:
-        msg = parse_attrs(body, 4, len(body)).get(NLMSGERR_ATTR_MSG)
-        if msg:
-            text = cstr(msg)
-    return -err, text
+    code: int = getattr(err, "code", None) or getattr(err, "errno", None) or 0
+    args: tuple[Any, ...] = tuple(getattr(err, "args", ()))
+    text = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+    return code, "" if text == os.strerror(code) else text
+
+
+def error_text(what: str, code: int, text: str) -> str:
+    detail = f" ({text})" if text else ""
+    return f"{what}: {os.strerror(code)}{detail}"
 
 
 # --- the socket --------------------------------------------------------------------------
 
 
 class RtnlSocket:
-    """An rtnetlink socket for dumps (and, with groups, for notifications).
+    """pyroute2's IPRSocket with bounded dumps and requests (and, with groups, notifications).
 
-    Not thread-safe: use one per thread or per request (they are cheap: ~10 us).
+    Not thread-safe: use one per thread or per request (they are cheap: ~0.1 ms).
     """
 
     def __init__(
-        self, groups: Iterable[int] = (), *, rcvbuf: int = 0, sock: socket.socket | None = None
+        self,
+        groups: Iterable[int] = (),
+        *,
+        rcvbuf: int = 0,
+        sock: socket.socket | None = None,
+        fast: bool = False,
     ) -> None:
-        """Open, bind and subscribe to ``groups``; ``sock`` injects a ready socket (tests)."""
+        """Open and subscribe to the RTNLGRP_* ``groups``; ``sock`` injects a ready socket (tests)."""
+        self._ipr: IPRSocket | None = None
         if sock is None:
-            sock = self._open(groups, rcvbuf)
+            self._ipr, sock = self._open(groups, rcvbuf)
         self.sock = sock
+        self.marshal = RtnlMarshal(fast)
         self._seq = int(time.monotonic_ns() & 0x7FFFFFFF)
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
 
     @staticmethod
-    def _open(groups: Iterable[int], rcvbuf: int) -> socket.socket:
+    def _open(groups: Iterable[int], rcvbuf: int) -> tuple[IPRSocket, socket.socket]:
         try:
-            sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-            )
+            ipr = IPRSocket(groups=0, rcvbuf=rcvbuf or 1 << 20, ext_ack=True)
         except OSError as exc:
             raise NetlinkError(
                 f"cannot open an rtnetlink socket: {exc.strerror}", exc.errno or 0
             ) from exc
         try:
-            sock.bind((0, 0))
-            with contextlib.suppress(OSError):  # kernels before 4.12: errors come without text
-                sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            if rcvbuf:
-                try:  # SO_RCVBUFFORCE ignores rmem_max but needs CAP_NET_ADMIN
+            sock: socket.socket = ipr.socket
+            if rcvbuf:  # SO_RCVBUFFORCE (asm-generic/socket.h) ignores rmem_max; needs NET_ADMIN
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            groups = list(groups)
+            ipr.bind(groups=0)
             for group in groups:
-                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+                ipr.asyncore.add_membership(group)
         except OSError as exc:
-            sock.close()
+            ipr.close()
             raise NetlinkError(
                 f"cannot set up the rtnetlink socket: {exc.strerror}", exc.errno or 0
             ) from exc
-        return sock
+        return ipr, sock
 
     def close(self) -> None:
-        self.sock.close()
+        if self._ipr is not None:
+            self._ipr.close()
+        else:
+            self.sock.close()
 
     def __enter__(self) -> RtnlSocket:
         return self
@@ -566,130 +544,128 @@ class RtnlSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def recv_datagram(self, timeout: float | None) -> list[tuple[int, int, int, bytes]]:
-        """Read one datagram (one skb) and split it; raises TimeoutError, OSError (ENOBUFS)."""
+    def _recv(self, timeout: float | None) -> bytes:
         self.sock.settimeout(timeout)
         n = self.sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
         if n > len(self._buf):
             raise NetlinkError(
-                f"netlink datagram of {n} bytes exceeds the {len(self._buf)}-byte buffer"
+                f"netlink datagram of {n} bytes exceeds the buffer of {len(self._buf)}"
             )
-        return split_messages(self._view, n)
+        return bytes(self._view[:n])
+
+    def recv_datagram(self, timeout: float | None) -> list[Message]:
+        """Read one datagram (one skb), decoded; raises TimeoutError, OSError (ENOBUFS)."""
+        return list(self.marshal.parse(self._recv(timeout)))
+
+    def send(self, msg: nlmsg, msg_type: int, flags: int) -> int:
+        """Encode ``msg`` (a pyroute2 message) as a request; returns its sequence number."""
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = flags
+        msg["header"]["sequence_number"] = self._seq
+        msg.encode()
+        self.sock.sendall(msg.data)
+        return self._seq
+
+    def request(
+        self, msg: nlmsg, msg_type: int, flags: int, *, timeout: float, what: str
+    ) -> list[Message]:
+        """Send one request, return the answers to it up to the ACK/error (errors raise)."""
+        deadline = time.monotonic() + timeout
+        seq = self.send(msg, msg_type, flags)
+        out: list[Message] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NetlinkError(
+                    f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
+                )
+            try:
+                answers = self.recv_datagram(remaining)
+            except TimeoutError as exc:
+                raise NetlinkError(
+                    f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
+                ) from exc
+            for answer in answers:
+                if answer["header"]["sequence_number"] != seq:
+                    continue
+                code, text = kernel_error(answer)
+                if code:
+                    raise NetlinkError(error_text(what, code, text), code)
+                if answer["header"]["type"] in (NLMSG_ERROR, NLMSG_DONE):
+                    return out
+                out.append(answer)
+                if not flags & (NLM_F_DUMP | NLM_F_ACK):  # one answer, no ACK after it
+                    return out
 
     def dump(
         self,
+        msg: nlmsg,
         msg_type: int,
-        header: bytes,
-        attrs: bytes = b"",
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_bytes: int = DEFAULT_MAX_BYTES,
-    ) -> list[bytes]:
-        """Bodies of every message the kernel answers to a dump request.
+    ) -> list[Message]:
+        """Every message the kernel answers to a dump request (``msg``: a pyroute2 message).
 
         Redone up to DUMP_INTR_RETRIES times when the kernel flags the dump as
         interrupted (NLM_F_DUMP_INTR); bounded by ``timeout`` overall and by
         message and byte caps.
         """
         deadline = time.monotonic() + timeout
-        bodies: list[bytes] = []
+        answers: list[Message] = []
         for _attempt in range(DUMP_INTR_RETRIES + 1):
-            bodies, interrupted = self._dump_once(
-                msg_type, header + attrs, deadline, max_messages=max_messages, max_bytes=max_bytes
-            )
+            answers, interrupted = self._dump_once(msg, msg_type, deadline, max_messages, max_bytes)
             if not interrupted:
                 break
-        return bodies
+        return answers
 
     def _dump_once(
-        self, msg_type: int, payload: bytes, deadline: float, *, max_messages: int, max_bytes: int
-    ) -> tuple[list[bytes], bool]:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        seq = self._seq
+        self, msg: nlmsg, msg_type: int, deadline: float, max_messages: int, max_bytes: int
+    ) -> tuple[list[Message], bool]:
         what = f"netlink dump {GET_NAMES.get(msg_type, msg_type)}"
         try:
-            self.sock.sendall(build_request(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
+            seq = self.send(msg, msg_type, NLM_F_REQUEST | NLM_F_DUMP)
         except OSError as exc:
             raise NetlinkError(f"{what}: send failed: {exc.strerror}", exc.errno or 0) from exc
-        bodies: list[bytes] = []
+        out: list[Message] = []
         interrupted = False
         total = 0
-        append = bodies.append
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NetlinkError(
-                    f"{what}: no end after {len(bodies)} messages (timed out)",
-                    errno_mod.ETIMEDOUT,
+                    f"{what}: no end after {len(out)} messages (timed out)", errno_mod.ETIMEDOUT
                 )
             try:
-                self.sock.settimeout(remaining)
-                n = self.sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
+                data = self._recv(remaining)
             except TimeoutError as exc:
                 raise NetlinkError(
                     f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
                 ) from exc
             except OSError as exc:
                 raise NetlinkError(f"{what}: recv failed: {exc.strerror}", exc.errno or 0) from exc
-            if n > len(self._buf):
-                raise NetlinkError(f"{what}: datagram of {n} bytes exceeds the buffer")
-            total += n
+            total += len(data)
             if total > max_bytes:
                 raise NetlinkError(f"{what}: answer exceeds {max_bytes} bytes")
-            # Hot loop: inline split_messages and skip the per-message tuple.
-            data = bytes(self._view[:n])
-            off = 0
-            unpack = NLMSGHDR.unpack_from
-            while off + 16 <= n:
-                mlen, mtype, mflags, mseq, _pid = unpack(data, off)
-                if mlen < 16 or off + mlen > n:
-                    raise NetlinkError(f"{what}: malformed message length {mlen}")
-                if mseq != seq:
-                    off += (mlen + 3) & ~3
+            for answer in self.marshal.parse(data):
+                header = answer["header"]
+                if header["sequence_number"] != seq:
                     continue  # a late answer to an earlier request
-                if mflags & NLM_F_DUMP_INTR:
+                if header["flags"] & NLM_F_DUMP_INTR:
                     interrupted = True
+                code, text = kernel_error(answer)
+                if code:
+                    raise NetlinkError(error_text(what, code, text), code)
+                if "undecodable" in header:
+                    raise NetlinkError(f"{what}: {header['undecodable']}")
+                mtype = header["type"]
                 if mtype == NLMSG_DONE:
-                    if len(bodies) > max_messages:
+                    if len(out) > max_messages:
                         raise NetlinkError(f"{what}: more than {max_messages} messages")
-                    err, text = done_error(data[off + 16 : off + mlen], mflags)
-                    if err > 0:
-                        detail = f" ({text})" if text else ""
-                        raise NetlinkError(f"{what}: {os.strerror(err)}{detail}", err)
-                    return bodies, interrupted
-                if mtype == NLMSG_ERROR:
-                    err, text = error_of(data[off + 16 : off + mlen], mflags)
-                    detail = f" ({text})" if text else ""
-                    raise NetlinkError(f"{what}: {os.strerror(err)}{detail}", err)
-                if mtype not in (NLMSG_NOOP, NLMSG_OVERRUN):
-                    append(data[off + 16 : off + mlen])
-                off += (mlen + 3) & ~3
-            if len(bodies) > max_messages:
+                    return out, interrupted
+                if mtype > NLMSG_DONE + 1:  # not NOOP/ERROR(ACK)/DONE/OVERRUN
+                    out.append(answer)
+            if len(out) > max_messages:
                 raise NetlinkError(f"{what}: more than {max_messages} messages")
-
-
-# IP protocol numbers as iproute2 names them (its names come from /etc/protocols,
-# which an agent image may not have; these are the ones a rule plausibly names).
-IP_PROTO_NAMES = {
-    1: "icmp",
-    2: "igmp",
-    4: "ipencap",
-    6: "tcp",
-    17: "udp",
-    41: "ipv6",
-    47: "gre",
-    50: "esp",
-    51: "ah",
-    58: "ipv6-icmp",
-    89: "ospf",
-    103: "pim",
-    112: "vrrp",
-    132: "sctp",
-    136: "udplite",
-}
-
-
-def ip_proto_name(number: int) -> str:
-    """``ip rule``'s name for an IP protocol number (``ipproto-N`` when it has none)."""
-    return IP_PROTO_NAMES.get(number, f"ipproto-{number}")

@@ -21,6 +21,8 @@ Kernel behaviours handled here:
   ``close()`` writes to the pipe. The file descriptors are released by whoever
   holds them last (the reader, or ``close()`` when nobody reads), never while
   the other thread may still use the descriptor number.
+- Messages are decoded by pyroute2 (agent/rtnl.py: its socket and Marshal);
+  one it cannot decode becomes an event that says so, the stream goes on.
 - Bridge fdb changes arrive on the neighbour group too (``AF_BRIDGE``
   ``RTM_NEWNEIGH``); they are reported only for the kind ``fdb``, as a
   Neighbour with family 0 (the proto's Event has no FdbEntry yet).
@@ -32,12 +34,33 @@ import contextlib
 import errno
 import os
 import select
+import socket
 import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from meridio_debug.agent import rtnl
+from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    RTNLGRP_IPV4_IFADDR,
+    RTNLGRP_IPV4_ROUTE,
+    RTNLGRP_IPV4_RULE,
+    RTNLGRP_IPV6_IFADDR,
+    RTNLGRP_IPV6_ROUTE,
+    RTNLGRP_IPV6_RULE,
+    RTNLGRP_LINK,
+    RTNLGRP_NEIGH,
+)
+
 from meridio_debug.agent.collectors.netlink import (
     IfNames,
     fill_address,
@@ -47,33 +70,33 @@ from meridio_debug.agent.collectors.netlink import (
     fill_route,
     fill_rule,
 )
-from meridio_debug.agent.rtnl import AF_BRIDGE, NetlinkError, RtnlSocket
+from meridio_debug.agent.rtnl import Message, NetlinkError, RtnlSocket
 from meridio_debug.protos import agent_pb2 as pb
 
 KINDS: frozenset[str] = frozenset({"link", "address", "route", "rule", "neighbour", "fdb"})
 DEFAULT_KINDS: frozenset[str] = frozenset({"link", "address", "route", "rule", "neighbour"})
 
 GROUPS: dict[str, tuple[int, ...]] = {
-    "link": (rtnl.RTNLGRP_LINK,),
-    "address": (rtnl.RTNLGRP_IPV4_IFADDR, rtnl.RTNLGRP_IPV6_IFADDR),
-    "route": (rtnl.RTNLGRP_IPV4_ROUTE, rtnl.RTNLGRP_IPV6_ROUTE),
-    "rule": (rtnl.RTNLGRP_IPV4_RULE, rtnl.RTNLGRP_IPV6_RULE),
-    "neighbour": (rtnl.RTNLGRP_NEIGH,),
-    "fdb": (rtnl.RTNLGRP_NEIGH,),
+    "link": (RTNLGRP_LINK,),
+    "address": (RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR),
+    "route": (RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE),
+    "rule": (RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE),
+    "neighbour": (RTNLGRP_NEIGH,),
+    "fdb": (RTNLGRP_NEIGH,),
 }
 
 # message type -> (kind, action)
 MESSAGE_KINDS: dict[int, tuple[str, str]] = {
-    rtnl.RTM_NEWLINK: ("link", "new"),
-    rtnl.RTM_DELLINK: ("link", "del"),
-    rtnl.RTM_NEWADDR: ("address", "new"),
-    rtnl.RTM_DELADDR: ("address", "del"),
-    rtnl.RTM_NEWROUTE: ("route", "new"),
-    rtnl.RTM_DELROUTE: ("route", "del"),
-    rtnl.RTM_NEWRULE: ("rule", "new"),
-    rtnl.RTM_DELRULE: ("rule", "del"),
-    rtnl.RTM_NEWNEIGH: ("neighbour", "new"),
-    rtnl.RTM_DELNEIGH: ("neighbour", "del"),
+    RTM_NEWLINK: ("link", "new"),
+    RTM_DELLINK: ("link", "del"),
+    RTM_NEWADDR: ("address", "new"),
+    RTM_DELADDR: ("address", "del"),
+    RTM_NEWROUTE: ("route", "new"),
+    RTM_DELROUTE: ("route", "del"),
+    RTM_NEWRULE: ("rule", "new"),
+    RTM_DELRULE: ("rule", "del"),
+    RTM_NEWNEIGH: ("neighbour", "new"),
+    RTM_DELNEIGH: ("neighbour", "del"),
 }
 
 RCVBUF = 8 << 20
@@ -86,7 +109,8 @@ OVERFLOW_SUMMARY = (
 
 # --- one-line summaries, ip-monitor style -----------------------------------------------------
 
-TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+TABLE_NAMES = {253: "default", 254: "main", 255: "local"}  # iproute2's rt_tables
+RT_TABLE_MAIN = 254
 
 
 def route_line(r: pb.Route) -> str:
@@ -101,7 +125,7 @@ def route_line(r: pb.Route) -> str:
         parts += ["via", r.gateway]
     if r.dev:
         parts += ["dev", r.dev]
-    if r.table != rtnl.RT_TABLE_MAIN:
+    if r.table != RT_TABLE_MAIN:
         parts += ["table", TABLE_NAMES.get(r.table, str(r.table))]
     if r.protocol and r.protocol != "boot":
         parts += ["proto", r.protocol]
@@ -224,36 +248,41 @@ def fdb_as_neighbour(f: pb.FdbEntry, out: pb.Neighbour) -> None:
 
 
 def event_from_message(
-    mtype: int, body: bytes, names: IfNames, kinds: Iterable[str] = KINDS
+    msg: Message, names: IfNames, kinds: Iterable[str] = KINDS
 ) -> pb.Event | None:
-    """One rtnetlink notification as an Event (seq and times unset), or None if not wanted."""
-    kind_action = MESSAGE_KINDS.get(mtype)
-    if kind_action is None or not body:
+    """One rtnetlink notification (decoded by pyroute2) as an Event (seq and times unset).
+
+    None if it is not wanted.
+    """
+    kind_action = MESSAGE_KINDS.get(msg["header"]["type"])
+    if kind_action is None:
         return None
+    if "undecodable" in msg["header"]:
+        raise ValueError(msg["header"]["undecodable"].split(": ", 1)[-1])
     kind, action = kind_action
     prefix = "Deleted " if action == "del" else ""
     ev = pb.Event(action=action)
     if kind == "link":
-        fill_link(ev.link, body, names)
+        fill_link(ev.link, msg, names)
         ev.summary = prefix + link_line(ev.link)
     elif kind == "address":
-        fill_address(ev.address, body, names)
+        fill_address(ev.address, msg, names)
         ev.summary = prefix + address_line(ev.address)
     elif kind == "route":
-        fill_route(ev.route, body, names)
+        fill_route(ev.route, msg, names)
         ev.summary = prefix + route_line(ev.route)
     elif kind == "rule":
-        fill_rule(ev.rule, body, names)
+        fill_rule(ev.rule, msg, names)
         ev.summary = prefix + rule_line(ev.rule)
-    elif body[0] == AF_BRIDGE:
+    elif msg["family"] == socket.AF_BRIDGE:
         kind = "fdb"
         if kind in kinds:
             entry = pb.FdbEntry()
-            fill_fdb(entry, body, names)
+            fill_fdb(entry, msg, names)
             fdb_as_neighbour(entry, ev.neighbour)
             ev.summary = prefix + fdb_line(entry)
     else:
-        fill_neighbour(ev.neighbour, body, names)
+        fill_neighbour(ev.neighbour, msg, names)
         ev.summary = prefix + neighbour_line(ev.neighbour)
     if kind not in kinds:
         return None
@@ -395,11 +424,12 @@ class NetlinkWatcher:
                     f"netlink watch: recv failed: {exc.strerror}", exc.errno or 0
                 ) from exc
             unix_ns, mono_ns = time.time_ns(), time.monotonic_ns()
-            for mtype, _flags, _seq, body in messages:
+            for msg in messages:
                 try:
-                    event = event_from_message(mtype, body, self._names, self.kinds)
-                except (struct.error, IndexError, ValueError) as exc:
+                    event = event_from_message(msg, self._names, self.kinds)
+                except (struct.error, IndexError, ValueError, KeyError, TypeError) as exc:
                     # A message we cannot decode must not end the stream (the agent never dies).
+                    mtype = msg["header"]["type"]
                     kind, action = MESSAGE_KINDS.get(mtype, ("", ""))
                     summary = f"undecodable rtnetlink message type {mtype}: {exc}"
                     event = pb.Event(kind=kind, action=action, summary=summary)

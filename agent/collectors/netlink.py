@@ -20,11 +20,15 @@ reader expects:
   priority", include/uapi/linux/rtnetlink.h); ``ip`` prints hops + 1 as
   ``weight``, and so do we.
 - A v4 route can have an IPv6 gateway (``RTA_VIA`` with its own family).
+- ``FRA_SUPPRESS_PREFIXLEN`` is a signed 32-bit value (-1: unset) that pyroute2
+  decodes unsigned.
 - Without IPv6 in the kernel an ``AF_INET6`` dump falls back to the
   ``PF_UNSPEC`` handler and answers with every family
   (net/core/rtnetlink.c ``rtnetlink_rcv_msg``), so dumps keep only the family
   they asked for.
 
+The messages are pyroute2's (agent/rtnl.py): decoded by its message classes
+(routes of a dump by a parser hook of its Marshal that yields the same shape).
 Names follow iproute2 (see agent/rtnl.py) so a fidelity test can compare with
 ``ip -j`` / ``bridge -j`` as sets.
 """
@@ -32,21 +36,28 @@ Names follow iproute2 (see agent/rtnl.py) so a fidelity test can compare with
 from __future__ import annotations
 
 import socket
-import struct
+from typing import Any
+
+from pyroute2.netlink.rtnl import RTM_GETADDR, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_GETRULE
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from meridio_debug.agent import rtnl
 from meridio_debug.agent.rtnl import (
-    AF_BRIDGE,
-    AF_INET,
-    AF_INET6,
-    AF_UNSPEC,
     DEFAULT_TIMEOUT,
+    Message,
     NetlinkError,
     RtnlSocket,
-    cstr,
-    parse_attrs,
 )
 from meridio_debug.protos import agent_pb2 as pb
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+AF_BRIDGE = socket.AF_BRIDGE
+AF_UNSPEC = socket.AF_UNSPEC
 
 
 class IfNames(dict[int, str]):
@@ -70,22 +81,9 @@ def _family(af: int) -> int:
     return 4 if af == AF_INET else 6 if af == AF_INET6 else 0
 
 
-def _ip_of_len(value: bytes) -> str:
-    """An address whose family is known only by its length (fdb NDA_DST)."""
-    if len(value) == 4:
-        return socket.inet_ntop(AF_INET, value)
-    if len(value) == 16:
-        return socket.inet_ntop(AF_INET6, value)
-    return value.hex()
-
-
-def _via(value: bytes) -> str:
-    """RTA_VIA: struct rtvia { __kernel_sa_family_t rtvia_family; __u8 rtvia_addr[]; }."""
-    (fam,) = rtnl.U16.unpack_from(value)
-    addr = value[2:]
-    if fam in (AF_INET, AF_INET6):
-        return socket.inet_ntop(fam, addr)
-    return addr.hex()
+def _via(value: dict[str, Any] | None) -> str:
+    """RTA_VIA as pyroute2 decodes it ({'family', 'addr'})."""
+    return str(value.get("addr", "")) if value else ""
 
 
 # Per-value name tables for the 8-bit header fields (list lookup beats dict.get in the hot path).
@@ -93,309 +91,246 @@ _RT_PROTO: tuple[str, ...] = tuple(rtnl.route_protocol_name(i) for i in range(25
 _RT_TYPE: tuple[str, ...] = tuple(rtnl.route_type_name(i) for i in range(256))
 _RT_SCOPE: tuple[str, ...] = tuple(rtnl.route_scope_name(i) for i in range(256))
 _RT_FLAGS: dict[int, list[str]] = {}
-_PLEN: tuple[str, ...] = tuple(f"/{i}" for i in range(256))
-
-_RTMSG = rtnl.RTMSG.unpack_from
-_NLATTR = rtnl.NLATTR.unpack_from
-_U32 = rtnl.U32.unpack_from
-_ntop = socket.inet_ntop
 
 
 def _route_flags(flags: int) -> list[str]:
     names = _RT_FLAGS.get(flags)
     if names is None:
-        names = rtnl.names_of(flags & ~0x100, rtnl.ROUTE_FLAGS)  # RTM_F_NOTIFY: request-only
+        names = rtnl.names_of(flags & ~rtnl.RTM_F_NOTIFY, rtnl.ROUTE_FLAGS)
         if len(_RT_FLAGS) < 256:
             _RT_FLAGS[flags] = names
     return names
 
 
-def _fill_nexthops(out: pb.Route, data: bytes, af: int, names: IfNames) -> None:
-    """RTA_MULTIPATH: a packed list of struct rtnexthop, each followed by its attributes."""
-    off = 0
-    end = len(data)
-    while off + 8 <= end:
-        rlen, nflags, hops, ifindex = rtnl.RTNEXTHOP.unpack_from(data, off)
-        if rlen < 8 or off + rlen > end:
-            break
+def _fill_nexthops(out: pb.Route, hops: list[Any], names: IfNames) -> None:
+    """RTA_MULTIPATH as pyroute2 decodes it: ``nh`` messages (flags, hops, oif, attributes)."""
+    for hop in hops:
         nh = out.nexthops.add()
-        attrs = parse_attrs(data, off + 8, off + rlen)
-        gw = attrs.get(rtnl.RTA_GATEWAY)
+        gw = hop.get_attr("RTA_GATEWAY") or _via(hop.get_attr("RTA_VIA"))
         if gw:
-            nh.gateway = _ntop(af, gw)
-        else:
-            via = attrs.get(rtnl.RTA_VIA)
-            if via:
-                nh.gateway = _via(via)
+            nh.gateway = gw
+        ifindex = hop["oif"]
         if ifindex:
             nh.index = ifindex
             nh.dev = names[ifindex]
-        nh.weight = hops + 1
-        if nflags:
-            nh.flags.extend(rtnl.names_of(nflags, rtnl.NEXTHOP_FLAGS))
-        off += (rlen + 3) & ~3
+        nh.weight = hop["hops"] + 1
+        if hop["flags"]:
+            nh.flags.extend(rtnl.names_of(hop["flags"], rtnl.NEXTHOP_FLAGS))
 
 
-def fill_route(out: pb.Route, body: bytes, names: IfNames) -> None:
-    """One RTM_NEWROUTE/RTM_DELROUTE body (struct rtmsg + RTA_*) into ``out``.
-
-    This is the snapshot's hot path (thousands of routes), hence the inline
-    attribute walk instead of parse_attrs.
-    """
-    af, dlen, slen, tos, table, proto, scope, rtype, flags = _RTMSG(body)
-    dst = src = gw = via = prefsrc = multipath = None
-    oif = iif = prio = 0
-    pref = -1
-    end = len(body)
-    off = 12
-    while off + 4 <= end:
-        alen, atype = _NLATTR(body, off)
-        if alen < 4 or off + alen > end:
-            break
-        atype &= 0x3FFF
-        # Ordered by frequency in real tables; RTA_CACHEINFO (12) is skipped early.
-        if atype == 15:  # RTA_TABLE
-            table = _U32(body, off + 4)[0]
-        elif atype == 1:  # RTA_DST
-            dst = body[off + 4 : off + alen]
-        elif atype == 4:  # RTA_OIF
-            oif = _U32(body, off + 4)[0]
-        elif atype == 5:  # RTA_GATEWAY
-            gw = body[off + 4 : off + alen]
-        elif atype == 6:  # RTA_PRIORITY
-            prio = _U32(body, off + 4)[0]
-        elif atype == 12:  # RTA_CACHEINFO: not reported
-            pass
-        elif atype == 20:  # RTA_PREF
-            pref = body[off + 4]
-        elif atype == 7:  # RTA_PREFSRC
-            prefsrc = body[off + 4 : off + alen]
-        elif atype == 9:  # RTA_MULTIPATH
-            multipath = body[off + 4 : off + alen]
-        elif atype == 2:  # RTA_SRC
-            src = body[off + 4 : off + alen]
-        elif atype == 3:  # RTA_IIF
-            iif = _U32(body, off + 4)[0]
-        elif atype == 18:  # RTA_VIA
-            via = body[off + 4 : off + alen]
-        off += (alen + 3) & ~3
+def fill_route(out: pb.Route, msg: Message, names: IfNames) -> None:
+    """One RTM_NEWROUTE/RTM_DELROUTE (pyroute2 rtmsg, or the dump hook's FastMessage) into ``out``."""
+    get = msg.get_attr
+    af = msg["family"]
     out.family = 4 if af == AF_INET else 6 if af == AF_INET6 else 0
-    out.table = table
-    out.dst = _ntop(af, dst) + _PLEN[dlen] if dst and dlen else "default"
+    out.table = get("RTA_TABLE") or msg["table"]
+    dst = get("RTA_DST")
+    dlen = msg["dst_len"]
+    out.dst = f"{dst}/{dlen}" if dst and dlen else "default"
+    gw = get("RTA_GATEWAY") or _via(get("RTA_VIA"))
     if gw:
-        out.gateway = _ntop(af, gw)
-    elif via:
-        out.gateway = _via(via)
+        out.gateway = gw
+    oif = get("RTA_OIF")
     if oif:
         out.oif = oif
         out.dev = names[oif]
-    out.type = _RT_TYPE[rtype]
-    out.protocol = _RT_PROTO[proto]
+    out.type = _RT_TYPE[msg["type"]]
+    out.protocol = _RT_PROTO[msg["proto"]]
+    prio = get("RTA_PRIORITY")
     if prio:
         out.metric = prio
+    prefsrc = get("RTA_PREFSRC")
     if prefsrc:
-        out.prefsrc = _ntop(af, prefsrc)
-    out.scope = _RT_SCOPE[scope]
+        out.prefsrc = prefsrc
+    out.scope = _RT_SCOPE[msg["scope"]]
+    multipath = get("RTA_MULTIPATH")
     if multipath:
-        _fill_nexthops(out, multipath, af, names)
+        _fill_nexthops(out, multipath, names)
+    flags = msg["flags"]
     if flags:
         route_flags = _route_flags(flags)
         if route_flags:
             out.flags.extend(route_flags)
-    if tos:
-        out.tos = tos
-    if src and slen:
-        out.src = f"{_ntop(af, src)}/{slen}"
+    if msg["tos"]:
+        out.tos = msg["tos"]
+    src = get("RTA_SRC")
+    if src and msg["src_len"]:
+        out.src = f"{src}/{msg['src_len']}"
+    iif = get("RTA_IIF")
     if iif:
         out.iif = names[iif]
-    if pref >= 0:
+    pref = get("RTA_PREF")
+    if pref is not None:
         out.pref = pref
 
 
-def fill_rule(out: pb.Rule, body: bytes, names: IfNames) -> None:
-    """One RTM_NEWRULE/RTM_DELRULE body (struct fib_rule_hdr + FRA_*) into ``out``."""
+def fill_rule(out: pb.Rule, msg: Message, names: IfNames) -> None:
+    """One RTM_NEWRULE/RTM_DELRULE (pyroute2 fibmsg) into ``out``."""
     del names  # rules name their interfaces themselves (FRA_IIFNAME/FRA_OIFNAME)
-    af, dst_len, src_len, tos, table, _r1, _r2, action, flags = rtnl.FIBRULEHDR.unpack_from(body)
-    attrs = parse_attrs(body, 12, len(body))
-    get = attrs.get
-    out.family = _family(af)
-    value = get(rtnl.FRA_PRIORITY)
+    get = msg.get_attr
+    out.family = _family(msg["family"])
+    value = get("FRA_PRIORITY")
     if value:
-        out.priority = rtnl.u32(value)
-    value = get(rtnl.FRA_SRC)
-    if value and src_len:
-        out.src = _ntop(af, value)
-        out.src_len = src_len
-    value = get(rtnl.FRA_DST)
-    if value and dst_len:
-        out.dst = _ntop(af, value)
-        out.dst_len = dst_len
-    value = get(rtnl.FRA_FWMARK)
+        out.priority = value
+    value = get("FRA_SRC")
+    if value and msg["src_len"]:
+        out.src = value
+        out.src_len = msg["src_len"]
+    value = get("FRA_DST")
+    if value and msg["dst_len"]:
+        out.dst = value
+        out.dst_len = msg["dst_len"]
+    value = get("FRA_FWMARK")
     if value is not None:
         out.has_fwmark = True
-        out.fwmark = rtnl.u32(value)
-        mask = get(rtnl.FRA_FWMASK)
-        out.fwmask = rtnl.u32(mask) if mask is not None else 0xFFFFFFFF
-    value = get(rtnl.FRA_IIFNAME)
+        out.fwmark = value
+        mask = get("FRA_FWMASK")
+        out.fwmask = mask if mask is not None else 0xFFFFFFFF
+    value = get("FRA_IIFNAME")
     if value:
-        out.iif = cstr(value)
-    value = get(rtnl.FRA_OIFNAME)
+        out.iif = value
+    value = get("FRA_OIFNAME")
     if value:
-        out.oif = cstr(value)
-    value = get(rtnl.FRA_TABLE)
-    out.table = rtnl.u32(value) if value else table
-    out.action = rtnl.rule_action_name(action)
-    out.invert = bool(flags & rtnl.FIB_RULE_INVERT)
-    value = get(rtnl.FRA_GOTO)
+        out.oif = value
+    out.table = get("FRA_TABLE") or msg["table"]
+    out.action = rtnl.rule_action_name(msg["action"])
+    out.invert = bool(msg["flags"] & FIB_RULE_INVERT)
+    value = get("FRA_GOTO")
     if value:
-        out.goto = rtnl.u32(value)
-    value = get(rtnl.FRA_SUPPRESS_PREFIXLEN)
-    out.suppress_prefixlen = rtnl.I32.unpack_from(value)[0] if value else -1
-    out.tos = tos
-    value = get(rtnl.FRA_PROTOCOL)
+        out.goto = value
+    value = get("FRA_SUPPRESS_PREFIXLEN")
+    if value is None:
+        out.suppress_prefixlen = -1
+    else:
+        out.suppress_prefixlen = value - (1 << 32) if value >= 1 << 31 else value
+    out.tos = msg["tos"]
+    value = get("FRA_PROTOCOL")
+    if value is not None:
+        out.protocol = rtnl.route_protocol_name(value)
+    value = get("FRA_IP_PROTO")
     if value:
-        out.protocol = rtnl.route_protocol_name(value[0])
-    value = get(rtnl.FRA_IP_PROTO)
+        out.ipproto = rtnl.ip_proto_name(value)
+    value = get("FRA_SPORT_RANGE")
     if value:
-        out.ipproto = rtnl.ip_proto_name(value[0])
-    value = get(rtnl.FRA_SPORT_RANGE)
-    if value and len(value) >= 4:
-        out.sport_start, out.sport_end = _PORT_RANGE.unpack_from(value)
-    value = get(rtnl.FRA_DPORT_RANGE)
-    if value and len(value) >= 4:
-        out.dport_start, out.dport_end = _PORT_RANGE.unpack_from(value)
-    value = get(rtnl.FRA_UID_RANGE)
-    if value and len(value) >= 8:
+        out.sport_start, out.sport_end = value["start"], value["end"]
+    value = get("FRA_DPORT_RANGE")
+    if value:
+        out.dport_start, out.dport_end = value["start"], value["end"]
+    value = get("FRA_UID_RANGE")
+    if value:
         out.has_uid_range = True
-        out.uid_start, out.uid_end = _UID_RANGE.unpack_from(value)
+        out.uid_start, out.uid_end = value["start"], value["end"]
 
 
-_PORT_RANGE = struct.Struct("=HH")  # struct fib_rule_port_range
-_UID_RANGE = struct.Struct("=II")  # struct fib_rule_uid_range
+FIB_RULE_INVERT = 0x2  # fib_rules.h; pyroute2 0.9 names the bit only on the request side
 
 
-def fill_address(out: pb.Address, body: bytes, names: IfNames) -> None:
-    """One RTM_NEWADDR/RTM_DELADDR body (struct ifaddrmsg + IFA_*) into ``out``."""
-    af, prefixlen, flags8, scope, index = rtnl.IFADDRMSG.unpack_from(body)
-    attrs = parse_attrs(body, 8, len(body))
-    get = attrs.get
+def fill_address(out: pb.Address, msg: Message, names: IfNames) -> None:
+    """One RTM_NEWADDR/RTM_DELADDR (pyroute2 ifaddrmsg) into ``out``."""
+    get = msg.get_attr
+    af = msg["family"]
+    index = msg["index"]
     out.family = _family(af)
     out.index = index
     out.ifname = names[index]
-    address = get(rtnl.IFA_ADDRESS)
-    local = get(rtnl.IFA_LOCAL)
+    address = get("IFA_ADDRESS")
+    local = get("IFA_LOCAL")
     if address is None:
         address = local
     if address:
-        out.address = _ntop(af, address)
+        out.address = address
     if local and local != address:
-        out.local = _ntop(af, local)
-    out.prefixlen = prefixlen
-    out.scope = rtnl.address_scope_name(scope)
-    value = get(rtnl.IFA_FLAGS)
-    flags = rtnl.u32(value) if value else flags8
+        out.local = local
+    out.prefixlen = msg["prefixlen"]
+    out.scope = rtnl.address_scope_name(msg["scope"])
+    flags = get("IFA_FLAGS") or msg["flags"]
     if flags:
         flag_names = rtnl.names_of(flags, rtnl.ADDR_FLAGS)
         if af == AF_INET6 and flags & rtnl.IFA_F_SECONDARY:
             flag_names[flag_names.index("secondary")] = "temporary"
         out.flags.extend(flag_names)
-    value = get(rtnl.IFA_LABEL)
+    value = get("IFA_LABEL")
     if value:
-        out.label = cstr(value)
-    value = get(rtnl.IFA_BROADCAST)
+        out.label = value
+    value = get("IFA_BROADCAST")
     if value:
-        out.broadcast = _ntop(af, value)
+        out.broadcast = value
 
 
-def fill_link(out: pb.Link, body: bytes, names: IfNames) -> None:
-    """One RTM_NEWLINK/RTM_DELLINK body (struct ifinfomsg + IFLA_*) into ``out``; learns the name."""
-    _af, _type, index, flags, _change = rtnl.IFINFOMSG.unpack_from(body)
-    attrs = parse_attrs(body, 16, len(body))
-    get = attrs.get
+def fill_link(out: pb.Link, msg: Message, names: IfNames) -> None:
+    """One RTM_NEWLINK/RTM_DELLINK (pyroute2 ifinfmsg) into ``out``; learns the name."""
+    get = msg.get_attr
+    index = msg["index"]
     out.index = index
-    value = get(rtnl.IFLA_IFNAME)
+    value = get("IFLA_IFNAME")
     if value:
-        out.name = cstr(value)
-        names[index] = out.name
+        out.name = value
+        names[index] = value
     out.vlan_id = -1
-    value = get(rtnl.IFLA_LINKINFO)
-    if value:
-        info = parse_attrs(value, 0, len(value))
-        kind = info.get(rtnl.IFLA_INFO_KIND)
+    info = get("IFLA_LINKINFO")
+    if info:
+        kind = info.get_attr("IFLA_INFO_KIND")
         if kind:
-            out.kind = cstr(kind)
-        slave_kind = info.get(rtnl.IFLA_INFO_SLAVE_KIND)
+            out.kind = kind
+        slave_kind = info.get_attr("IFLA_INFO_SLAVE_KIND")
         if slave_kind:
-            out.slave_kind = cstr(slave_kind)
-        data = info.get(rtnl.IFLA_INFO_DATA)
-        if data and out.kind == "vlan":
-            vlan = parse_attrs(data, 0, len(data)).get(rtnl.IFLA_VLAN_ID)
-            if vlan:
-                out.vlan_id = rtnl.U16.unpack_from(vlan)[0]
-    value = get(rtnl.IFLA_OPERSTATE)
+            out.slave_kind = slave_kind
+        data = info.get_attr("IFLA_INFO_DATA")
+        if data and out.kind == "vlan" and hasattr(data, "get_attr"):
+            vlan = data.get_attr("IFLA_VLAN_ID")
+            if vlan is not None:
+                out.vlan_id = vlan
+    out.state = get("IFLA_OPERSTATE") or "UNKNOWN"
+    out.flags.extend(rtnl.link_flag_names(msg["flags"]))
+    value = get("IFLA_MTU")
     if value:
-        state = value[0]
-        out.state = rtnl.OPERSTATES[state] if state < len(rtnl.OPERSTATES) else str(state)
-    else:
-        out.state = "UNKNOWN"
-    out.flags.extend(rtnl.link_flag_names(flags))
-    value = get(rtnl.IFLA_MTU)
+        out.mtu = value
+    value = get("IFLA_ADDRESS")
     if value:
-        out.mtu = rtnl.u32(value)
-    value = get(rtnl.IFLA_ADDRESS)
+        out.mac = value
+    value = get("IFLA_MASTER")
     if value:
-        out.mac = rtnl.mac(value)
-    value = get(rtnl.IFLA_MASTER)
-    if value:
-        out.master_index = rtnl.u32(value)
-        out.master = names[out.master_index]
-    value = get(rtnl.IFLA_STATS64)
-    if value and len(value) >= 64:
-        st = rtnl.STATS64_8.unpack_from(value)
+        out.master_index = value
+        out.master = names[value]
+    stats = get("IFLA_STATS64")
+    if stats:
         s = out.stats
-        (
-            s.rx_packets,
-            s.tx_packets,
-            s.rx_bytes,
-            s.tx_bytes,
-            s.rx_errors,
-            s.tx_errors,
-            s.rx_dropped,
-            s.tx_dropped,
-        ) = st
-    value = get(rtnl.IFLA_LINK)
+        for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors",
+                    "tx_errors", "rx_dropped", "tx_dropped"):  # fmt: skip
+            setattr(s, key, stats[key])
+    value = get("IFLA_LINK")
     if value:
-        out.link_index = rtnl.u32(value)
-    value = get(rtnl.IFLA_LINK_NETNSID)
-    out.link_netnsid = rtnl.I32.unpack_from(value)[0] if value else -1
-    value = get(rtnl.IFLA_IFALIAS)
+        out.link_index = value
+    value = get("IFLA_LINK_NETNSID")
+    out.link_netnsid = value if value is not None else -1
+    value = get("IFLA_IFALIAS")
     if value:
-        out.alias = cstr(value)
+        out.alias = value
 
 
-def _neigh_flags(flags: int, attrs: dict[int, bytes]) -> list[str]:
+def _neigh_flags(msg: Message) -> list[str]:
+    flags = msg["flags"]
     out = rtnl.names_of(flags, rtnl.NEIGH_FLAGS) if flags else []
-    ext = attrs.get(rtnl.NDA_FLAGS_EXT)
+    ext = msg.get_attr("NDA_FLAGS_EXT")
     if ext:
-        out += rtnl.names_of(rtnl.u32(ext), rtnl.NEIGH_EXT_FLAGS)
+        out += rtnl.names_of(ext, rtnl.NEIGH_EXT_FLAGS)
     return out
 
 
-def fill_neighbour(out: pb.Neighbour, body: bytes, names: IfNames) -> None:
-    """One RTM_NEWNEIGH/RTM_DELNEIGH body (struct ndmsg + NDA_*) of an IP neighbour into ``out``."""
-    af, ifindex, state, flags, _type = rtnl.NDMSG.unpack_from(body)
-    attrs = parse_attrs(body, 12, len(body))
-    out.family = _family(af)
+def fill_neighbour(out: pb.Neighbour, msg: Message, names: IfNames) -> None:
+    """One RTM_NEWNEIGH/RTM_DELNEIGH (pyroute2 ndmsg) of an IP neighbour into ``out``."""
+    ifindex = msg["ifindex"]
+    out.family = _family(msg["family"])
     out.index = ifindex
     out.ifname = names[ifindex]
-    value = attrs.get(rtnl.NDA_DST)
+    value = msg.get_attr("NDA_DST")
     if value:
-        out.dst = _ntop(af, value) if af in (AF_INET, AF_INET6) else _ip_of_len(value)
-    value = attrs.get(rtnl.NDA_LLADDR)
+        out.dst = value
+    value = msg.get_attr("NDA_LLADDR")
     if value:
-        out.lladdr = rtnl.mac(value)
-    out.state = rtnl.nud_state_name(state)
-    flag_names = _neigh_flags(flags, attrs)
+        out.lladdr = value
+    out.state = rtnl.nud_state_name(msg["state"])
+    flag_names = _neigh_flags(msg)
     if flag_names:
         out.flags.extend(flag_names)
 
@@ -413,27 +348,27 @@ def fdb_state_name(state: int) -> str:
     return rtnl.nud_state_name(state).lower()
 
 
-def fill_fdb(out: pb.FdbEntry, body: bytes, names: IfNames) -> None:
-    """One AF_BRIDGE RTM_NEWNEIGH/RTM_DELNEIGH body (a forwarding database entry) into ``out``."""
-    _af, ifindex, state, flags, _type = rtnl.NDMSG.unpack_from(body)
-    attrs = parse_attrs(body, 12, len(body))
-    value = attrs.get(rtnl.NDA_LLADDR)
+def fill_fdb(out: pb.FdbEntry, msg: Message, names: IfNames) -> None:
+    """One AF_BRIDGE RTM_NEWNEIGH/RTM_DELNEIGH (a forwarding database entry) into ``out``."""
+    get = msg.get_attr
+    ifindex = msg["ifindex"]
+    value = get("NDA_LLADDR")
     if value:
-        out.mac = rtnl.mac(value)
+        out.mac = value
     out.index = ifindex
     out.ifname = names[ifindex]
-    value = attrs.get(rtnl.NDA_MASTER)
+    value = get("NDA_MASTER")
     if value:
-        out.master = names[rtnl.u32(value)]
-    value = attrs.get(rtnl.NDA_VLAN)
-    out.vlan = rtnl.U16.unpack_from(value)[0] if value else -1
-    out.state = fdb_state_name(state)
-    flag_names = _neigh_flags(flags, attrs)
+        out.master = names[value]
+    value = get("NDA_VLAN")
+    out.vlan = value if value is not None else -1
+    out.state = fdb_state_name(msg["state"])
+    flag_names = _neigh_flags(msg)
     if flag_names:
         out.flags.extend(flag_names)
-    value = attrs.get(rtnl.NDA_DST)
+    value = get("NDA_DST")
     if value:
-        out.dst = _ip_of_len(value)
+        out.dst = value
 
 
 # --- collectors ---------------------------------------------------------------------------
@@ -452,14 +387,15 @@ class _NetlinkCollector:
             RtnlSocket().close()
         except NetlinkError as exc:
             return False, str(exc)
-        return True, "rtnetlink"
+        return True, "rtnetlink (pyroute2)"
 
-    def _dump(self, sock: RtnlSocket, msg_type: int, header: bytes, family: int) -> list[bytes]:
-        """Dump bodies, keeping only ``family`` (AF_UNSPEC: all) -- see the module docstring."""
-        bodies = sock.dump(msg_type, header, timeout=self.timeout)
+    def _dump(self, sock: RtnlSocket, msg_type: int, request: Any, family: int) -> list[Message]:
+        """Dump answers, keeping only ``family`` (AF_UNSPEC: all) -- see the module docstring."""
+        request["family"] = family
+        answers = sock.dump(request, msg_type, timeout=self.timeout)
         if family == AF_UNSPEC:
-            return bodies
-        return [body for body in bodies if body and body[0] == family]
+            return answers
+        return [msg for msg in answers if msg["family"] == family]
 
 
 class LinksCollector(_NetlinkCollector):
@@ -470,17 +406,15 @@ class LinksCollector(_NetlinkCollector):
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         with RtnlSocket() as sock:
-            bodies = self._dump(
-                sock, rtnl.RTM_GETLINK, rtnl.IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0), AF_UNSPEC
-            )
+            links = self._dump(sock, RTM_GETLINK, ifinfmsg(), AF_UNSPEC)
         # Learn every name first: a bridge port can come before its master.
-        for body in bodies:
-            value = parse_attrs(body, 16, len(body)).get(rtnl.IFLA_IFNAME)
-            if value:
-                names[rtnl.IFINFOMSG.unpack_from(body)[2]] = cstr(value)
+        for msg in links:
+            name = msg.get_attr("IFLA_IFNAME")
+            if name:
+                names[msg["index"]] = name
         add = snap.links.add
-        for body in bodies:
-            fill_link(add(), body, names)
+        for msg in links:
+            fill_link(add(), msg, names)
 
 
 class AddressesCollector(_NetlinkCollector):
@@ -491,13 +425,11 @@ class AddressesCollector(_NetlinkCollector):
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         with RtnlSocket() as sock:
-            bodies = self._dump(
-                sock, rtnl.RTM_GETADDR, rtnl.IFADDRMSG.pack(AF_UNSPEC, 0, 0, 0, 0), AF_UNSPEC
-            )
+            answers = self._dump(sock, RTM_GETADDR, ifaddrmsg(), AF_UNSPEC)
         add = snap.addresses.add
-        for body in bodies:
-            if body[0] in (AF_INET, AF_INET6):
-                fill_address(add(), body, names)
+        for msg in answers:
+            if msg["family"] in (AF_INET, AF_INET6):
+                fill_address(add(), msg, names)
 
 
 class RulesCollector(_NetlinkCollector):
@@ -508,26 +440,27 @@ class RulesCollector(_NetlinkCollector):
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         add = snap.rules.add
-        with RtnlSocket() as sock:
+        with RtnlSocket(fast=True) as sock:
             for family in (AF_INET, AF_INET6):
-                header = rtnl.FIBRULEHDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-                for body in self._dump(sock, rtnl.RTM_GETRULE, header, family):
-                    fill_rule(add(), body, names)
+                for msg in self._dump(sock, RTM_GETRULE, fibmsg(), family):
+                    fill_rule(add(), msg, names)
 
 
 class RoutesCollector(_NetlinkCollector):
-    """Section ``routes``: IPv4 and IPv6 routes of all tables (rtm_table 0 = RT_TABLE_UNSPEC)."""
+    """Section ``routes``: IPv4 and IPv6 routes of all tables (rtm_table 0 = RT_TABLE_UNSPEC).
+
+    The hot path of a snapshot: answers go through the fast parser hook (agent/rtnl.py).
+    """
 
     name = "routes"
 
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         add = snap.routes.add
-        with RtnlSocket() as sock:
+        with RtnlSocket(fast=True) as sock:
             for family in (AF_INET, AF_INET6):
-                header = rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-                for body in self._dump(sock, rtnl.RTM_GETROUTE, header, family):
-                    fill_route(add(), body, names)
+                for msg in self._dump(sock, RTM_GETROUTE, rtmsg(), family):
+                    fill_route(add(), msg, names)
 
 
 class NeighboursCollector(_NetlinkCollector):
@@ -538,13 +471,11 @@ class NeighboursCollector(_NetlinkCollector):
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         with RtnlSocket() as sock:
-            bodies = self._dump(
-                sock, rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(AF_UNSPEC, 0, 0, 0, 0), AF_UNSPEC
-            )
+            answers = self._dump(sock, RTM_GETNEIGH, ndmsg(), AF_UNSPEC)
         add = snap.neighbours.add
-        for body in bodies:
-            if body[0] in (AF_INET, AF_INET6):
-                fill_neighbour(add(), body, names)
+        for msg in answers:
+            if msg["family"] in (AF_INET, AF_INET6):
+                fill_neighbour(add(), msg, names)
 
 
 class FdbCollector(_NetlinkCollector):
@@ -559,12 +490,10 @@ class FdbCollector(_NetlinkCollector):
     def collect(self, snap: pb.Snapshot) -> None:
         names = IfNames()
         with RtnlSocket() as sock:
-            bodies = self._dump(
-                sock, rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0), AF_BRIDGE
-            )
+            answers = self._dump(sock, RTM_GETNEIGH, ndmsg(), AF_BRIDGE)
         add = snap.fdb.add
-        for body in bodies:
-            fill_fdb(add(), body, names)
+        for msg in answers:
+            fill_fdb(add(), msg, names)
 
 
 def netlink_collectors(timeout: float = DEFAULT_TIMEOUT) -> list[_NetlinkCollector]:

@@ -19,6 +19,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2.netlink import (
+    NLM_F_ACK_TLVS,
+    NLM_F_DUMP_INTR,
+    NLM_F_MULTI,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_NOOP,
+)
+from pyroute2.netlink.rtnl import (
+    RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+)
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from meridio_debug.agent import rtnl
 from meridio_debug.agent.collectors import describe_error
@@ -45,23 +67,26 @@ def names() -> RecordedNames:
     return RecordedNames({link["ifindex"]: link["ifname"] for link in IP["links"]})
 
 
-def bodies(dump: str) -> list[bytes]:
-    out = []
-    for raw in DUMPS[dump]:
-        data = bytes.fromhex(raw)
-        for mtype, _flags, _seq, body in rtnl.split_messages(data, len(data)):
-            if mtype not in (rtnl.NLMSG_DONE, rtnl.NLMSG_ERROR):
-                out.append(body)
-    return out
+def parse(data: bytes, fast: bool = False) -> list[Any]:
+    """The messages of a datagram as pyroute2's Marshal decodes them (``fast``: the dump hooks)."""
+    return [
+        msg
+        for msg in rtnl.RtnlMarshal(fast).parse(data)
+        if msg["header"]["type"] not in (NLMSG_DONE, NLMSG_ERROR)
+    ]
 
 
-def decode(dump: str, fill: Any, cls: Any) -> list[Any]:
+def messages(dump: str, fast: bool = False) -> list[Any]:
+    return [msg for raw in DUMPS[dump] for msg in parse(bytes.fromhex(raw), fast)]
+
+
+def decode(dump: str, fill: Any, cls: Any, fast: bool = False) -> list[Any]:
     out = []
     ifnames = names()
-    for body in bodies(dump):
-        msg = cls()
-        fill(msg, body, ifnames)
-        out.append(msg)
+    for msg in messages(dump, fast):
+        obj = cls()
+        fill(obj, msg, ifnames)
+        out.append(obj)
     return out
 
 
@@ -98,9 +123,11 @@ def test_routes_decode_like_ip() -> None:
             prefix(r["from"], family) if "from" in r else "",
         )  # fmt: skip
 
-    got = decode("routes4", nl.fill_route, pb.Route) + decode("routes6", nl.fill_route, pb.Route)
     want = [theirs(r, 4) for r in IP["routes4"]] + [theirs(r, 6) for r in IP["routes6"]]
-    assert sorted(map(ours, got), key=repr) == sorted(want, key=repr)
+    for fast in (False, True):  # pyroute2's rtmsg, and the dump's parser hook
+        got = decode("routes4", nl.fill_route, pb.Route, fast)
+        got += decode("routes6", nl.fill_route, pb.Route, fast)
+        assert sorted(map(ours, got), key=repr) == sorted(want, key=repr)
 
 
 def test_routes_meridio_shapes() -> None:
@@ -148,9 +175,11 @@ def test_rules_decode_like_ip() -> None:
             r.get("suppress_prefixlen", -1), r.get("protocol", ""),
         )  # fmt: skip
 
-    got = decode("rules4", nl.fill_rule, pb.Rule) + decode("rules6", nl.fill_rule, pb.Rule)
     want = [theirs(r, 4) for r in IP["rules4"]] + [theirs(r, 6) for r in IP["rules6"]]
-    assert sorted(map(ours, got), key=repr) == sorted(want, key=repr)
+    for fast in (True, False):  # the dump's parser hook, and pyroute2's fibmsg
+        got = decode("rules4", nl.fill_rule, pb.Rule, fast)
+        got += decode("rules6", nl.fill_rule, pb.Rule, fast)
+        assert sorted(map(ours, got), key=repr) == sorted(want, key=repr)
     fwmark = next(r for r in got if r.table == 5001 and r.family == 4)
     assert (fwmark.fwmark, fwmark.fwmask, fwmark.priority) == (5001, 0xFFFFFFFF, 99)
 
@@ -229,13 +258,30 @@ def test_fdb_decodes_like_bridge() -> None:
     assert any(f.dst == "10.0.0.77" and f.ifname == "vx0" for f in got)
 
 
+def test_fast_parser_gives_what_pyroute2_gives() -> None:
+    """The dump's parser hook yields, for every attribute it decodes, pyroute2's own value."""
+    for dump in ("routes4", "routes6", "rules4", "rules6"):
+        for generic, fast in zip(messages(dump), messages(dump, fast=True), strict=True):
+            assert {k: generic[k] for k in fast if k != "header"} == {
+                k: v for k, v in fast.items() if k != "header"
+            }
+            for name, value in fast.nla.items():
+                if name == "RTA_MULTIPATH":
+                    hops = generic.get_attr(name)
+                    assert [
+                        (h["flags"], h["hops"], h["oif"], [(a[0], a[1]) for a in h["attrs"]])
+                        for h in hops
+                    ] == [(h["flags"], h["hops"], h["oif"], list(h.nla.items())) for h in value]
+                else:
+                    assert generic.get_attr(name) == value, (dump, name)
+
+
 def test_recorded_events_in_kernel_order() -> None:
     ifnames = names()
     summaries = []
     for raw in EVENTS["datagrams"]:
-        data = bytes.fromhex(raw)
-        for mtype, _flags, _seq, body in rtnl.split_messages(data, len(data)):
-            ev = event_from_message(mtype, body, ifnames, KINDS)
+        for msg in parse(bytes.fromhex(raw)):
+            ev = event_from_message(msg, ifnames, KINDS)
             assert ev is not None
             summaries.append(f"{ev.kind} {ev.action} {ev.summary}")
     assert summaries[:3] == [
@@ -252,81 +298,112 @@ def test_recorded_events_in_kernel_order() -> None:
 
 
 def test_event_kinds_filter() -> None:
-    body = bodies("routes4")[0]
-    assert event_from_message(rtnl.RTM_NEWROUTE, body, names(), {"rule"}) is None
-    assert event_from_message(999, body, names(), KINDS) is None
-    fdb_body = bodies("fdb")[0]
-    assert event_from_message(rtnl.RTM_NEWNEIGH, fdb_body, names(), {"neighbour"}) is None
-    ev = event_from_message(rtnl.RTM_NEWNEIGH, fdb_body, names(), {"fdb"})
+    route = messages("routes4")[0]
+    assert event_from_message(route, names(), {"rule"}) is None
+    route["header"]["type"] = 999
+    assert event_from_message(route, names(), KINDS) is None
+    fdb = messages("fdb")[0]
+    assert fdb["header"]["type"] == RTM_NEWNEIGH
+    assert event_from_message(fdb, names(), {"neighbour"}) is None
+    ev = event_from_message(fdb, names(), {"fdb"})
     assert ev is not None and ev.kind == "fdb" and ev.neighbour.family == 0
 
 
 # --- synthetic messages: what this kernel cannot produce ------------------------------------
 
 
+def code(msg_class: Any, name: str) -> int:
+    """The number pyroute2's ``nla_map`` gives attribute ``name``."""
+    for index, entry in enumerate(msg_class.nla_map):
+        number, nla_name = (entry[0], entry[1]) if len(entry) == 3 else (index, entry[0])
+        if nla_name == name:
+            return int(number)
+    raise KeyError(name)
+
+
 def attr(atype: int, payload: bytes) -> bytes:
-    return rtnl.pack_attr(atype, payload)
+    raw = struct.pack("=HH", 4 + len(payload), atype) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def message(mtype: int, body: bytes, flags: int = NLM_F_MULTI, seq: int = 0) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), mtype, flags, seq, 0) + body
 
 
 def test_table_above_255_comes_from_rta_table() -> None:
-    body = rtnl.RTMSG.pack(socket.AF_INET, 24, 0, 0, 252, 12, 0, 1, 0)
-    body += attr(rtnl.RTA_TABLE, struct.pack("=I", 5001)) + attr(rtnl.RTA_DST, bytes([10, 1, 2, 0]))
-    route = pb.Route()
-    nl.fill_route(route, body, RecordedNames())
-    assert (route.table, route.dst, route.protocol, route.type) == (
-        5001,
-        "10.1.2.0/24",
-        "bird",
-        "unicast",
-    )
+    body = struct.pack("=BBBBBBBBI", socket.AF_INET, 24, 0, 0, 252, 12, 0, 1, 0)
+    body += attr(code(rtmsg, "RTA_TABLE"), struct.pack("=I", 5001))
+    body += attr(code(rtmsg, "RTA_DST"), bytes([10, 1, 2, 0]))
+    for fast in (False, True):
+        route = pb.Route()
+        nl.fill_route(route, parse(message(RTM_NEWROUTE, body), fast)[0], RecordedNames())
+        assert (route.table, route.dst, route.protocol, route.type) == (
+            5001,
+            "10.1.2.0/24",
+            "bird",
+            "unicast",
+        )
 
 
 def test_vlan_id_and_fdb_vlan() -> None:
-    info = attr(rtnl.IFLA_INFO_KIND, b"vlan\0") + attr(
-        rtnl.IFLA_INFO_DATA | 0x8000, attr(rtnl.IFLA_VLAN_ID, struct.pack("=H", 100))
+    vlan_id = 1  # IFLA_VLAN_ID (if_link.h)
+    info = attr(code(ifinfmsg.ifinfo, "IFLA_INFO_KIND"), b"vlan\0") + attr(
+        code(ifinfmsg.ifinfo, "IFLA_INFO_DATA") | 0x8000, attr(vlan_id, struct.pack("=H", 100))
     )
-    body = rtnl.IFINFOMSG.pack(0, 1, 9, 0x1043, 0) + attr(rtnl.IFLA_IFNAME, b"ext-vlan0\0")
-    body += attr(rtnl.IFLA_LINKINFO | 0x8000, info) + attr(rtnl.IFLA_OPERSTATE, b"\x06")
+    body = struct.pack("=BxHiII", 0, 1, 9, 0x1043, 0)
+    body += attr(code(ifinfmsg, "IFLA_IFNAME"), b"ext-vlan0\0")
+    body += attr(code(ifinfmsg, "IFLA_LINKINFO") | 0x8000, info)
+    body += attr(code(ifinfmsg, "IFLA_OPERSTATE"), b"\x06")
     link = pb.Link()
     ifnames = RecordedNames()
-    nl.fill_link(link, body, ifnames)
+    nl.fill_link(link, parse(message(RTM_NEWLINK, body))[0], ifnames)
     assert (link.name, link.kind, link.vlan_id, link.state) == ("ext-vlan0", "vlan", 100, "UP")
     assert ifnames[9] == "ext-vlan0"
-    fdb = rtnl.NDMSG.pack(socket.AF_BRIDGE, 9, rtnl.NUD_REACHABLE, 0x02, 0)
-    fdb += attr(rtnl.NDA_LLADDR, bytes.fromhex("020000000001")) + attr(rtnl.NDA_VLAN, b"\x0a\x00")
+    fdb = struct.pack("=BxxxiHBB", socket.AF_BRIDGE, 9, rtnl.NUD_REACHABLE, 0x02, 0)
+    fdb += attr(code(ndmsg, "NDA_LLADDR"), bytes.fromhex("020000000001"))
+    fdb += attr(code(ndmsg, "NDA_VLAN"), b"\x0a\x00")
     entry = pb.FdbEntry()
-    nl.fill_fdb(entry, fdb, ifnames)
+    nl.fill_fdb(entry, parse(message(RTM_NEWNEIGH, fdb))[0], ifnames)
     assert (entry.mac, entry.ifname, entry.vlan, entry.state, list(entry.flags)) == (
         "02:00:00:00:00:01", "ext-vlan0", 10, "reachable", ["self"],
     )  # fmt: skip
 
 
 def test_ipv6_temporary_and_unknown_flag_bits() -> None:
-    body = rtnl.IFADDRMSG.pack(socket.AF_INET6, 64, 0, 0, 2)
-    body += attr(rtnl.IFA_ADDRESS, socket.inet_pton(socket.AF_INET6, "fd00::5"))
-    body += attr(rtnl.IFA_FLAGS, struct.pack("=I", 0x01 | 0x40 | 0x8000))
+    body = struct.pack("=BBBBI", socket.AF_INET6, 64, 0, 0, 2)
+    body += attr(code(ifaddrmsg, "IFA_ADDRESS"), socket.inet_pton(socket.AF_INET6, "fd00::5"))
+    body += attr(code(ifaddrmsg, "IFA_FLAGS"), struct.pack("=I", 0x01 | 0x40 | 0x8000))
     address = pb.Address()
-    nl.fill_address(address, body, RecordedNames({2: "v1"}))
+    nl.fill_address(address, parse(message(20, body))[0], RecordedNames({2: "v1"}))
     assert list(address.flags) == ["temporary", "tentative", "0x8000"]
 
 
 # --- pure helpers -------------------------------------------------------------------------
 
 
-def test_parse_attrs_stops_on_malformed_lengths() -> None:
-    good = attr(1, b"abcd")
-    assert rtnl.parse_attrs(good + struct.pack("=HH", 0, 2), 0, len(good) + 4) == {1: b"abcd"}
-    assert rtnl.parse_attrs(good + struct.pack("=HH", 200, 2), 0, len(good) + 4) == {1: b"abcd"}
-    assert rtnl.parse_attrs(attr(0x8000 | 7, b"x"), 0, 8) == {7: b"x"}  # NLA_F_NESTED masked
+def test_fast_parser_stops_on_malformed_lengths() -> None:
+    good = attr(code(rtmsg, "RTA_OIF"), struct.pack("=I", 7))
+    header = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0)
+    for tail in (struct.pack("=HH", 0, 2), struct.pack("=HH", 200, 2)):
+        msg = parse(message(RTM_NEWROUTE, header + good + tail), fast=True)[0]
+        assert msg.nla == {"RTA_OIF": 7}
+    nested = attr(code(rtmsg, "RTA_OIF") | 0x8000, struct.pack("=I", 9))  # NLA_F_NESTED masked
+    assert parse(message(RTM_NEWROUTE, header + nested), fast=True)[0].nla == {"RTA_OIF": 9}
 
 
-def test_split_messages_rejects_bad_lengths() -> None:
-    msg = rtnl.build_request(rtnl.RTM_NEWROUTE, 0, 1, b"x" * 12)
-    assert [m[0] for m in rtnl.split_messages(msg + msg, 2 * len(msg))] == [24, 24]
-    with pytest.raises(rtnl.NetlinkError, match="malformed"):
-        rtnl.split_messages(msg[:20], 20)
-    with pytest.raises(rtnl.NetlinkError, match="malformed"):
-        rtnl.split_messages(struct.pack("=IHHII", 4, 24, 0, 1, 0), 16)
+def test_route_get_attributes_encode_at_the_kernel_numbers() -> None:
+    """RTA_IP_PROTO/SPORT/DPORT (27-29, ports big-endian) extend pyroute2's rtmsg."""
+    assert messages("routes4")  # rtmsg used first: its compiled table must not leak into ours
+    msg = rtnl.RouteGetMessage()
+    msg["family"] = socket.AF_INET
+    msg["attrs"] = [("RTA_IP_PROTO", 6), ("RTA_SPORT", 40000), ("RTA_DPORT", 4000)]
+    msg.encode()
+    data = msg.data[28:]
+    assert (
+        attr(27, b"\x06") + attr(28, struct.pack("!H", 40000)) + attr(29, struct.pack("!H", 4000))
+        == data
+    )
+    assert rtnl.RouteGetMessage.nla_map[16][1] == "RTA_MARK"  # pyroute2's own entries kept
 
 
 def test_names() -> None:
@@ -380,68 +457,6 @@ def test_sysctls_nothing_readable_is_an_error(tmp_path: Path) -> None:
         SysctlsCollector(str(tmp_path)).collect(snap)
 
 
-# --- constants against pyroute2 ------------------------------------------------------------
-
-
-def test_constants_agree_with_pyroute2() -> None:
-    pyroute2 = pytest.importorskip("pyroute2.netlink.rtnl")
-    from pyroute2.netlink.rtnl import fibmsg, ifaddrmsg, ifinfmsg, ndmsg, rtmsg
-
-    for name in ("LINK", "NEIGH", "IPV4_IFADDR", "IPV4_ROUTE", "IPV4_RULE", "IPV6_IFADDR",
-                 "IPV6_ROUTE", "IPV6_RULE"):  # fmt: skip
-        assert getattr(rtnl, f"RTNLGRP_{name}") == getattr(pyroute2, f"RTNLGRP_{name}")
-    for value in range(1, 12):
-        assert rtnl.ROUTE_TYPES[value] == pyroute2.rt_type[value]
-    assert {k: v for k, v in rtnl.ROUTE_SCOPES.items()} == {
-        k: v for k, v in pyroute2.rt_scope.items() if isinstance(k, int)
-    }
-    for value, name in pyroute2.rt_proto.items():
-        if isinstance(value, int):
-            assert rtnl.ROUTE_PROTOCOLS[value] == name
-    assert [name for name, *_ in rtmsg.rtmsg.nla_map].index("RTA_TABLE") == rtnl.RTA_TABLE
-    for name in (
-        "DST",
-        "SRC",
-        "IIF",
-        "OIF",
-        "GATEWAY",
-        "PRIORITY",
-        "PREFSRC",
-        "MULTIPATH",
-        "VIA",
-        "PREF",
-    ):
-        assert [n for n, *_ in rtmsg.rtmsg.nla_map].index(f"RTA_{name}") == getattr(
-            rtnl, f"RTA_{name}"
-        )
-    fra = {n: i for i, n, *_ in fibmsg.fibmsg.nla_map}
-    for name in ("DST", "SRC", "IIFNAME", "GOTO", "PRIORITY", "FWMARK", "SUPPRESS_PREFIXLEN",
-                 "TABLE", "FWMASK", "OIFNAME", "PROTOCOL"):  # fmt: skip
-        assert fra[f"FRA_{name}"] == getattr(rtnl, f"FRA_{name}")
-    for name, value in fibmsg.FR_ACT_NAMES.items():
-        assert rtnl.RULE_ACTIONS[value] == name.removeprefix("FR_ACT_").lower()
-    ifa = [n for n, *_ in ifaddrmsg.ifaddrmsg.nla_map]
-    for name in ("ADDRESS", "LOCAL", "LABEL", "BROADCAST", "FLAGS"):
-        assert ifa.index(f"IFA_{name}") == getattr(rtnl, f"IFA_{name}")
-    addr_flags = dict((n, m) for m, n in rtnl.ADDR_FLAGS)
-    assert addr_flags["nodad"] == ifaddrmsg.IFA_F_NODAD
-    assert addr_flags["tentative"] == ifaddrmsg.IFA_F_TENTATIVE
-    assert addr_flags["noprefixroute"] == ifaddrmsg.IFA_F_NOPREFIXROUTE
-    assert addr_flags["dadfailed"] == ifaddrmsg.IFA_F_DADFAILED
-    nda = [n for n, *_ in ndmsg.ndmsg.nla_map]
-    for name in ("DST", "LLADDR", "VLAN", "MASTER", "FLAGS_EXT"):
-        assert nda.index(f"NDA_{name}") == getattr(rtnl, f"NDA_{name}")
-    for mask, name in rtnl.NUD_STATES:
-        assert getattr(ndmsg, f"NUD_{name}") == mask
-    assert dict((n, m) for m, n in rtnl.NEIGH_FLAGS)["extern_learn"] == ndmsg.NTF_EXT_LEARNED
-    ifla = [n for n, *_ in ifinfmsg.ifinfmsg.nla_map]
-    for name in ("ADDRESS", "IFNAME", "MTU", "LINK", "MASTER", "OPERSTATE", "LINKINFO",
-                 "IFALIAS", "STATS64", "LINK_NETNSID"):  # fmt: skip
-        assert ifla.index(f"IFLA_{name}") == getattr(rtnl, f"IFLA_{name}")
-    for mask, name in rtnl.LINK_FLAGS:
-        assert getattr(ifinfmsg, f"IFF_{name}") == mask
-
-
 # --- the dump loop against a fake kernel --------------------------------------------------
 
 
@@ -492,12 +507,8 @@ def with_seq(datagram: bytes, seq: int) -> bytes:
     return bytes(out)
 
 
-def message(mtype: int, body: bytes, flags: int = rtnl.NLM_F_MULTI) -> bytes:
-    return rtnl.build_request(mtype, flags, 0, body)
-
-
 def done(err: int = 0) -> bytes:
-    return message(rtnl.NLMSG_DONE, struct.pack("=i", err))
+    return message(NLMSG_DONE, struct.pack("=i", err))
 
 
 def recorded(dump: str) -> list[bytes]:
@@ -510,19 +521,20 @@ def sock_of(kernel: FakeKernel) -> rtnl.RtnlSocket:
 
 def test_dump_reads_every_datagram_until_done() -> None:
     kernel = FakeKernel(recorded("routes4"))
-    got = sock_of(kernel).dump(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(2, 0, 0, 0, 0, 0, 0, 0, 0))
-    assert len(got) == len(bodies("routes4")) > 10
+    got = sock_of(kernel).dump(rtmsg(), RTM_GETROUTE)
+    assert len(got) == len(messages("routes4")) > 10
     request = kernel.requests[0]
-    assert struct.unpack_from("=HH", request, 4) == (rtnl.RTM_GETROUTE, 0x301)
+    assert struct.unpack_from("=HH", request, 4) == (RTM_GETROUTE, 0x301)
 
 
 def test_dump_error_names_errno_and_kernel_text() -> None:
-    request_copy = rtnl.build_request(rtnl.RTM_GETRULE, 0x301, 0, b"\0" * 12)
-    err = struct.pack("=i", -errno.EPERM) + request_copy[:16]
-    err += rtnl.pack_attr(rtnl.NLMSGERR_ATTR_MSG, b"not allowed here\0")
-    kernel = FakeKernel([message(rtnl.NLMSG_ERROR, err, rtnl.NLM_F_CAPPED | rtnl.NLM_F_ACK_TLVS)])
+    # Without NETLINK_CAP_ACK the kernel echoes the whole request, then the TLVs.
+    request_copy = message(RTM_GETRULE, b"\0" * 12, 0x301)
+    err = struct.pack("=i", -errno.EPERM) + request_copy
+    err += attr(1, b"not allowed here\0")  # NLMSGERR_ATTR_MSG
+    kernel = FakeKernel([message(NLMSG_ERROR, err, NLM_F_ACK_TLVS)])
     with pytest.raises(rtnl.NetlinkError) as caught:
-        sock_of(kernel).dump(rtnl.RTM_GETRULE, b"\0" * 12)
+        sock_of(kernel).dump(fibmsg(), RTM_GETRULE)
     assert caught.value.errno == errno.EPERM
     assert "not allowed here" in str(caught.value)
     assert describe_error(caught.value).startswith("permission denied")
@@ -531,7 +543,7 @@ def test_dump_error_names_errno_and_kernel_text() -> None:
 def test_dump_done_with_error() -> None:
     kernel = FakeKernel([done(-errno.EMSGSIZE)])
     with pytest.raises(rtnl.NetlinkError) as caught:
-        sock_of(kernel).dump(rtnl.RTM_GETLINK, b"\0" * 16)
+        sock_of(kernel).dump(ifinfmsg(), RTM_GETLINK)
     assert caught.value.errno == errno.EMSGSIZE
 
 
@@ -541,9 +553,9 @@ def test_dump_failure_in_done_carries_the_kernel_text() -> None:
         "eaffffff32000100496e76616c69642076616c75657320696e2068656164657220666f7220"
         "4649422064756d702072657175657374000000"
     )
-    kernel = FakeKernel([message(rtnl.NLMSG_DONE, body, 0x202)])
+    kernel = FakeKernel([message(NLMSG_DONE, body, 0x202)])
     with pytest.raises(rtnl.NetlinkError) as caught:
-        sock_of(kernel).dump(rtnl.RTM_GETROUTE, b"\0" * 12)
+        sock_of(kernel).dump(rtmsg(), RTM_GETROUTE)
     assert caught.value.errno == errno.EINVAL
     assert str(caught.value) == (
         "netlink dump RTM_GETROUTE (routes): Invalid argument "
@@ -551,42 +563,48 @@ def test_dump_failure_in_done_carries_the_kernel_text() -> None:
     )
 
 
+def rule_body() -> bytes:
+    """The body (after nlmsghdr) of the first recorded IPv4 rule."""
+    data = bytes.fromhex(DUMPS["rules4"][0])
+    return data[16 : struct.unpack_from("=I", data)[0]]
+
+
 def test_dump_interrupted_is_redone() -> None:
-    body = bodies("rules4")[0]
-    interrupted = message(rtnl.RTM_NEWRULE, body, rtnl.NLM_F_MULTI | rtnl.NLM_F_DUMP_INTR) + done()
-    clean = message(rtnl.RTM_NEWRULE, body) + message(rtnl.RTM_NEWRULE, body) + done()
+    body = rule_body()
+    interrupted = message(RTM_NEWRULE, body, NLM_F_MULTI | NLM_F_DUMP_INTR) + done()
+    clean = message(RTM_NEWRULE, body) + message(RTM_NEWRULE, body) + done()
     kernel = FakeKernel([interrupted], [clean])
-    got = sock_of(kernel).dump(rtnl.RTM_GETRULE, b"\0" * 12)
+    got = sock_of(kernel).dump(fibmsg(), RTM_GETRULE)
     assert len(kernel.requests) == 2 and len(got) == 2
 
 
 def test_dump_skips_answers_to_other_requests() -> None:
-    body = bodies("rules4")[0]
-    kernel = FakeKernel([message(rtnl.RTM_NEWRULE, body) + done()])
-    stale = struct.pack("=IHHII", 16 + len(body), rtnl.RTM_NEWRULE, 2, 12345, 0) + body
+    body = rule_body()
+    kernel = FakeKernel([message(RTM_NEWRULE, body) + done()])
+    stale = struct.pack("=IHHII", 16 + len(body), RTM_NEWRULE, 2, 12345, 0) + body
     kernel.pending.append(stale)
     sock = sock_of(kernel)
     sock._seq = 12345 - 2  # the stale message answers the request before this one
-    assert len(sock.dump(rtnl.RTM_GETRULE, b"\0" * 12)) == 1
+    assert len(sock.dump(fibmsg(), RTM_GETRULE)) == 1
 
 
 def test_dump_never_hangs() -> None:
     silent = FakeKernel([])
     with pytest.raises(rtnl.NetlinkError, match="did not answer") as caught:
-        sock_of(silent).dump(rtnl.RTM_GETLINK, b"\0" * 16, timeout=0.2)
+        sock_of(silent).dump(ifinfmsg(), RTM_GETLINK, timeout=0.2)
     assert caught.value.errno == errno.ETIMEDOUT
 
     class Chatty(FakeKernel):
         def recv_into(self, buf: bytearray, nbytes: int = 0, flags: int = 0) -> int:
             time.sleep(0.01)
-            noop = message(rtnl.NLMSG_NOOP, b"", 0)
+            noop = message(NLMSG_NOOP, b"", 0)
             seq = struct.unpack_from("=I", self.requests[-1], 8)[0]
             item = with_seq(noop, seq)
             buf[: len(item)] = item
             return len(item)
 
     with pytest.raises(rtnl.NetlinkError, match="timed out"):
-        sock_of(Chatty()).dump(rtnl.RTM_GETLINK, b"\0" * 16, timeout=0.2)
+        sock_of(Chatty()).dump(ifinfmsg(), RTM_GETLINK, timeout=0.2)
 
 
 def test_dump_refuses_truncated_datagrams_and_floods() -> None:
@@ -595,11 +613,10 @@ def test_dump_refuses_truncated_datagrams_and_floods() -> None:
             return len(buf) + 1  # what MSG_TRUNC reports for a datagram larger than buf
 
     with pytest.raises(rtnl.NetlinkError, match="exceeds the buffer"):
-        sock_of(Huge()).dump(rtnl.RTM_GETLINK, b"\0" * 16)
-    body = bodies("rules4")[0]
-    many = FakeKernel([message(rtnl.RTM_NEWRULE, body) * 20 + done()])
+        sock_of(Huge()).dump(ifinfmsg(), RTM_GETLINK)
+    many = FakeKernel([message(RTM_NEWRULE, rule_body()) * 20 + done()])
     with pytest.raises(rtnl.NetlinkError, match="more than 10 messages"):
-        sock_of(many).dump(rtnl.RTM_GETRULE, b"\0" * 12, max_messages=10)
+        sock_of(many).dump(fibmsg(), RTM_GETRULE, max_messages=10)
 
 
 def test_collector_errors_become_sections() -> None:
@@ -675,7 +692,7 @@ def test_watcher_reports_overflow_and_goes_on() -> None:
 def test_watcher_survives_an_undecodable_message() -> None:
     fake = FakeMulticast()
     with NetlinkWatcher(KINDS, sock=rtnl.RtnlSocket(sock=fake)) as watcher:  # type: ignore[arg-type]
-        fake.deliver(message(rtnl.RTM_NEWROUTE, b"\x02\x18", 0))  # a truncated struct rtmsg
+        fake.deliver(message(RTM_NEWROUTE, b"\x02\x18", 0))  # a truncated struct rtmsg
         fake.deliver(bytes.fromhex(EVENTS["datagrams"][0]))
         events = list(watcher.events(1.0))
     assert events[0].kind == "route"
