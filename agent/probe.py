@@ -26,8 +26,10 @@ only when a client asks for it (``trace --active --probe``): it sends a few
 crafted packets of one flow (TCP SYN, UDP datagram, ICMP/ICMPv6 echo), each
 carrying markers that survive every hop -- IPv4 id, TCP sequence number,
 ICMP id+seq, a UDP payload text -- so captures in every pod can recognise
-the same packet. The packets are hand-built here (a few struct.pack calls,
-no scapy import: the agent stays fast to start) and placed by the kernel's
+the same packet. The packets are crafted with scapy, imported on the first
+probe only (a few hundred ms, once; bench/snapshot_bench.py measures it), so
+the agent still serves fast after it starts; pyroute2 likewise is imported on
+the first RouteGet. The packets are placed by the kernel's
 own decision: the RouteGet lookup of the flow (with iif and mark when the
 pod is to act as a forwarder, e.g. an LB with the flow's fwmark) picks the
 egress interface and next hop, the neighbour table gives its MAC (when the
@@ -44,18 +46,16 @@ import asyncio
 import errno as errno_mod
 import ipaddress
 import math
-import os
 import random
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meridio_debug.agent import rtnl
-from meridio_debug.agent.collectors.netlink import IfNames, fill_neighbour, fill_route
+from meridio_debug.agent.errors import CollectorError
 from meridio_debug.agent.server import Activity
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
@@ -64,13 +64,8 @@ from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 MAX_QUERIES = 4096
 LOOKUP_TIMEOUT = 2.0
 
-# include/uapi/linux/rtnetlink.h
-RTA_MARK = 16
-RTA_IP_PROTO = 27
-RTA_SPORT = 28
-RTA_DPORT = 29
-RTM_F_LOOKUP_TABLE = 0x1000
-RTM_F_FIB_MATCH = 0x2000
+if TYPE_CHECKING:
+    from meridio_debug.agent.rtnl import RtnlSocket
 
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "": 0}
 
@@ -103,81 +98,88 @@ def validate(query: ppb.RouteQuery) -> str:
     return ""
 
 
-def _request(query: ppb.RouteQuery, flags: int) -> tuple[int, bytes, bytes]:
-    """(address family, rtmsg, attributes) of one RTM_GETROUTE."""
+def _request(query: ppb.RouteQuery, flags: int) -> Any:
+    """One RTM_GETROUTE request as pyroute2's rtmsg (with the RouteGet attributes)."""
+    from meridio_debug.agent.rtnl import RouteGetMessage
+
     dst = ipaddress.ip_address(query.dst)
-    af = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-    attrs = rtnl.pack_attr(rtnl.RTA_DST, dst.packed)
-    src_len = 0
+    msg = RouteGetMessage()
+    msg["family"] = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    msg["dst_len"] = dst.max_prefixlen
+    msg["flags"] = flags
+    attrs: list[tuple[str, Any]] = [("RTA_DST", str(dst))]
     if query.src:
         src = ipaddress.ip_address(query.src)
-        attrs += rtnl.pack_attr(rtnl.RTA_SRC, src.packed)
-        src_len = src.max_prefixlen
-    for name, atype in ((query.iif, rtnl.RTA_IIF), (query.oif, rtnl.RTA_OIF)):
+        attrs.append(("RTA_SRC", str(src)))
+        msg["src_len"] = src.max_prefixlen
+    for name, attr in ((query.iif, "RTA_IIF"), (query.oif, "RTA_OIF")):
         if name:
             try:
-                index = socket.if_nametoindex(name)
+                attrs.append((attr, socket.if_nametoindex(name)))
             except OSError:
                 raise QueryError(f"no interface {name!r} here", errno_mod.ENODEV) from None
-            attrs += rtnl.pack_attr(atype, struct.pack("=I", index))
     if query.mark:
-        attrs += rtnl.pack_attr(RTA_MARK, struct.pack("=I", query.mark))
+        attrs.append(("RTA_MARK", query.mark))
     proto = _PROTOS[query.ipproto]
-    if proto == 1 and af == socket.AF_INET6:
+    if proto == 1 and dst.version == 6:
         proto = 58
     if proto:
-        attrs += rtnl.pack_attr(RTA_IP_PROTO, bytes([proto]))
+        attrs.append(("RTA_IP_PROTO", proto))
         if proto in (6, 17):
             if query.sport:
-                attrs += rtnl.pack_attr(RTA_SPORT, struct.pack("!H", query.sport))
+                attrs.append(("RTA_SPORT", query.sport))
             if query.dport:
-                attrs += rtnl.pack_attr(RTA_DPORT, struct.pack("!H", query.dport))
-    header = rtnl.RTMSG.pack(af, dst.max_prefixlen, src_len, 0, 0, 0, 0, 0, flags)
-    return af, header, attrs
+                attrs.append(("RTA_DPORT", query.dport))
+    msg["attrs"] = attrs
+    return msg
 
 
 class RouteGetter:
     """Asks the kernel of this network namespace; one netlink socket, not thread-safe."""
 
     def __init__(self) -> None:
-        self._rt = rtnl.RtnlSocket()
-        self._seq = 1
+        from meridio_debug.agent.collectors.netlink import IfNames
+        from meridio_debug.agent.rtnl import RtnlSocket
+
+        self._rt: RtnlSocket = RtnlSocket()
         self._names = IfNames()
 
     def close(self) -> None:
         self._rt.close()
 
-    def _ask(self, header: bytes, attrs: bytes) -> pb.Route:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF
-        seq = self._seq
-        sock = self._rt.sock
-        sock.sendall(rtnl.build_request(rtnl.RTM_GETROUTE, rtnl.NLM_F_REQUEST, seq, header, attrs))
-        deadline = time.monotonic() + LOOKUP_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise QueryError("the kernel did not answer in time", errno_mod.ETIMEDOUT)
-            for mtype, mflags, mseq, body in self._rt.recv_datagram(remaining):
-                if mseq != seq:
-                    continue
-                if mtype == rtnl.NLMSG_ERROR:
-                    err, text = rtnl.error_of(body, mflags)
-                    detail = f" ({text})" if text else ""
-                    raise QueryError(f"{os.strerror(err)}{detail}", err)
-                if mtype == rtnl.RTM_NEWROUTE:
-                    route = pb.Route()
-                    fill_route(route, body, self._names)
-                    return route
+    def _ask(self, flags: int, query: ppb.RouteQuery) -> pb.Route:
+        from pyroute2.netlink import NLM_F_REQUEST
+        from pyroute2.netlink.rtnl import RTM_GETROUTE, RTM_NEWROUTE
+
+        from meridio_debug.agent.collectors.netlink import fill_route
+        from meridio_debug.agent.rtnl import NetlinkError
+
+        try:
+            answers = self._rt.request(
+                _request(query, flags),
+                RTM_GETROUTE,
+                NLM_F_REQUEST,
+                timeout=LOOKUP_TIMEOUT,
+                what="route get",
+            )
+        except NetlinkError as exc:
+            raise QueryError(str(exc).removeprefix("route get: "), exc.errno) from exc
+        for answer in answers:
+            if answer["header"]["type"] == RTM_NEWROUTE:
+                route = pb.Route()
+                fill_route(route, answer, self._names)
+                return route
+        raise QueryError("the kernel answered no route", errno_mod.EIO)
 
     def lookup(self, query: ppb.RouteQuery) -> ppb.RouteResult:
         """Both lookups of one query, as one result (errors become ok=false)."""
+        from meridio_debug.agent.rtnl import RTM_F_FIB_MATCH, RTM_F_LOOKUP_TABLE
+
         result = ppb.RouteResult(id=query.id)
         try:
-            _af, header, attrs = _request(query, RTM_F_LOOKUP_TABLE)
-            resolved = self._ask(header, attrs)
-            _af, header, attrs = _request(query, RTM_F_LOOKUP_TABLE | RTM_F_FIB_MATCH)
+            resolved = self._ask(RTM_F_LOOKUP_TABLE, query)
             try:
-                matched: pb.Route | None = self._ask(header, attrs)
+                matched: pb.Route | None = self._ask(RTM_F_LOOKUP_TABLE | RTM_F_FIB_MATCH, query)
             except QueryError:
                 matched = None  # old kernels without FIB match: the resolved answer stands
         except QueryError as exc:
@@ -212,7 +214,10 @@ class RouteGetter:
 
 
 def route_get(queries: Sequence[ppb.RouteQuery]) -> list[ppb.RouteResult]:
-    """Answer every query in this namespace (blocking; run it in a worker thread)."""
+    """Answer every query in this namespace (blocking; run it in a worker thread).
+
+    Raises CollectorError (a NetlinkError) when no rtnetlink socket can be opened.
+    """
     getter = RouteGetter()
     try:
         return [getter.lookup(q) for q in queries]
@@ -260,16 +265,6 @@ def validate_probes(request: ppb.SendProbesRequest) -> str:
     return ""
 
 
-def inet_checksum(data: bytes) -> int:
-    """RFC 1071 one's complement sum."""
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 @dataclass(frozen=True, slots=True)
 class Marks:
     """What makes probe ``index`` recognisable (see ProbeSent in protos/probe.proto)."""
@@ -300,68 +295,52 @@ def build_packet(
     dport: int,
     marks: Marks,
 ) -> bytes:
-    """One IPv4/IPv6 packet (no link header) carrying ``marks``; checksums filled in."""
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    v6 = s.version == 6
-    if proto == "tcp":
-        number = 6
-        # SYN with an MSS option (what a real client sends first)
-        header = struct.pack(
-            "!HHIIBBHHH", sport, dport, marks.tcp_seq, 0, 6 << 4, 0x02, 64240, 0, 0
-        ) + struct.pack("!BBH", 2, 4, 1460)
-        l4 = header
-        csum_at = 16
-    elif proto == "udp":
-        number = 17
-        l4 = struct.pack("!HHHH", sport, dport, 8 + len(marks.payload), 0) + marks.payload
-        csum_at = 6
-    else:
-        number = 58 if v6 else 1
-        kind = 128 if v6 else 8
-        l4 = struct.pack("!BBHHH", kind, 0, 0, marks.icmp_id, marks.icmp_seq) + marks.payload
-        csum_at = 2
-    if v6:
-        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), number)
-    else:
-        pseudo = s.packed + d.packed + struct.pack("!xBH", number, len(l4))
-    if number == 1:
-        csum = inet_checksum(l4)  # ICMPv4 has no pseudo-header
-    else:
-        csum = inet_checksum(pseudo + l4)
-        if number == 17 and csum == 0:
-            csum = 0xFFFF
-    l4 = l4[:csum_at] + struct.pack("!H", csum) + l4[csum_at + 2 :]
-    if v6:
-        return struct.pack("!IHBB", 6 << 28, len(l4), number, PROBE_TTL) + s.packed + d.packed + l4
-    ip_header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(l4),
-        marks.ip_id,
-        0x4000,
-        PROBE_TTL,
-        number,
-        0,
-        s.packed,
-        d.packed,
+    """One IPv4/IPv6 packet (no link header) carrying ``marks``, crafted by scapy.
+
+    TCP is a SYN with an MSS option (what a real client sends first); IPv4 sets
+    DF and the probe's IP id. scapy fills in lengths and checksums.
+    """
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+    v6 = ipaddress.ip_address(src).version == 6
+    l3: Any = (
+        IPv6(src=src, dst=dst, hlim=PROBE_TTL)
+        if v6
+        else IP(src=src, dst=dst, id=marks.ip_id, flags="DF", ttl=PROBE_TTL)
     )
-    ip_header = ip_header[:10] + struct.pack("!H", inet_checksum(ip_header)) + ip_header[12:]
-    return ip_header + l4
+    if proto == "tcp":
+        l4: Any = TCP(
+            sport=sport, dport=dport, seq=marks.tcp_seq, flags="S", window=64240,
+            options=[("MSS", 1460)],
+        )  # fmt: skip
+    elif proto == "udp":
+        l4 = UDP(sport=sport, dport=dport) / marks.payload
+    elif v6:
+        l4 = ICMPv6EchoRequest(id=marks.icmp_id, seq=marks.icmp_seq, data=marks.payload)
+    else:
+        l4 = ICMP(type=8, id=marks.icmp_id, seq=marks.icmp_seq) / marks.payload
+    return bytes(l3 / l4)
 
 
 def neighbour_mac(address: str, dev: str) -> tuple[str, str]:
     """(MAC, state) of ``address`` on ``dev`` from the kernel's neighbour table ("" if none)."""
+    from pyroute2.netlink.rtnl import RTM_GETNEIGH
+    from pyroute2.netlink.rtnl.ndmsg import ndmsg
+
+    from meridio_debug.agent.collectors.netlink import IfNames, fill_neighbour
+    from meridio_debug.agent.rtnl import RtnlSocket
+
     names = IfNames()
-    with rtnl.RtnlSocket() as sock:
-        bodies = sock.dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    with RtnlSocket() as sock:
+        answers = sock.dump(ndmsg(), RTM_GETNEIGH)
     want = ipaddress.ip_address(address)
     state = ""
-    for body in bodies:
-        if not body or body[0] not in (socket.AF_INET, socket.AF_INET6):
+    for msg in answers:
+        if msg["family"] not in (socket.AF_INET, socket.AF_INET6):
             continue
         entry = pb.Neighbour()
-        fill_neighbour(entry, body, names)
+        fill_neighbour(entry, msg, names)
         if entry.ifname != dev or not entry.dst:
             continue
         try:
@@ -375,7 +354,6 @@ def neighbour_mac(address: str, dev: str) -> tuple[str, str]:
     return "", state
 
 
-NTF_USE = 0x01
 RESOLVE_TIMEOUT = 1.5
 
 
@@ -389,19 +367,21 @@ def resolve_neighbour(address: str, dev: str) -> tuple[str, str]:
     asked for, and only when the next hop has no MAC yet (e.g. an LB that has
     not sent this target anything since it started).
     """
-    index = socket.if_nametoindex(dev)
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWNEIGH
+    from pyroute2.netlink.rtnl.ndmsg import NTF_USE, ndmsg
+
+    from meridio_debug.agent.rtnl import RtnlSocket
+
     ip = ipaddress.ip_address(address)
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    header = rtnl.NDMSG.pack(family, index, 0, NTF_USE, 0)
-    attrs = rtnl.pack_attr(rtnl.NDA_DST, ip.packed)
-    flags = rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK | rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE
-    with rtnl.RtnlSocket() as sock:
-        sock.sock.sendall(rtnl.build_request(rtnl.RTM_NEWNEIGH, flags, 1, header, attrs))
-        for mtype, mflags, _seq, body in sock.recv_datagram(LOOKUP_TIMEOUT):
-            if mtype == rtnl.NLMSG_ERROR:
-                err, text = rtnl.error_of(body, mflags)
-                if err:
-                    raise rtnl.NetlinkError(f"{os.strerror(err)} {text}".strip(), err)
+    msg = ndmsg()
+    msg["family"] = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    msg["ifindex"] = socket.if_nametoindex(dev)
+    msg["flags"] = NTF_USE
+    msg["attrs"] = [("NDA_DST", str(ip))]
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    with RtnlSocket() as sock:
+        sock.request(msg, RTM_NEWNEIGH, flags, timeout=LOOKUP_TIMEOUT, what="neighbour use")
     deadline = time.monotonic() + RESOLVE_TIMEOUT
     while True:
         mac, state = neighbour_mac(address, dev)
@@ -447,7 +427,7 @@ def send_probes(request: ppb.SendProbesRequest) -> ppb.SendProbesReply:
     next_hop = route.gateway or request.dst
     try:
         mac, state = neighbour_mac(next_hop, route.dev)
-    except (OSError, rtnl.NetlinkError) as exc:
+    except (OSError, CollectorError) as exc:
         reply.error = f"cannot read the neighbour table: {exc}"
         return reply
     reply.dev, reply.next_hop, reply.next_hop_mac = route.dev, next_hop, mac
@@ -461,7 +441,7 @@ def send_probes(request: ppb.SendProbesRequest) -> ppb.SendProbesReply:
     if has_link_header and not mac:
         try:
             mac, state = resolve_neighbour(next_hop, route.dev)
-        except (OSError, rtnl.NetlinkError) as exc:
+        except (OSError, CollectorError) as exc:
             state = f"{state or 'no entry'}; asking the kernel to resolve it failed: {exc}"
         reply.next_hop_mac = mac
     if has_link_header and not mac:
@@ -543,7 +523,7 @@ class ProbeService(ppb_grpc.ProbeServicer):
         started = time.perf_counter()
         try:
             results = await asyncio.to_thread(route_get, list(request.queries))
-        except rtnl.NetlinkError as exc:
+        except CollectorError as exc:  # no rtnetlink socket (rtnl.NetlinkError)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"rtnetlink: {exc}")
         reply = ppb.RouteGetReply(duration_ms=(time.perf_counter() - started) * 1000.0)
         reply.results.extend(results)

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 
-from meridio_debug.agent.probe import build_packet, inet_checksum, marks_for
+from meridio_debug.agent.probe import build_packet, marks_for
 from meridio_debug.controller.trace import parse_flow
 from meridio_debug.controller.trace.active import (
     PACKET_HOST,
@@ -43,6 +43,14 @@ ROLES = {
     "target-a2": "target",
 }
 NONCE = 0x12345678
+
+
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement sum: 0 over a header whose checksum is right."""
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 def ether(packet: bytes, vlan: int = 0) -> bytes:
