@@ -36,10 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
-from meridio_debug.controller import packet_summary
 from meridio_debug.controller.cli_args import MAX_STREAM_S, int_range, seconds
 from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
+from meridio_debug.controller.packets import summarize
 from meridio_debug.controller.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.protos import agent_pb2 as pb
@@ -121,7 +121,7 @@ class Printer(Sink):
             iface = self._ifaces[ifid]
             direction = "In " if flags & 3 == 1 else "Out" if flags & 3 == 2 else "   "
             clock = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
-            summary = packet_summary.summarize(frame, iface.linktype)
+            summary = summarize(frame, iface.linktype)
             lines.append(f"{clock}.{ts % 1_000_000_000:09d} {iface.name} {direction} {summary}\n")
         self._out.write("".join(lines))
         self.packets += len(lines)

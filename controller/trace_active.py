@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
+from meridio_debug.controller.packets import decode
 from meridio_debug.controller.pcapng import Interface, Writer, flags_for
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.trace import Flow, TraceResult
@@ -44,7 +45,6 @@ from meridio_debug.controller.trace.active import (
     answered,
     capture_filter,
     correlate,
-    decode,
     probe_orders,
 )
 from meridio_debug.controller.trace_session import trace_async

@@ -33,8 +33,6 @@ evidence named it (``packets`` or ``state``).
 
 from __future__ import annotations
 
-import ipaddress
-import struct
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,12 +41,11 @@ from typing import Any, Final, Literal, cast
 
 from meridio_debug.controller.analysis._view import trench_view
 from meridio_debug.controller.model import TrenchState
+from meridio_debug.controller.packets import Packet
 from meridio_debug.controller.trace.core import fwmark_rule, mark_choice
 from meridio_debug.controller.trace.flow import Flow
 from meridio_debug.controller.trace.types import Broken, Direction, Hop, TraceResult
 
-LINKTYPE_ETHERNET: Final = 1
-LINKTYPE_RAW: Final = 101
 PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOING = range(5)
 
 # Path order of hops, to find the *first* one where packets disappear.
@@ -67,120 +64,6 @@ Evidence = Literal["packets", "state"]
 
 
 # --------------------------------------------------------------------------- frames
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """The fields of one IP packet the correlation needs (decoded from a captured frame)."""
-
-    version: int
-    src: str
-    dst: str
-    proto: int  # 6 tcp, 17 udp, 1 icmp, 58 icmpv6
-    sport: int = 0
-    dport: int = 0
-    ip_id: int = 0
-    tcp_seq: int = 0
-    tcp_ack: int = 0
-    tcp_flags: int = 0
-    icmp_type: int = -1
-    icmp_id: int = 0
-    icmp_seq: int = 0
-    payload: bytes = b""
-
-    @property
-    def l4_name(self) -> str:
-        return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}.get(self.proto, str(self.proto))
-
-    def identity(self) -> tuple[object, ...]:
-        """What no hop changes: the 5-tuple plus the IP id and the L4 marker."""
-        if self.proto == 6:
-            mark: tuple[object, ...] = (self.tcp_seq, self.tcp_ack, self.tcp_flags)
-        elif self.proto in (1, 58):
-            mark = (self.icmp_type, self.icmp_id, self.icmp_seq)
-        else:
-            mark = (self.payload,)
-        return (self.src, self.dst, self.proto, self.sport, self.dport, self.ip_id, *mark)
-
-    def describe(self) -> str:
-        if self.proto == 6:
-            flags = "".join(
-                c
-                for bit, c in ((2, "S"), (16, "."), (4, "R"), (1, "F"), (8, "P"))
-                if self.tcp_flags & bit
-            )
-            extra = f" [{flags}] seq {self.tcp_seq}"
-        elif self.proto in (1, 58):
-            extra = f" type {self.icmp_type} id {self.icmp_id} seq {self.icmp_seq}"
-        else:
-            extra = f" len {len(self.payload)}"
-        ports = (
-            f":{self.sport} > {self.dst}:{self.dport}"
-            if self.proto in (6, 17)
-            else f" > {self.dst}"
-        )
-        ipid = f" id {self.ip_id}" if self.version == 4 else ""
-        return f"{self.l4_name} {self.src}{ports}{extra}{ipid}"
-
-
-def decode(frame: bytes, linktype: int = LINKTYPE_ETHERNET) -> Packet | None:
-    """The IP packet in ``frame`` (Ethernet with VLAN tags, or raw IP); None if it is none."""
-    off = 0
-    if linktype == LINKTYPE_ETHERNET:
-        if len(frame) < 14:
-            return None
-        ethertype = struct.unpack_from("!H", frame, 12)[0]
-        off = 14
-        while ethertype in (0x8100, 0x88A8) and len(frame) >= off + 4:
-            ethertype = struct.unpack_from("!H", frame, off + 2)[0]
-            off += 4
-        if ethertype not in (0x0800, 0x86DD):
-            return None
-    elif linktype != LINKTYPE_RAW:
-        return None
-    if len(frame) <= off:
-        return None
-    version = frame[off] >> 4
-    if version == 4 and len(frame) >= off + 20:
-        ihl = (frame[off] & 15) * 4
-        ip_id = struct.unpack_from("!H", frame, off + 4)[0]
-        proto = frame[off + 9]
-        src = str(ipaddress.IPv4Address(frame[off + 12 : off + 16]))
-        dst = str(ipaddress.IPv4Address(frame[off + 16 : off + 20]))
-        frag = struct.unpack_from("!H", frame, off + 6)[0] & 0x1FFF
-        l4 = frame[off + ihl :] if not frag else b""
-    elif version == 6 and len(frame) >= off + 40:
-        ip_id = 0
-        proto = frame[off + 6]
-        src = str(ipaddress.IPv6Address(frame[off + 8 : off + 24]))
-        dst = str(ipaddress.IPv6Address(frame[off + 24 : off + 40]))
-        pos = off + 40
-        while proto in (0, 43, 60) and len(frame) >= pos + 2:  # hop-by-hop, routing, dest opts
-            proto, pos = frame[pos], pos + (frame[pos + 1] + 1) * 8
-        l4 = frame[pos:]
-    else:
-        return None
-    if proto == 6 and len(l4) >= 14:
-        sport, dport, seq, ack = struct.unpack_from("!HHII", l4)
-        return Packet(version, src, dst, 6, sport, dport, ip_id, seq, ack, l4[13])
-    if proto == 17 and len(l4) >= 8:
-        sport, dport = struct.unpack_from("!HH", l4)
-        return Packet(version, src, dst, 17, sport, dport, ip_id, payload=bytes(l4[8:72]))
-    if proto in (1, 58) and len(l4) >= 8:
-        kind = l4[0]
-        icmp_id, icmp_seq = struct.unpack_from("!HH", l4, 4)
-        return Packet(
-            version,
-            src,
-            dst,
-            proto,
-            ip_id=ip_id,
-            icmp_type=kind,
-            icmp_id=icmp_id,
-            icmp_seq=icmp_seq,
-            payload=bytes(l4[8:72]),
-        )
-    return Packet(version, src, dst, proto, ip_id=ip_id)
 
 
 def capture_filter(flow: Flow) -> str:

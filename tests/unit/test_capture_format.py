@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meridio_debug.controller import packet_summary
+from meridio_debug.controller import packets
 from meridio_debug.controller.pcapng import (
     EPB_TYPE,
     IDB_TYPE,
@@ -148,18 +148,41 @@ def test_max_bytes_without_rotation_stops_writing() -> None:
     ],
 )
 def test_summaries(frame: bytes, text: str) -> None:
-    assert text in packet_summary.summarize(frame)
+    assert text in packets.summarize(frame)
 
 
 def test_tcp_and_icmp6_summaries() -> None:
     tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x02, 1024, 0, 0)
     ip6 = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
     assert (
-        packet_summary.summarize(ip6 + tcp, packet_summary.LINKTYPE_RAW)
+        packets.summarize(ip6 + tcp, packets.LINKTYPE_RAW)
         == "IP6 ::1.40000 > ::2.80: Flags [S], seq 1, length 0"
     )
     icmp6 = bytes([128, 0, 0, 0])
     ip6 = struct.pack("!IHBB", 6 << 28, 4, 58, 64) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
-    assert packet_summary.summarize(b"\x02" * 12 + b"\x86\xdd" + ip6 + icmp6).endswith(
+    assert packets.summarize(b"\x02" * 12 + b"\x86\xdd" + ip6 + icmp6).endswith(
         "ICMP6 echo request"
     )
+
+
+def test_ipv6_extension_headers_in_summary_and_trace_decode() -> None:
+    """One decoder: --print and the active trace read past the same extension headers."""
+    udp = struct.pack("!HHHH", 5000, 4000, 12, 0) + b"ping"
+    hbh = bytes([17, 0]) + bytes(6)  # hop-by-hop options, next header UDP
+    frag = struct.pack("!BBHI", 17, 0, 0, 7)  # fragment header, offset 0 (the first)
+    for ext, first in ((hbh, 0), (frag, 44)):
+        ip6 = struct.pack("!IHBB", 6 << 28, len(ext) + len(udp), first or 0, 64)
+        ip6 += bytes(15) + b"\x01" + bytes(15) + b"\x02"
+        frame = ip6 + ext + udp
+        assert (
+            packets.summarize(frame, packets.LINKTYPE_RAW)
+            == "IP6 ::1.5000 > ::2.4000: UDP, length 4"
+        )
+        p = packets.decode(frame, packets.LINKTYPE_RAW)
+        assert p is not None and (p.proto, p.sport, p.dport, p.payload) == (17, 5000, 4000, b"ping")
+    later = struct.pack("!BBHI", 17, 0, 185 << 3, 7)  # offset 185 * 8: not the first fragment
+    ip6 = struct.pack("!IHBB", 6 << 28, 8 + len(udp), 44, 64) + bytes(15) + b"\x01" + bytes(15)
+    frame = ip6 + b"\x02" + later + udp
+    assert packets.summarize(frame, packets.LINKTYPE_RAW).endswith("fragment offset 1480, proto 17")
+    p = packets.decode(frame, packets.LINKTYPE_RAW)
+    assert p is not None and (p.proto, p.sport) == (17, 0)

@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 
 from meridio_debug.agent.probe import build_packet, marks_for
+from meridio_debug.controller.packets import decode
 from meridio_debug.controller.trace import parse_flow
 from meridio_debug.controller.trace.active import (
     PACKET_HOST,
@@ -27,7 +28,6 @@ from meridio_debug.controller.trace.active import (
     answered,
     capture_filter,
     correlate,
-    decode,
 )
 from meridio_debug.controller.trace.types import Broken, Hop, TracePath, TraceResult
 
