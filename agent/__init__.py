@@ -6,6 +6,7 @@ nfqlb see from inside the pod. It is read-only and must never die: an
 ephemeral container is never restarted, so every failure becomes data (an
 error section, a gRPC status), not an exit.
 
-This package never imports kubernetes; only its collectors import pyroute2,
-psutil and scapy.
+This package never imports kubernetes. pyroute2 (netlink: collectors, watch,
+FIB lookups), psutil (collectors) and scapy (probe packets) are imported on
+first use, not at start-up, so the agent serves within a second.
 """

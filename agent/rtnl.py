@@ -23,17 +23,17 @@ What this module adds on top, because an agent must never hang or die:
   error (net/netlink/af_netlink.c ``netlink_dump_done``); pyroute2 decodes it
   only when extended-ack TLVs follow, the parser hook below always does.
 
-The one measured hot path is the route dump (thousands of routes on a large
-LB): pyroute2's generic ``rtmsg`` decode plus ``get_attr`` costs ~70 us a
-route (bench/snapshot_bench.py: ~150 ms for 2,000 routes against ~10 ms for
-``ip -j``). So route messages of a dump go through a parser hook of pyroute2's
-Marshal (``get_parser``) that decodes the rtmsg header with rtmsg's own
-``fields`` and only the attributes whose pyroute2 type it knows
-(``target``, ``uint32``, ``uint8``, ``rtvia``, the nexthop list), keyed by
-rtmsg's ``nla_map``, into the same shape pyroute2 gives (fields plus
-``get_attr``). tests/unit/test_netlink_decode.py checks that both decoders
-agree on recorded kernel answers. Events and RouteGet answers (a few
-messages) use the generic class.
+The measured hot paths are the route and rule dumps (thousands on a large LB):
+pyroute2's generic decode plus ``get_attr`` costs ~70 us a route
+(bench/snapshot_bench.py: ~150 ms for 2,000 routes against ~10-20 ms for all
+of ``ip -j``; 200 rules ~18 ms). So route and rule messages of a dump go
+through a parser hook of pyroute2's Marshal (``get_parser``): FastParser,
+built from the message class's own ``fields`` and ``nla_map``, decodes the
+attributes whose pyroute2 type it knows (addresses, integers, strings, RTA_VIA,
+port/uid ranges, the nexthop list) to the values pyroute2 gives, in the same
+shape (fields plus ``get_attr``); tests/unit/test_netlink_decode.py checks
+both decoders agree on recorded kernel answers. Links, addresses, neighbours,
+fdb, events and RouteGet answers (tens of messages) use pyroute2's classes.
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ ROUTE_FLAGS: tuple[tuple[int, str], ...] = (
     (0x20000000, "rt_offload_failed"),
 )
 RTM_F_NOTIFY = 0x100  # request-only: never printed
+FIB_RULE_INVERT = 0x2  # fib_rules.h frh.flags ("not" in ip rule), absent from pyroute2 0.9
 
 # iproute2's etc/iproute2/rt_protos names that pyroute2's rt_proto lacks.
 ROUTE_PROTOCOLS: dict[int, str] = {
@@ -287,7 +288,7 @@ class FastMessage(dict[str, Any]):
     get_attr: Callable[..., Any]
 
 
-_HEADER_KEYS = ("length", "type", "flags", "sequence_number", "pid")
+_INLINE_U32, _INLINE_IP = 1, 2
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLA_HDR = struct.Struct("=HH").unpack_from
 _NLA_TYPE = 0x3FFF  # NLA_F_NESTED | NLA_F_NET_BYTEORDER live in the top bits
@@ -339,12 +340,13 @@ class FastParser:
         self._fields = tuple(name for name, _ in fields)
         self._struct = struct.Struct("=" + "".join(fmt for _, fmt in fields))
         self._start = 16 + self._struct.size
-        table: dict[int, tuple[str, Decoder]] = {}
+        table: dict[int, tuple[str, int, Decoder]] = {}
         for index, entry in enumerate(msg_class.nla_map):
             code, name, kind = entry if len(entry) == 3 else (index, *entry)
             decode = self._decoder(kind)
             if decode is not None:
-                table[code] = (name, decode)
+                inline = {"uint32": _INLINE_U32, "target": _INLINE_IP, "ipaddr": _INLINE_IP}
+                table[code] = (name, inline.get(kind, 0), decode)
         self._nla = table
 
     def _decoder(self, kind: str) -> Decoder | None:
@@ -371,7 +373,14 @@ class FastParser:
                 break
             entry = table.get(atype & _NLA_TYPE)
             if entry is not None:
-                nla[entry[0]] = entry[1](data, off + 4, off + alen, af)
+                name, inline, decode = entry
+                # the two commonest kinds inline: a call per attribute is most of the cost
+                if inline == _INLINE_U32:
+                    nla[name] = _U32(data, off + 4)[0]
+                elif inline == _INLINE_IP:
+                    nla[name] = _ntop(af, data[off + 4 : off + alen])
+                else:
+                    nla[name] = decode(data, off + 4, off + alen, af)
             off += (alen + 3) & ~3
         return nla
 
@@ -392,15 +401,36 @@ class FastParser:
 
     def __call__(self, data: bytes, offset: int, length: int) -> FastMessage:
         """One message at ``offset`` of ``data`` (the signature of Marshal's parsers)."""
-        header = dict(zip(_HEADER_KEYS, _NLMSGHDR.unpack_from(data, offset), strict=True))
-        header["error"] = None
+        try:
+            return self._parse(data, offset, length)
+        except _DECODE_ERRORS as exc:
+            return undecodable(data, offset, length, exc)
+
+    def _parse(self, data: bytes, offset: int, length: int) -> FastMessage:
+        mlen, mtype, mflags, mseq, mpid = _NLMSGHDR.unpack_from(data, offset)
         msg = FastMessage(
-            zip(self._fields, self._struct.unpack_from(data, offset + 16), strict=True)
+            zip(self._fields, self._struct.unpack_from(data, offset + 16), strict=False)
         )
-        msg["header"] = header
+        msg["header"] = {"length": mlen, "type": mtype, "flags": mflags,
+                         "sequence_number": mseq, "pid": mpid, "error": None}  # fmt: skip
         msg.nla = self.attrs(data, offset + self._start, offset + length, msg["family"])
         msg.get_attr = msg.nla.get
         return msg
+
+
+_DECODE_ERRORS = (struct.error, IndexError, ValueError, KeyError, TypeError)
+
+
+def undecodable(data: bytes, offset: int, length: int, exc: Exception) -> FastMessage:
+    """A message that cannot be decoded: its header says so, so one bad message ends no stream."""
+    _len, key, flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+    msg = FastMessage(header={
+        "length": length, "type": key, "flags": flags, "sequence_number": seq, "error": None,
+        "undecodable": f"undecodable rtnetlink message type {key}: {exc}",
+    })  # fmt: skip
+    msg.nla = {}
+    msg.get_attr = msg.nla.get
+    return msg
 
 
 _NH = struct.Struct("=H" + "".join(fmt for _name, fmt in nh.fields)).unpack_from  # rtnh_len first
@@ -421,37 +451,23 @@ class RtnlMarshal(MarshalRtnl):  # type: ignore[misc]
         self.fast = fast
 
     def get_parser(self, key: int, flags: int, sequence_number: int) -> Any:
-        parser = self._parser(key, flags, sequence_number)
+        if self.fast:
+            if key in (RTM_NEWROUTE, RTM_DELROUTE):
+                return FAST_ROUTES  # guards itself
+            if key in (RTM_NEWRULE, RTM_DELRULE):
+                return FAST_RULES
+        if key == NLMSG_DONE and not flags & NLM_F_ACK_TLVS:
+            parser = self._done
+        else:
+            parser = super().get_parser(key, flags, sequence_number)
 
         def guarded(data: bytes, offset: int, length: int) -> Message:
             try:
                 return parser(data, offset, length)
-            except (struct.error, IndexError, ValueError, KeyError, TypeError) as exc:
-                # pyroute2 raises on a truncated message: one bad message must not end a stream
-                header: dict[str, Any] = {
-                    "length": length,
-                    "type": key,
-                    "flags": flags,
-                    "sequence_number": sequence_number,
-                    "error": None,
-                    "undecodable": f"undecodable rtnetlink message type {key}: {exc}",
-                }
-                msg = FastMessage(header=header)
-                msg.nla = {}
-                msg.get_attr = msg.nla.get
-                return msg
+            except _DECODE_ERRORS as exc:  # pyroute2 raises on a truncated message
+                return undecodable(data, offset, length, exc)
 
         return guarded
-
-    def _parser(self, key: int, flags: int, sequence_number: int) -> Any:
-        if self.fast:
-            if key in (RTM_NEWROUTE, RTM_DELROUTE):
-                return FAST_ROUTES
-            if key in (RTM_NEWRULE, RTM_DELRULE):
-                return FAST_RULES
-        if key == NLMSG_DONE and not flags & NLM_F_ACK_TLVS:
-            return self._done
-        return super().get_parser(key, flags, sequence_number)
 
     @staticmethod
     def _done(data: bytes, offset: int, length: int) -> nlmsg:

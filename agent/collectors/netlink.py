@@ -194,7 +194,7 @@ def fill_rule(out: pb.Rule, msg: Message, names: IfNames) -> None:
         out.oif = value
     out.table = get("FRA_TABLE") or msg["table"]
     out.action = rtnl.rule_action_name(msg["action"])
-    out.invert = bool(msg["flags"] & FIB_RULE_INVERT)
+    out.invert = bool(msg["flags"] & rtnl.FIB_RULE_INVERT)
     value = get("FRA_GOTO")
     if value:
         out.goto = value
@@ -220,9 +220,6 @@ def fill_rule(out: pb.Rule, msg: Message, names: IfNames) -> None:
     if value:
         out.has_uid_range = True
         out.uid_start, out.uid_end = value["start"], value["end"]
-
-
-FIB_RULE_INVERT = 0x2  # fib_rules.h; pyroute2 0.9 names the bit only on the request side
 
 
 def fill_address(out: pb.Address, msg: Message, names: IfNames) -> None:
