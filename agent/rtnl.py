@@ -569,6 +569,22 @@ class RtnlSocket:
             )
         return bytes(self._view[:n])
 
+    def _recv_by(self, deadline: float, what: str, received: int) -> bytes:
+        """One datagram before ``deadline``, or a NetlinkError that says what did not come."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NetlinkError(
+                f"{what}: no end after {received} messages (timed out)", errno_mod.ETIMEDOUT
+            )
+        try:
+            return self._recv(remaining)
+        except TimeoutError as exc:
+            raise NetlinkError(
+                f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
+            ) from exc
+        except OSError as exc:
+            raise NetlinkError(f"{what}: recv failed: {exc.strerror}", exc.errno or 0) from exc
+
     def recv_datagram(self, timeout: float | None) -> list[Message]:
         """Read one datagram (one skb), decoded; raises TimeoutError, OSError (ENOBUFS)."""
         return list(self.marshal.parse(self._recv(timeout)))
@@ -591,17 +607,7 @@ class RtnlSocket:
         seq = self.send(msg, msg_type, flags)
         out: list[Message] = []
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NetlinkError(
-                    f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
-                )
-            try:
-                answers = self.recv_datagram(remaining)
-            except TimeoutError as exc:
-                raise NetlinkError(
-                    f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
-                ) from exc
+            answers = self.marshal.parse(self._recv_by(deadline, what, len(out)))
             for answer in answers:
                 if answer["header"]["sequence_number"] != seq:
                     continue
@@ -649,19 +655,7 @@ class RtnlSocket:
         interrupted = False
         total = 0
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NetlinkError(
-                    f"{what}: no end after {len(out)} messages (timed out)", errno_mod.ETIMEDOUT
-                )
-            try:
-                data = self._recv(remaining)
-            except TimeoutError as exc:
-                raise NetlinkError(
-                    f"{what}: the kernel did not answer in time", errno_mod.ETIMEDOUT
-                ) from exc
-            except OSError as exc:
-                raise NetlinkError(f"{what}: recv failed: {exc.strerror}", exc.errno or 0) from exc
+            data = self._recv_by(deadline, what, len(out))
             total += len(data)
             if total > max_bytes:
                 raise NetlinkError(f"{what}: answer exceeds {max_bytes} bytes")

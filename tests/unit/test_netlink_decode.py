@@ -720,3 +720,22 @@ def test_watcher_close_unblocks_a_reader() -> None:
 def test_watcher_rejects_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="unknown event kind"):
         NetlinkWatcher({"routes"})
+
+
+def test_request_returns_the_answer_or_the_kernels_reason() -> None:
+    """RouteGet's path: one request, one answer (or the errno and extended-ack text)."""
+    data = bytes.fromhex(DUMPS["routes4"][0])
+    route = data[: struct.unpack_from("=I", data)[0]]
+    kernel = FakeKernel([route])
+    answers = sock_of(kernel).request(
+        rtnl.RouteGetMessage(), RTM_GETROUTE, 1, timeout=1.0, what="route get"
+    )
+    assert [a["header"]["type"] for a in answers] == [RTM_NEWROUTE]
+    unreachable = struct.pack("=i", -errno.ENETUNREACH) + message(RTM_GETROUTE, b"\0" * 12, 1)
+    kernel = FakeKernel([message(NLMSG_ERROR, unreachable + attr(1, b"no route\0"), 0x200)])
+    with pytest.raises(
+        rtnl.NetlinkError, match=r"^route get: Network is unreachable \(no route\)$"
+    ):
+        sock_of(kernel).request(rtmsg(), RTM_GETROUTE, 1, timeout=1.0, what="route get")
+    with pytest.raises(rtnl.NetlinkError, match="did not answer"):
+        sock_of(FakeKernel([])).request(rtmsg(), RTM_GETROUTE, 1, timeout=0.2, what="route get")
