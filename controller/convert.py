@@ -111,7 +111,11 @@ def snapshot_from_proto(
         taken_unix_ns=snap.taken_unix_ns,
         sections=tuple(
             SectionStatus(
-                name=s.name, state=_SECTION_STATES.get(s.state, "UNSPECIFIED"), message=s.message
+                name=s.name,
+                state=_SECTION_STATES.get(s.state, "UNSPECIFIED"),
+                message=s.message,
+                container=s.container,
+                source=s.source,
             )
             for s in snap.sections
         ),

@@ -42,6 +42,8 @@ class SectionStatus:
     name: str
     state: SectionState
     message: str = ""
+    container: str = ""  # the pod's container it came from ("" pod-wide or unknown)
+    source: str = ""  # how and where the agent read it
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,11 +186,15 @@ def render_snapshot_table(item: PodSnapshot, sections: Iterable[str] = SECTION_K
             continue
         state = pb.SectionStatus.State.Name(st.state)
         header = f"-- {section}"
+        if st.container:
+            header += f" [container {st.container}]"
         if st.state != pb.SectionStatus.OK:
             lines.append(f"{header}: {state}: {st.message}")
             continue
         body = _section_lines(snap, section)
         lines.append(f"{header} ({len(body)})" if body else f"{header}: (empty)")
+        if section in ("bird", "nfqlb", "processes") and st.source:
+            lines.append(f"  from {st.source}")
         lines.extend(body)
     return "\n".join(lines)
 
@@ -277,7 +281,7 @@ def _section_lines(snap: pb.Snapshot, section: str) -> list[str]:
         return out
     if section == "nfqlb":
         n = snap.nfqlb
-        out = [f"  nfqlb pid {n.pid}: {' '.join(n.cmdline)}"]
+        out = [f"  nfqlb pid {n.pid}: {' '.join(n.cmdline)}"] if n.pid else []
         for f in n.flows:
             out.append(
                 f"  flow {f.name} prio {f.priority} {','.join(f.protocols)} dsts {','.join(f.dests)} "

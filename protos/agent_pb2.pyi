@@ -168,10 +168,20 @@ class SectionStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___SectionStatus.State.ValueType
     message: _builtins.str
     duration_ms: _builtins.float
+    container: _builtins.str
+    """Which container of the pod the section came from: the agent's target container
+    (whose PID namespace it shares) for processes, bird and an nfqlb it sees; the
+    container that serves a pod-wide resource when the agent reaches it from outside
+    (nfqlb through @nfqlb and /dev/shm), "" when unknown or pod-wide (netns sections).
+    """
+    source: _builtins.str
+    """how and where it was read, one line"""
     def __init__(
         self,
         *,
@@ -179,10 +189,12 @@ class SectionStatus(_message.Message):
         state: Global___SectionStatus.State.ValueType = ...,
         message: _builtins.str = ...,
         duration_ms: _builtins.float = ...,
+        container: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "message", b"message", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "duration_ms", b"duration_ms", "message", b"message", "name", b"name", "source", b"source", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

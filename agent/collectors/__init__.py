@@ -13,6 +13,7 @@ come back.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -34,6 +35,55 @@ SECTIONS: tuple[str, ...] = (
     "bird",
     "nfqlb",
 )
+
+
+# Sections read from the pod's network namespace, which all its containers share.
+_POD_WIDE = frozenset(
+    {"links", "addresses", "rules", "routes", "neighbours", "fdb", "sysctls", "nftables", "sockets"}
+)
+
+
+def target_container() -> str:
+    """The container whose PID namespace the agent shares ('' when the runtime did not say).
+
+    The runtime sets it (agent/ephemeral.py TARGET_CONTAINER_ENV): an agent cannot
+    learn its target container's name from inside.
+    """
+    from meridio_debug.agent.ephemeral import TARGET_CONTAINER_ENV
+
+    return os.environ.get(TARGET_CONTAINER_ENV, "")
+
+
+def pod_containers() -> tuple[str, ...]:
+    """The pod's container names, when the runtime passed them."""
+    from meridio_debug.agent.ephemeral import POD_CONTAINERS_ENV
+
+    return tuple(c for c in os.environ.get(POD_CONTAINERS_ENV, "").split(",") if c)
+
+
+def where_processes() -> str:
+    """'container frontend's PID namespace' (or the agent's own), for messages."""
+    name = target_container()
+    return f"container {name}'s PID namespace" if name else "the agent's PID namespace"
+
+
+def attribute(snap: pb.Snapshot, section: str, container: str, source: str) -> None:
+    """Record which container ``section`` came from and how (see SectionStatus)."""
+    for status in reversed(snap.sections):
+        if status.name == section:
+            status.container = container
+            status.source = source
+            return
+
+
+def _default_source(status: pb.SectionStatus) -> None:
+    if status.source:
+        return
+    if status.name in _POD_WIDE:
+        status.source = "the pod's network namespace (shared by all its containers)"
+    elif status.name == "processes":
+        status.container = target_container()
+        status.source = f"/proc of {where_processes()}"
 
 
 class Collector(Protocol):
@@ -91,4 +141,5 @@ def _run(collectors: Iterable[Collector], snap: pb.Snapshot, wanted: set[str]) -
             status.message = describe_error(exc)
         else:
             status.state = pb.SectionStatus.OK
+        _default_source(status)
         status.duration_ms = (time.perf_counter() - start) * 1000.0

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from meridio_debug.agent.collectors import attribute, target_container, where_processes
 from meridio_debug.agent.collectors.procs import (
     PROC,
     find_program,
@@ -43,7 +44,7 @@ from meridio_debug.agent.errors import CollectorError, SectionAbsent
 from meridio_debug.protos import agent_pb2 as pb
 
 DEFAULT_SOCKETS = ("/var/run/bird/bird.ctl", "/run/bird/bird.ctl")
-NO_BIRD = "no bird process in this pod's network namespace"
+NO_BIRD = "no bird process"
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
@@ -410,13 +411,16 @@ class BirdCollector:
         except CollectorError as exc:
             return False, str(exc)
         if not birds:
-            return False, NO_BIRD
+            return False, f"{NO_BIRD} in {where_processes()}"
         return True, f"bird pid {birds[0].pid}"
 
     def collect(self, snap: pb.Snapshot) -> None:
         birds = find_bird_processes(self._proc)
         if not birds:
-            raise SectionAbsent(NO_BIRD)
+            raise SectionAbsent(
+                f"{NO_BIRD} in {where_processes()} (looked for a process named bird "
+                f"in {self._proc} sharing this pod's network namespace)"
+            )
         bird = birds[0]
         argv = process_argv(bird)
         tried: list[str] = []
@@ -434,6 +438,12 @@ class BirdCollector:
             out.config_file = option_value(argv, "-c") or ""
             out.protocols.extend(state.protocols)
             out.bfd_sessions.extend(state.sessions)
+            attribute(
+                snap,
+                self.name,
+                target_container(),
+                f"bird pid {bird.pid} in {where_processes()}, control socket {path}",
+            )
             return
         raise CollectorError(
             f"bird pid {bird.pid} runs but its control socket is unreachable; tried "

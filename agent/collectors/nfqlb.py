@@ -26,7 +26,20 @@ How it reads, without changing anything:
 nfqlb prints IPv4 CIDRs as IPv4-mapped IPv6 (``::ffff:20.0.0.1/128``, from
 ``flow.c``); they are normalised to ``20.0.0.1/32`` here, once.
 
-The lab marks with nftables instead of nfqlb, so there this section is ABSENT.
+Where nfqlb is, seen from an ephemeral container: in Meridio's LB/FE pod nfqlb
+runs in ``stateless-lb`` and the agent targets ``frontend`` (for bird), so
+the nfqlb *process* is in another PID namespace and invisible. What the pod
+shares is enough: the abstract socket ``@nfqlb`` is scoped to the network
+namespace (flows and their counters, ``action:list``), and /dev/shm is the
+pod's (the Maglev tables, decoded). So without a visible process the section
+is read from those two, and says so (``SectionStatus.source``); the container
+is named after Meridio's pod template (``stateless-lb``, legacy
+``load-balancer``) when the runtime told the agent the pod's containers.
+Lost that way: nfqlb's pid and command line, and an ``NFQLB_FLOW_ADDRESS``
+override in its environment (Meridio sets none). A second agent injected
+into ``stateless-lb`` would see the process, at the price of a second
+ephemeral container per pod, which can never be removed: not worth it for
+two fields.
 """
 
 from __future__ import annotations
@@ -44,6 +57,12 @@ from typing import Any
 
 import psutil
 
+from meridio_debug.agent.collectors import (
+    attribute,
+    pod_containers,
+    target_container,
+    where_processes,
+)
 from meridio_debug.agent.collectors.procs import (
     PROC,
     CommandResult,
@@ -54,7 +73,8 @@ from meridio_debug.agent.collectors.procs import (
 from meridio_debug.agent.errors import CollectorError, SectionAbsent
 from meridio_debug.protos import agent_pb2 as pb
 
-NO_NFQLB = "nfqlb not running (expected in the lab, which marks with nftables)"
+NO_NFQLB = "nfqlb not running"
+NFQLB_CONTAINERS = ("stateless-lb", "load-balancer")  # Meridio's, and the legacy Helm chart's
 DEFAULT_FLOW_SOCKET = "nfqlb"  # abstract: "@nfqlb"
 SHM_PREFIX = "tshm-"
 MAX_OUTPUT_BYTES = 8 * 1024 * 1024
@@ -276,6 +296,37 @@ def flow_socket_name(environ: dict[str, str]) -> str | None:
     return None
 
 
+def abstract_listening(name: str, proc: str = PROC) -> bool:
+    """Whether a unix socket ``@name`` listens in this network namespace (``/proc/net/unix``).
+
+    Abstract sockets live in the network namespace, so this sees nfqlb's
+    flow socket from any container of the pod. Listening: flag __SO_ACCEPTCON.
+    """
+    try:
+        with open(f"{proc}/net/unix") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == f"@{name}" and int(fields[3], 16) & 0x10000:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def pod_shm_names(flows: Sequence[pb.NfqlbFlow], shm_dir: str = "/dev/shm") -> list[str]:
+    """``tshm-*`` in the pod's /dev/shm (the agent's own, in an ephemeral container) plus user_refs."""
+    names = {f.user_ref for f in flows if f.user_ref and f.user_ref != "NULL"}
+    with contextlib.suppress(OSError):
+        names.update(e for e in os.listdir(shm_dir) if e.startswith(SHM_PREFIX))
+    return sorted(names)[:MAX_SHMS]
+
+
+def nfqlb_container() -> str:
+    """The pod's container that runs nfqlb by Meridio's pod layout ('' when not known)."""
+    return next((c for c in NFQLB_CONTAINERS if c in pod_containers()), "")
+
+
 def request_flow_list(name: str = DEFAULT_FLOW_SOCKET, timeout: float = 3.0) -> str:
     """``nfqlb flow-list`` without the binary: one request on the abstract socket."""
     deadline = time.monotonic() + timeout
@@ -381,9 +432,17 @@ class NfqlbCollector:
             found = find_nfqlb_processes(self._proc)
         except CollectorError as exc:
             return False, str(exc)
-        if not found:
-            return False, NO_NFQLB
-        return True, f"nfqlb pid {found[0].pid}"
+        if found:
+            return True, f"nfqlb pid {found[0].pid}"
+        if abstract_listening(DEFAULT_FLOW_SOCKET, self._proc):
+            return True, f"@{DEFAULT_FLOW_SOCKET} listens (nfqlb in another container)"
+        return False, f"{NO_NFQLB}: {self._not_found()}"
+
+    def _not_found(self) -> str:
+        return (
+            f"no nfqlb process in {where_processes()}, nothing listening on "
+            f"@{DEFAULT_FLOW_SOCKET} in the pod's network namespace"
+        )
 
     @staticmethod
     def _env(p: psutil.Process) -> dict[str, str]:
@@ -434,11 +493,54 @@ class NfqlbCollector:
             return decode_shm(data, name)
         raise CollectorError(f"cannot read nfqlb shm {name}: " + "; ".join(problems))
 
+    def _collect_pod_wide(self, snap: pb.Snapshot) -> None:
+        """nfqlb in another container: its flow socket and the pod's /dev/shm (module docstring)."""
+        listening = abstract_listening(DEFAULT_FLOW_SOCKET, self._proc)
+        shms = pod_shm_names([])
+        if not listening and not shms:
+            raise SectionAbsent(f"{NO_NFQLB}: {self._not_found()}, no {SHM_PREFIX}* in /dev/shm")
+        attribute(
+            snap,
+            self.name,
+            nfqlb_container(),
+            f"the pod's @{DEFAULT_FLOW_SOCKET} socket (flow-list) and /dev/shm (tshm-* decoded); "
+            f"the nfqlb process is in another container, not in {where_processes()}",
+        )
+        out = snap.nfqlb
+        problems: list[str] = []
+        flows: list[pb.NfqlbFlow] = []
+        if listening:
+            try:
+                flows = parse_flow_list(request_flow_list(DEFAULT_FLOW_SOCKET, self._timeout))
+            except OSError as exc:
+                problems.append(f"@{DEFAULT_FLOW_SOCKET}: {exc.strerror or exc}")
+        else:
+            problems.append(
+                f"/dev/shm has {', '.join(shms)} but nothing listens on @{DEFAULT_FLOW_SOCKET} "
+                "in the pod's network namespace: nfqlb flowlb is not running"
+            )
+        out.flows.extend(flows)
+        for name in pod_shm_names(flows):
+            try:
+                with open(f"/dev/shm/{name}", "rb") as f:
+                    out.shms.append(decode_shm(f.read(MAX_OUTPUT_BYTES), name))
+            except (OSError, CollectorError) as exc:
+                problems.append(f"/dev/shm/{name}: {getattr(exc, 'strerror', None) or exc}")
+        if problems:
+            raise CollectorError("; ".join(problems))
+
     def collect(self, snap: pb.Snapshot) -> None:
         found = find_nfqlb_processes(self._proc)
         if not found:
-            raise SectionAbsent(NO_NFQLB)
+            self._collect_pod_wide(snap)
+            return
         lb = found[0]
+        attribute(
+            snap,
+            self.name,
+            target_container(),
+            f"nfqlb pid {lb.pid} in {where_processes()} (its binary, flow socket and /dev/shm)",
+        )
         runner = _Runner(
             lb.pid, self._env(lb), timeout=self._timeout, budget=self._budget, proc=self._proc
         )

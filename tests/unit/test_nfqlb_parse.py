@@ -395,6 +395,11 @@ def test_shm_names_include_flow_user_refs(tmp_path):
 
 def test_collector_absent_without_nfqlb():
     collector = nfqlb.NfqlbCollector()
-    assert collector.available() == (False, nfqlb.NO_NFQLB)
-    with pytest.raises(SectionAbsent, match="nfqlb not running"):
+    ok, reason = collector.available()
+    assert not ok
+    assert reason.startswith(nfqlb.NO_NFQLB) and "@nfqlb" in reason
+    with pytest.raises(SectionAbsent, match="nfqlb not running") as info:
         collector.collect(pb.Snapshot())
+    # What was looked for and where: the process, the netns socket, the pod's /dev/shm.
+    for where in ("PID namespace", "@nfqlb", "/dev/shm"):
+        assert where in str(info.value)
