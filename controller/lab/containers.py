@@ -193,3 +193,21 @@ def alive_and_ours(pid: int, directory: Path, key: str | None = None) -> bool:
     if key is not None:
         return found == key
     return found.startswith(f"{directory}/")
+
+
+def find_container(netns: str, container: str) -> tuple[int, Path] | None:
+    """(PID 1, the pod's shm directory) of the lab container ``container`` in namespace ``netns``.
+
+    For code that starts agents in lab pods from a pod name alone (the stand-in
+    kubelet of tests/cluster, which knows the namespace and the
+    ``targetContainerName``). None when no such container runs.
+    """
+    for pid in sorted(system.pids_in_namespaces([netns])):
+        found = container_marker_of(pid)
+        if found is None or not system.pid_alive(pid):
+            continue
+        rest, _, name = found.rpartition("/")
+        directory, _, pod = rest.rpartition("/")
+        if name == container:
+            return pid, shm_dir(Path(directory), pod)
+    return None

@@ -24,7 +24,9 @@ real server does it:
   the connection is made *inside the pod's network namespace* (setns in a
   short-lived thread), so the client reaches the agent on 127.0.0.1 there;
 - a kubelet: adding an ephemeral container starts the real agent in the
-  pod's lab namespace (``nsenter --net``) with the container's args and env,
+  pod's lab pod as the kubelet would (``python -m meridio_debug.agent.ephemeral``:
+  the netns, only the ``targetContainerName`` container's PID namespace, a
+  mount namespace of its own) with the container's args and env,
   and reports ``ephemeralContainerStatuses`` (waiting/running/terminated);
   images in ``bad_images`` fail with ErrImagePull then ImagePullBackOff,
   images in ``stuck_images`` stay ContainerCreating. Pod IPs are loopback
@@ -43,7 +45,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from meridio_debug.controller.lab.containers import find_container
+
+# Legacy (Helm) container names of the pods made from the lab -> the lab's containers.
+LAB_CONTAINER = {"fe": "frontend", "load-balancer": "stateless-lb"}
 
 CLONE_NEWNET = 0x40000000
 TOKEN = "stand-in-token"
@@ -781,16 +787,14 @@ class StandInApiServer:
             re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
             for a in c.get("args") or []
         ]
-        nsenter = shutil.which("nsenter") or "nsenter"
-        argv = [
-            nsenter,
-            f"--net=/run/netns/{netns}",
-            "--",
-            self.python,
-            "-m",
-            "meridio_debug.agent.main",
-            *args,
-        ]
+        # As the kubelet starts an ephemeral container with targetContainerName: the pod's
+        # netns, only the target container's PID namespace, a mount namespace of its own.
+        argv = [self.python, "-m", "meridio_debug.agent.ephemeral", f"--netns=/run/netns/{netns}"]
+        target = c.get("targetContainerName") or ""
+        found = find_container(str(netns), LAB_CONTAINER.get(target, target)) if target else None
+        if found is not None:
+            argv += [f"--target-pid={found[0]}", f"--shm={found[1]}", f"--container={target}"]
+        argv += ["--", *args]
         with open(self._log_path(key, name), "wb") as log_file:  # the child keeps its own fd
             proc = subprocess.Popen(
                 argv,
