@@ -114,14 +114,19 @@ def _intermediate(c: dict[str, Any], out_w: int) -> None:
     os._exit(0)
 
 
-def start(c: dict[str, Any]) -> dict[str, Any]:
-    """Start one container; its PID 1's host pid, or an error."""
+def launch(c: dict[str, Any]) -> tuple[int, int]:
+    """Fork the intermediate child of one container; (its pid, the pipe its answer comes on)."""
     out_r, out_w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(out_r)
         _intermediate(c, out_w)
     os.close(out_w)
+    return child, out_r
+
+
+def answer(child: int, out_r: int) -> dict[str, Any]:
+    """The container's PID 1 host pid, or an error, once its intermediate child is done."""
     chunks = []
     while chunk := os.read(out_r, 4096):
         chunks.append(chunk)
@@ -137,7 +142,10 @@ def start(c: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     containers = json.load(sys.stdin)
     sys.stdout.flush()
-    replies = [start(c) for c in containers]
+    # All intermediates first, then the answers: the containers start concurrently
+    # (93 of a 4x4x10 lab: 1.3 s one after the other).
+    started = [launch(c) for c in containers]
+    replies = [answer(child, out_r) for child, out_r in started]
     sys.stdout.write(json.dumps(replies) + "\n")
     return 0
 
