@@ -494,16 +494,26 @@ class NfqlbCollector:
         raise CollectorError(f"cannot read nfqlb shm {name}: " + "; ".join(problems))
 
     def _collect_pod_wide(self, snap: pb.Snapshot) -> None:
-        """nfqlb in another container: its flow socket and the pod's /dev/shm (module docstring)."""
+        """nfqlb in another container: its flow socket and the pod's /dev/shm (module docstring).
+
+        /dev/shm is the pod's only when the agent runs as a container of the pod (the
+        runtime named its target container); an agent that only entered a network
+        namespace sees the host's /dev/shm, which says nothing about this namespace.
+        """
+        in_pod = bool(target_container())
         listening = abstract_listening(DEFAULT_FLOW_SOCKET, self._proc)
-        shms = pod_shm_names([])
+        shms = pod_shm_names([]) if in_pod else []
         if not listening and not shms:
-            raise SectionAbsent(f"{NO_NFQLB}: {self._not_found()}, no {SHM_PREFIX}* in /dev/shm")
+            shm_note = f", no {SHM_PREFIX}* in /dev/shm" if in_pod else ""
+            raise SectionAbsent(f"{NO_NFQLB}: {self._not_found()}{shm_note}")
+        tables = (
+            "/dev/shm (tshm-* decoded)" if in_pod else "no Maglev tables (/dev/shm is the host's)"
+        )
         attribute(
             snap,
             self.name,
             nfqlb_container(),
-            f"the pod's @{DEFAULT_FLOW_SOCKET} socket (flow-list) and /dev/shm (tshm-* decoded); "
+            f"the pod's @{DEFAULT_FLOW_SOCKET} socket (flow-list) and {tables}; "
             f"the nfqlb process is in another container, not in {where_processes()}",
         )
         out = snap.nfqlb
@@ -520,7 +530,7 @@ class NfqlbCollector:
                 "in the pod's network namespace: nfqlb flowlb is not running"
             )
         out.flows.extend(flows)
-        for name in pod_shm_names(flows):
+        for name in pod_shm_names(flows) if in_pod else []:
             try:
                 with open(f"/dev/shm/{name}", "rb") as f:
                     out.shms.append(decode_shm(f.read(MAX_OUTPUT_BYTES), name))

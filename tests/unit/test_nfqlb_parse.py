@@ -400,6 +400,7 @@ def test_collector_absent_without_nfqlb():
     assert reason.startswith(nfqlb.NO_NFQLB) and "@nfqlb" in reason
     with pytest.raises(SectionAbsent, match="nfqlb not running") as info:
         collector.collect(pb.Snapshot())
-    # What was looked for and where: the process, the netns socket, the pod's /dev/shm.
-    for where in ("PID namespace", "@nfqlb", "/dev/shm"):
+    # What was looked for and where: the process, the netns-scoped socket. (/dev/shm is
+    # only the pod's when the agent runs as a container of it: then it is looked at too.)
+    for where in ("agent's PID namespace", "@nfqlb in the pod's network namespace"):
         assert where in str(info.value)
