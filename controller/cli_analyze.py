@@ -169,9 +169,34 @@ def _evidence(args: argparse.Namespace) -> Evidence:
             log_bytes=args.log_bytes,
             since_unix=args.since_ns / 1e9 if getattr(args, "since_ns", 0) else 0.0,
         )
-        return asyncio.run(gather_async(runtime, None, f"namespace {runtime.namespace}", health))
+        intent = None if getattr(args, "config", None) else cluster_config(runtime)
+        return asyncio.run(gather_async(runtime, intent, f"namespace {runtime.namespace}", health))
     where = args.netns or [f"pid:{p}" for p in args.netns_pid]
     return gather(runtime, None, f"netns {','.join(map(str, where))}")
+
+
+def cluster_config(runtime: Any) -> TrenchConfig | None:
+    """The trench's Meridio objects read from the cluster (CRs, else the ConfigMap).
+
+    Which trench: --trench, else the one the discovered pods name; several trenches
+    in one namespace without --trench: not guessed (the MDB6xx checks do not run).
+    """
+    trenches = {p.trench for p in runtime.meridio_pods() if p.trench}
+    trench = runtime.opts.trench or (trenches.pop() if len(trenches) == 1 else "")
+    if not trench:
+        print(
+            "meridio-debug: configuration not read (no single trench; give --trench); "
+            "MDB6xx checks skipped",
+            file=sys.stderr,
+        )
+        return None
+    meridio, why = runtime.read_config(trench)
+    if meridio is None:
+        print(
+            f"meridio-debug: configuration not read: {why}; MDB6xx checks skipped", file=sys.stderr
+        )
+        return TrenchConfig(name=trench)
+    return TrenchConfig(name=trench, vips=tuple(v.address for v in meridio.vips), meridio=meridio)
 
 
 def cluster_flags(args: argparse.Namespace) -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from meridio_debug.controller.errors import MeridioDebugError
+from meridio_debug.controller.model import TrenchConfig
 
 EPILOG = """environment (as Meridio's test.sh passes it to log_collector.sh):
   OUTPUT_PATH       directory for the files (default ./_output)
@@ -102,10 +103,12 @@ def _gather(args: argparse.Namespace) -> Any:
     from meridio_debug.controller.bundle import Evidence
     from meridio_debug.controller.cli_analyze import (
         HealthOptions,
+        cluster_config,
         gather_async,
         lab_evidence_source,
     )
 
+    config: TrenchConfig | None = None
     try:
         if args.lab:
             runtime, config, source = lab_evidence_source(args.prefix, [])
@@ -114,7 +117,8 @@ def _gather(args: argparse.Namespace) -> Any:
 
             if not args.namespace and os.environ.get("EXEC_NAMESPACE"):
                 args.namespace = os.environ["EXEC_NAMESPACE"]
-            runtime, config = cluster_runtime(args, progress=False), None
+            runtime = cluster_runtime(args, progress=False)
+            config = cluster_config(runtime)
             source = f"namespace {runtime.namespace}"
 
         since = int(args.spec_start_ns) / 1e9 if args.spec_start_ns.isdigit() else 0.0

@@ -77,7 +77,7 @@ def lab_config(spec: LabSpec, source: str = "") -> MeridioConfig:
             CfgFlow(
                 name=spec.flow,
                 stream=spec.stream,
-                priority=1,
+                priority=int(getattr(spec, "flow_priority", 1)),
                 vips=(vip4, vip6),
                 source_subnets=("0.0.0.0/0", "::/0"),
                 source_ports=("any",),

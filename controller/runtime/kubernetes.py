@@ -446,6 +446,69 @@ class KubernetesRuntime:
             timings=tuple(sorted(timings.items())),
         )
 
+    # --- the trench's configuration (analysis/config.py) -------------------------------------
+
+    _MERIDIO_PLURALS = (
+        ("Trench", "trenches"),
+        ("Conduit", "conduits"),
+        ("Stream", "streams"),
+        ("Flow", "flows"),
+        ("Vip", "vips"),
+        ("Attractor", "attractors"),
+        ("Gateway", "gateways"),
+    )
+
+    def read_config(self, trench: str) -> tuple[Any, str]:
+        """The trench's Meridio configuration and where it came from, or (None, why not).
+
+        The CRs (group meridio.nordix.org/v1) first; without them (CRDs not installed: the
+        Helm deployment, or no right to list them) the operator's ConfigMap
+        ``meridio-configuration-<trench>``. Never raises for a missing or forbidden source:
+        the configuration checks then simply do not run, and the reason is returned.
+        """
+        from meridio_debug.controller.errors import ConfigError
+        from meridio_debug.controller.meridio_config import config_from_configmap, config_from_crs
+
+        custom = k8s_client.CustomObjectsApi(self._cluster.api)
+        docs: list[dict[str, Any]] = []
+        why = ""
+        try:
+            for kind, plural in self._MERIDIO_PLURALS:
+                resp = custom.list_namespaced_custom_object(
+                    "meridio.nordix.org",
+                    "v1",
+                    self.namespace,
+                    plural,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+                for item in self._json(resp).get("items", []):
+                    docs.append({**item, "kind": kind})
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            why = f"Meridio CRs: {self._error(exc, 'listing Meridio CRs')}"
+            docs = []
+        try:
+            if docs:
+                return config_from_crs(
+                    docs, trench, source=f"CRs in namespace {self.namespace}"
+                ), ""
+            name = f"meridio-configuration-{trench}"
+            try:
+                resp = self._core.read_namespaced_config_map(
+                    name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                )
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                return None, f"{why}; ConfigMap {name}: {self._error(exc, 'reading it')}".strip(
+                    "; "
+                )
+            data = self._json(resp).get("data") or {}
+            return config_from_configmap(
+                {str(k): str(v) for k, v in data.items()},
+                source=f"ConfigMap {self.namespace}/{name}",
+            ), ""
+        except ConfigError as exc:
+            return None, str(exc)
+
     # --- discovery --------------------------------------------------------------------------
 
     def meridio_pods(self) -> list[spec.MeridioPod]:
