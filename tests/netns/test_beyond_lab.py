@@ -84,15 +84,18 @@ def test_flow_ports_differing_from_the_lbs_nfqlb_flow_is_mdb602(
     if not flows:
         pytest.skip("the lab runs no real nfqlb yet (nft jhash marking): no flow to compare")
     flow = flows[0]
-    netns = lab.netns(lb)
+    # nfqlb's flow commands run where the LB's flowlb runs: its netns and mount ns (its shm)
+    from meridio_debug.controller.lab.prereq import find_nfqlb
+    from meridio_debug.controller.lab.state import read_state
+
+    state = read_state(lab.prefix)
+    assert state is not None
+    pid = next(p.pid for p in state.processes if p.kind == "nfqlb" and p.pod == lb)
+    enter = ["nsenter", f"--target={pid}", "--net", "--mount", "--", find_nfqlb()]
 
     def flow_set(ports: str) -> None:
         cmd = [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            "nfqlb",
+            *enter,
             "flow-set",
             f"--name={flow['name']}",
             f"--target={flow['user_ref']}",
