@@ -64,6 +64,7 @@ MS_PRIVATE = 1 << 18
 
 # The container the agent targets (its PID namespace), and the pod's containers
 # when the runtime knows them: the collectors say where each section came from.
+# (controller/runtime/k8s_spec.py sets the first in the ephemeral container's env.)
 TARGET_CONTAINER_ENV = "MERIDIO_DEBUG_TARGET_CONTAINER"
 POD_CONTAINERS_ENV = "MERIDIO_DEBUG_POD_CONTAINERS"
 

@@ -322,9 +322,20 @@ def pod_shm_names(flows: Sequence[pb.NfqlbFlow], shm_dir: str = "/dev/shm") -> l
     return sorted(names)[:MAX_SHMS]
 
 
+# Meridio's LB/FE pod: nfqlb's container beside the one an agent targets for bird.
+_NFQLB_BESIDE = {"frontend": "stateless-lb", "fe": "load-balancer"}
+
+
 def nfqlb_container() -> str:
-    """The pod's container that runs nfqlb by Meridio's pod layout ('' when not known)."""
-    return next((c for c in NFQLB_CONTAINERS if c in pod_containers()), "")
+    """The pod's container that runs nfqlb by Meridio's pod layout ('' when not known).
+
+    From the pod's container names when the runtime passed them, else from the
+    target's name (operator pods: frontend + stateless-lb; Helm: fe + load-balancer).
+    """
+    names = pod_containers()
+    if names:
+        return next((c for c in NFQLB_CONTAINERS if c in names), "")
+    return _NFQLB_BESIDE.get(target_container(), "")
 
 
 def request_flow_list(name: str = DEFAULT_FLOW_SOCKET, timeout: float = 3.0) -> str:

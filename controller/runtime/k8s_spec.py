@@ -248,6 +248,10 @@ def generation_of(name: str, key: str) -> int | None:
     return None
 
 
+# agent/ephemeral.py TARGET_CONTAINER_ENV (the controller does not import the agent).
+TARGET_CONTAINER_ENV = "MERIDIO_DEBUG_TARGET_CONTAINER"
+
+
 def agent_container(
     name: str,
     *,
@@ -292,10 +296,12 @@ def agent_container(
         "tty": False,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if env:
-        spec["env"] = env
     if target:
         spec["targetContainerName"] = target
+        # The agent cannot learn its target's name from inside; it puts it on its sections.
+        env.append({"name": TARGET_CONTAINER_ENV, "value": target})
+    if env:
+        spec["env"] = env
     return spec
 
 

@@ -113,7 +113,10 @@ def test_agent_container_has_only_allowed_fields_and_the_profile() -> None:
     assert s.port_of(c) == s.agent_port("meridio-debug-abc")
     assert "127.0.0.1" in c["args"][1]
     # port-forward mode too: the pod's containers share loopback, so the agent requires mTLS
-    assert c["env"] == [{"name": s.CLIENT_CA_ENV, "value": "PEM"}]
+    assert c["env"] == [
+        {"name": s.CLIENT_CA_ENV, "value": "PEM"},
+        {"name": s.TARGET_CONTAINER_ENV, "value": "frontend"},  # sections name it
+    ]
     assert "--tls-client-ca-env" in c["args"]
     p = s.agent_container(
         "n",

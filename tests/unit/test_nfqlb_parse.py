@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from meridio_debug.agent import ephemeral
 from meridio_debug.agent.collectors import nfqlb
 from meridio_debug.agent.errors import CollectorError, SectionAbsent
 from meridio_debug.protos import agent_pb2 as pb
@@ -404,3 +405,42 @@ def test_collector_absent_without_nfqlb():
     # only the pod's when the agent runs as a container of it: then it is looked at too.)
     for where in ("agent's PID namespace", "@nfqlb in the pod's network namespace"):
         assert where in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# nfqlb in another container of the pod
+
+
+UNIX = """\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 @nfqlb
+0000000000000000: 00000002 00000000 00000000 0001 03 4243 @nfqlb
+0000000000000000: 00000002 00000000 00010000 0001 01 4244 /run/bird.ctl
+"""
+
+
+def test_abstract_listening_reads_proc_net_unix(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "unix").write_text(UNIX)
+    assert nfqlb.abstract_listening("nfqlb", proc=str(tmp_path))
+    assert not nfqlb.abstract_listening("other", proc=str(tmp_path))
+    # A connected socket of that name is not a listener.
+    (tmp_path / "net" / "unix").write_text(UNIX.splitlines()[0] + "\n" + UNIX.splitlines()[2])
+    assert not nfqlb.abstract_listening("nfqlb", proc=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("target", "pod", "want"),
+    [
+        ("frontend", "", "stateless-lb"),
+        ("fe", "", "load-balancer"),
+        ("frontend", "stateless-lb,frontend,nsc", "stateless-lb"),
+        ("proxy", "", ""),
+        ("", "", ""),
+        ("frontend", "frontend,sidecar", ""),
+    ],
+)
+def test_nfqlb_container_by_meridios_pod_layout(monkeypatch, target, pod, want):
+    monkeypatch.setenv(ephemeral.TARGET_CONTAINER_ENV, target)
+    monkeypatch.setenv(ephemeral.POD_CONTAINERS_ENV, pod)
+    assert nfqlb.nfqlb_container() == want
