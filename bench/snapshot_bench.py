@@ -179,7 +179,8 @@ def measure_agent_start(ns: str, repeat: int = 5) -> str:
     snapshots: list[float] = []
     rss: list[float] = []
     for i in range(repeat):
-        path = f"/tmp/mdt-bench-{os.getpid()}-{i}.sock"
+        private = tempfile.mkdtemp(prefix="mdt-bench-")  # 0700: the agent refuses others
+        path = f"{private}/agent-{i}.sock"
         code = "import sys; from meridio_debug.agent.main import main; sys.exit(main())"
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-c", code, "--listen", f"unix:{path}",
                "--idle-timeout", "60", "--log-level", "WARNING"]  # fmt: skip
@@ -219,6 +220,7 @@ def measure_agent_start(ns: str, repeat: int = 5) -> str:
             if proc.stderr:
                 proc.stderr.close()
             Path(path).unlink(missing_ok=True)
+            Path(private).rmdir()
     return (
         f"{statistics.median(starts):.0f} ms median start-to-serving over {repeat} starts "
         f"(min {min(starts):.0f}, max {max(starts):.0f}; via `ip netns exec`); "

@@ -19,6 +19,8 @@ that says so, or no Packet.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
@@ -146,6 +148,20 @@ def _scapy() -> _Layers:
         Ether, Dot1Q, Dot1AD, ARP, IP, IPv6, TCP, UDP, ICMP, Raw,
         (IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, IPv6ExtHdrFragment, IPv6ExtHdrDestOpt),
     )  # fmt: skip
+
+
+def load_in_background() -> None:
+    """Import scapy in a daemon thread now, so the first dissection does not wait for it.
+
+    For callers that know they will dissect soon and have other waiting to do first (the
+    active trace: its static trace and captures take longer than the import).
+    """
+    threading.Thread(target=_load_quietly, name="scapy-import", daemon=True).start()
+
+
+def _load_quietly() -> None:
+    with contextlib.suppress(DissectionUnavailable):  # said again on the first dissection
+        _scapy()
 
 
 def _icmpv6_classes() -> list[Any]:

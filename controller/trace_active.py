@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
-from meridio_debug.controller.packets import decode
+from meridio_debug.controller.packets import decode, load_in_background
 from meridio_debug.controller.pcapng import Interface, Writer, flags_for
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.trace import Flow, TraceResult
@@ -248,6 +248,7 @@ async def active_trace_async(
     def lap(name: str) -> None:
         timings[name] = round((time.perf_counter() - t_start) * 1000.0, 1)
 
+    load_in_background()  # scapy, for decoding the captures, while the static trace runs
     shared = SharedRuntime(runtime)
     states: list[PodCapture] = []
     tasks: list[asyncio.Task[None]] = []

@@ -261,7 +261,7 @@ def test_fdb_decodes_like_bridge() -> None:
 
 def test_fast_parser_gives_what_pyroute2_gives() -> None:
     """The dump's parser hook yields, for every attribute it decodes, pyroute2's own value."""
-    for dump in ("routes4", "routes6", "rules4", "rules6"):
+    for dump in ("routes4", "routes6", "rules4", "rules6", "addresses", "neighbours", "fdb"):
         for generic, fast in zip(messages(dump), messages(dump, fast=True), strict=True):
             assert {k: generic[k] for k in fast if k != "header"} == {
                 k: v for k, v in fast.items() if k != "header"
