@@ -183,7 +183,7 @@ def render_svg(path: TracePath) -> str:
             color, marker = _OK, "ok"
         if pos[j] == pos[i]:
             continue
-        if abs(y0 - y1) > _BOX_H:  # the turn: forward row down to return row
+        if path.hops[j].direction != path.hops[i].direction:  # the turn: forward row to return
             sx, sy = x0 + _BOX_W / 2, y0 + _BOX_H
             ex, ey = x1 + _BOX_W / 2, y1
         elif x1 > x0:
@@ -277,7 +277,9 @@ def _hop_rows(path: TracePath) -> str:
 
 def render_html(result: TraceResult) -> str:
     """One self-contained page: verdict, the drawn path, hop table, other candidates."""
-    cls = {"whole": "whole", "degraded": "degraded"}.get(result.verdict, "broken")
+    cls = {"whole": "whole", "degraded": "degraded", "uncertain": "degraded"}.get(
+        result.verdict, "broken"
+    )
     verdict = f'<p class="verdict {cls}">{_esc(_verdict_text(result))}</p>'
     body = [f"<h1>meridio-debug trace: <code>{_esc(str(result.flow))}</code></h1>", verdict]
     body.extend(f"<p>{_esc(note)}</p>" for note in result.notes)

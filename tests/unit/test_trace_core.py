@@ -276,6 +276,10 @@ def test_a_broken_candidate_makes_the_verdict_uncertain_all_broken_make_it_broke
     assert (one.first_broken.pod, one.first_broken.direction) == ("lb-fe-b", "return")
     assert one.first_broken.code == "MDB103" and one.verdict == "uncertain"
     assert one.first_broken.reason.startswith("if the kernel picks lb-fe-b:")
+    from meridio_debug.controller.trace.render import render_html, render_table
+
+    assert "verdict  MAY BREAK (uncertain) at lb-fe-b (return) [MDB103]" in render_table(one)
+    assert 'class="verdict degraded">MAY BREAK' in render_html(one)
     state = with_pod(healthy, "lb-fe-b", _empty_egress(family))
     both = run(with_pod(state, "lb-fe-a", _empty_egress(family)), flow)
     assert both.first_broken is not None and both.first_broken.certain
@@ -342,3 +346,43 @@ def test_table_and_html_say_candidates_and_degraded(healthy: TrenchState) -> Non
     assert "verdict  whole for this flow, DEGRADED for others at" in table
     assert f"{proxy} (return) [MDB204]" in table and "BROKEN" not in table
     assert 'class="verdict degraded"' in render_html(degraded)
+
+
+@pytest.mark.parametrize(
+    ("flow", "policy", "exact"),
+    [
+        (FLOW6, "0", False),
+        (FLOW6, "1", False),
+        (FLOW4, "1", False),
+        (FLOW4, "0", True),
+        ("icmp 200.100.0.7 -> 20.0.0.1", "1", False),
+        ("icmp 200.100.0.7 -> 20.0.0.1", "0", True),
+    ],
+)
+def test_a_gateway_forwarding_a_clients_packets(
+    healthy: TrenchState, flow: str, policy: str, exact: bool
+) -> None:
+    """The client is not on the gateway: its ECMP hashes the client's packet (IPv6 flow
+    label; with policy 1 a NIC's hash) -- candidates, one forward branch per entry LB. The
+    gateway's own packets (the lab's clients) are hashed as route get hashes them: exact."""
+    client = parse_flow(flow).src
+    family = parse_flow(flow).family
+
+    def away(s: PodSnapshot) -> PodSnapshot:
+        sysctls = {**s.sysctls, f"net.ipv{family}.fib_multipath_hash_policy": policy}
+        return replace(
+            s, addresses=drop(s.addresses, lambda a: a.address == client), sysctls=sysctls
+        )
+
+    local = run(healthy, flow)
+    assert local.chosen is not None and not local.chosen.hops[0].candidates
+    result = run(with_pod(healthy, "gw", away), flow)
+    assert result.chosen is not None
+    gw = result.chosen.hops[0]
+    forward_lbs = [h for h in result.chosen.hops if h.role == "lb-fe" and h.direction == "forward"]
+    if exact:  # IPv4 with L3 hashing: the addresses only, like route get
+        assert not gw.candidates and len(forward_lbs) == 1
+    else:
+        assert gw.candidates == ("lb-fe-a", "lb-fe-b")
+        assert [h.via for h in forward_lbs] == ["lb-fe-a", "lb-fe-b"]
+        assert result.first_broken is None and result.verdict == "whole"
