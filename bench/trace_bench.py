@@ -92,7 +92,17 @@ async def main_async(prefix: str, repeats: int) -> int:
     wrong = [
         r
         for r in run100.results
-        if r.chosen is None or r.chosen.target != predict_target(spec, r.flow.src) or not r.ok
+        if r.chosen is None
+        or r.chosen.target
+        != predict_target(
+            spec,
+            r.flow.src,
+            dst_ip=r.flow.dst,
+            proto=r.flow.proto,
+            sport=r.flow.sport,
+            dport=r.flow.dport,
+        )
+        or not r.ok
     ]
     print(f"lab {prefix}: {len(runtime.pods())} pods, median of {repeats}")
     print(f"  baseline: warm snapshot of all pods        {base_ms:8.1f} ms   1.00x")

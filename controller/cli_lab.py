@@ -99,6 +99,13 @@ def add_parser(sub: Any) -> None:
         "--proxies", type=int, default=2, help="number of proxies, one per node (default 2)"
     )
     p.add_argument("--targets-per-proxy", type=int, default=2, help="targets per node (default 2)")
+    p.add_argument(
+        "--marking",
+        choices=["nfqlb", "nft-jhash"],
+        default="nfqlb",
+        help="how the LBs pick a target: real nfqlb as in Meridio (default), or an nft jhash "
+        "map (for kernels without NFQUEUE or hosts without nfqlb)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = labsub.add_parser("down", help="remove every namespace, process and file of the lab")
@@ -137,7 +144,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     try:  # sizes the address scheme cannot hold are usage errors, found before building
-        spec = lab.build_spec(args.prefix, args.lbs, args.proxies, args.targets_per_proxy)
+        spec = lab.build_spec(
+            args.prefix, args.lbs, args.proxies, args.targets_per_proxy, marking=args.marking
+        )
     except LabError as exc:
         raise UsageError(str(exc)) from None
     started = time.monotonic()

@@ -142,7 +142,14 @@ def snapshot_from_proto(
         ),
         nfqlb_flows=tuple(_nfqlb_flow(f) for f in snap.nfqlb.flows),
         nfqlb_shms=tuple(
-            NfqlbShm(name=s.name, m=s.m, n=s.n, active=tuple(a.fwmark for a in s.active))
+            NfqlbShm(
+                name=s.name,
+                m=s.m,
+                n=s.n,
+                active=tuple(a.fwmark for a in s.active),
+                indexes=tuple(a.index for a in s.active),
+                lookup=tuple(s.lookup),
+            )
             for s in snap.nfqlb.shms
         ),
     )
@@ -446,14 +453,14 @@ def nft_state_from_json(ruleset: Mapping[str, Any]) -> NftState:
                             **_hash_params(expr),
                         )
                     )
-                elif "queue" in expr:
+                elif "queue" in expr or _is_xt_nfqueue(expr):
                     queues.append(
                         NftQueueRule(
                             table=table,
                             chain=chain,
                             family=daddr_family,
                             vip_set=vip_set,
-                            queue=_queue_num(expr["queue"]),
+                            queue=_queue_num(expr.get("queue")),
                         )
                     )
     used_sets = {(m.table, m.vip_set) for m in mark_maps} | {(q.table, q.vip_set) for q in queues}
@@ -594,6 +601,12 @@ def _hash_params(expr: Mapping[str, Any]) -> dict[str, Any]:
                     entries.append((key, mark))
     out["entries"] = tuple(entries)
     return out
+
+
+def _is_xt_nfqueue(expr: Mapping[str, Any]) -> bool:
+    """The xtables NFQUEUE target through nft_compat (kernels without nft's queue expression)."""
+    xt = expr.get("xt")
+    return isinstance(xt, Mapping) and xt.get("type") == "target" and xt.get("name") == "NFQUEUE"
 
 
 def _queue_num(spec: Any) -> str:

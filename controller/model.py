@@ -349,6 +349,8 @@ class NfqlbShm:
     m: int = 0
     n: int = 0
     active: tuple[int, ...] = ()  # fwmarks of the active targets (Active: 5044(43) -> 5044)
+    indexes: tuple[int, ...] = ()  # their Maglev indexes, parallel to active (43)
+    lookup: tuple[int, ...] = ()  # the whole lookup table (index per slot) when the shm was read
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +394,7 @@ class NftQueueRule:
     chain: str
     family: int
     vip_set: str
-    queue: str  # "0-3", "0"
+    queue: str  # "0-3", "0"; "" for the xtables NFQUEUE target (nft does not print its queues)
 
 
 @dataclass(frozen=True, slots=True)

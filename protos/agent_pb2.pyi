@@ -1002,14 +1002,24 @@ class NfqlbShm(_message.Message):
     N_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    LOOKUP_FIELD_NUMBER: _builtins.int
+    OWN_FWMARK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """tshm-<stream>"""
     m: _builtins.int
     n: _builtins.int
     raw: _builtins.str
     """nfqlb show output as printed"""
+    own_fwmark: _builtins.int
+    """read from the shm file; empty when only `nfqlb show` was read
+    SharedData.ownFwmark (nfqlb init --ownfw)
+    """
     @_builtins.property
     def active(self) -> _containers.RepeatedCompositeFieldContainer[Global___NfqlbActive]: ...
+    @_builtins.property
+    def lookup(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the whole Maglev lookup table (index per slot, -1 none) when"""
+
     def __init__(
         self,
         *,
@@ -1018,10 +1028,12 @@ class NfqlbShm(_message.Message):
         n: _builtins.int = ...,
         active: _abc.Iterable[Global___NfqlbActive] | None = ...,
         raw: _builtins.str = ...,
+        lookup: _abc.Iterable[_builtins.int] | None = ...,
+        own_fwmark: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "m", b"m", "n", b"n", "name", b"name", "raw", b"raw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "lookup", b"lookup", "m", b"m", "n", b"n", "name", b"name", "own_fwmark", b"own_fwmark", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

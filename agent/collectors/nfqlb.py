@@ -15,13 +15,14 @@ How it reads, without changing anything:
   (``action:list`` / ``eoc:`` on the abstract unix socket ``@nfqlb``,
   nfqlb ``src/nfqlb/nfqlb.h``); abstract sockets are per network
   namespace, so the agent reaches the LB's from inside the pod's netns.
-* Maglev tables: ``nfqlb show --shm=NAME`` for every ``tshm-*`` in the LB's
-  ``/dev/shm`` (through ``/proc/PID/root``) and every ``user_ref`` of a flow.
-  When the binary cannot run, or ``show`` cannot see the shm (different
-  /dev/shm), the shm file is decoded directly (layout of nfqlb 1.x:
-  ``SharedData{int ownFwmark; int fwOffset;}`` followed by maglevdyn's
-  ``{unsigned M, N, len; int lookup[M]; int active[N];}``), after checking
-  that the sizes agree.
+* Maglev tables: every ``tshm-*`` in the LB's ``/dev/shm`` (through
+  ``/proc/PID/root``) and every ``user_ref`` of a flow. The shm file is decoded
+  directly (layout of nfqlb 1.2.0: ``SharedData{int ownFwmark;}`` followed by
+  maglevdyn's ``{unsigned M, N, len; int lookup[M]; unsigned perm[N][M];
+  int active[N];}``), after checking that the sizes agree: it gives the whole
+  lookup table, which the static trace needs to predict the target
+  (``nfqlb show`` prints 25 entries). When the file cannot be read,
+  ``nfqlb show --shm=NAME`` is parsed instead.
 
 nfqlb prints IPv4 CIDRs as IPv4-mapped IPv6 (``::ffff:20.0.0.1/128``, from
 ``flow.c``); they are normalised to ``20.0.0.1/32`` here, once.
@@ -78,6 +79,8 @@ NFQLB_CONTAINERS = ("stateless-lb", "load-balancer")  # Meridio's, and the legac
 DEFAULT_FLOW_SOCKET = "nfqlb"  # abstract: "@nfqlb"
 SHM_PREFIX = "tshm-"
 MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+# Meridio's largest stream (N=100, M=9973) takes 4 MB; nfqlb allows M up to 994009.
+MAX_SHM_BYTES = 64 * 1024 * 1024
 MAX_SHMS = 256
 
 _ACTIVE_TOKEN = re.compile(r"^(-?\d+)(?:\((\d+)\))?$")
@@ -201,31 +204,35 @@ def parse_show(text: str, name: str = "") -> pb.NfqlbShm:
 def decode_shm(data: bytes, name: str) -> pb.NfqlbShm:
     """Decode an nfqlb 1.x ``/dev/shm/tshm-*`` file (see the module docstring).
 
-    The ownFwmark/fwOffset header is 8 bytes in the 1.x sources; a 4-byte
-    header is tried as well. A layout is accepted only when maglevdyn's stored
-    length agrees with M and N and the tables fit in the file.
+    Layout (nfqlb 1.2.0 ``lib/nfqueue.h``, ``lib/maglevdyn.c``, native byte order):
+    ``int ownFwmark``, then maglevdyn's ``unsigned M, N, len`` and its memory: ``int
+    lookup[M]``, ``unsigned permutation[N][M]``, ``int active[N]``, where ``len`` (the size
+    ``init`` allotted) is ``12 + 4*(3 + M*N) + 4*(M + N)``. A layout is accepted only when
+    the stored length agrees with M and N and the tables fit in the file; every lookup entry
+    must be -1 or an index below N.
     """
-    for header in (8, 4):
-        if len(data) < header + 12:
-            continue
-        own = struct.unpack_from("=i", data, 0)[0]
-        m, n, length = struct.unpack_from("=III", data, header)
-        lookup_at = header + 12
-        active_at = lookup_at + 4 * m
-        # maglevdyn stores its own length: 12-byte header + 3 spare words + tables.
-        if not (m >= 3 and n <= m and length == 24 + 4 * (m + n)):
-            continue
-        if header + length > len(data):
-            continue
-        lookup = struct.unpack_from(f"={min(m, 25)}i", data, lookup_at)
-        active = struct.unpack_from(f"={n}i", data, active_at)
-        shm = pb.NfqlbShm(name=name, m=m, n=n)
-        shm.active.extend(
-            pb.NfqlbActive(fwmark=fw, index=i) for i, fw in enumerate(active) if fw >= 0
+    header = 4
+    if len(data) < header + 12:
+        raise CollectorError(f"{name}: not an nfqlb shared-memory layout ({len(data)} bytes)")
+    own = struct.unpack_from("=i", data, 0)[0]
+    m, n, length = struct.unpack_from("=III", data, header)
+    if not (3 <= m <= 994009 and 0 < n <= m and length == 12 + 4 * (3 + m * n) + 4 * (m + n)):
+        raise CollectorError(
+            f"{name}: not an nfqlb shared-memory layout this agent knows (M={m}, N={n}, len={length})"
         )
-        shm.raw = format_show(name, own, (m, n), list(lookup), shm.active)
-        return shm
-    raise CollectorError(f"{name}: not an nfqlb shared-memory layout this agent knows")
+    lookup_at = header + 12
+    active_at = lookup_at + 4 * m + 4 * m * n
+    if active_at + 4 * n > len(data):
+        raise CollectorError(f"{name}: truncated ({len(data)} bytes for M={m}, N={n})")
+    lookup = struct.unpack_from(f"={m}i", data, lookup_at)
+    if any(not -1 <= v < n for v in lookup):
+        raise CollectorError(f"{name}: lookup table holds indexes outside 0..{n - 1}")
+    active = struct.unpack_from(f"={n}i", data, active_at)
+    shm = pb.NfqlbShm(name=name, m=m, n=n, own_fwmark=own)
+    shm.active.extend(pb.NfqlbActive(fwmark=fw, index=i) for i, fw in enumerate(active) if fw >= 0)
+    shm.lookup.extend(lookup)
+    shm.raw = format_show(name, own, (m, n), list(lookup[:25]), shm.active)
+    return shm
 
 
 def format_show(
@@ -486,7 +493,25 @@ class NfqlbCollector:
         return parse_flow_list(text)
 
     def _shm(self, runner: _Runner, name: str) -> pb.NfqlbShm:
+        """The shm decoded from its file (the whole lookup table), else ``nfqlb show``.
+
+        The file is read through the LB's root (/proc/PID/root/dev/shm: the pod's /dev/shm
+        whatever mount namespace the agent is in); ``nfqlb show`` run by the agent sees its
+        own /dev/shm, which is the LB's only when they share it.
+        """
         problems: list[str] = []
+        for path in (f"{self._proc}/{runner.pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_SHM_BYTES)
+            except OSError as exc:
+                problems.append(f"{path}: {exc.strerror or exc}")
+                continue
+            try:
+                return decode_shm(data, name)
+            except CollectorError as exc:
+                problems.append(str(exc))
+                break
         try:
             result = runner.run(["show", f"--shm={name}"])
             if result.returncode == 0:
@@ -494,14 +519,6 @@ class NfqlbCollector:
             problems.append(f"nfqlb show: {result.stderr.strip() or result.returncode}")
         except CollectorError as exc:
             problems.append(str(exc))
-        for path in (f"{self._proc}/{runner.pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(MAX_OUTPUT_BYTES)
-            except OSError as exc:
-                problems.append(f"{path}: {exc.strerror or exc}")
-                continue
-            return decode_shm(data, name)
         raise CollectorError(f"cannot read nfqlb shm {name}: " + "; ".join(problems))
 
     def _collect_pod_wide(self, snap: pb.Snapshot) -> None:
@@ -544,7 +561,7 @@ class NfqlbCollector:
         for name in pod_shm_names(flows) if in_pod else []:
             try:
                 with open(f"/dev/shm/{name}", "rb") as f:
-                    out.shms.append(decode_shm(f.read(MAX_OUTPUT_BYTES), name))
+                    out.shms.append(decode_shm(f.read(MAX_SHM_BYTES), name))
             except (OSError, CollectorError) as exc:
                 problems.append(f"/dev/shm/{name}: {getattr(exc, 'strerror', None) or exc}")
         if problems:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")
 TARGET_MODULE = "meridio_debug.controller.lab.target_server"
 CLIENT_MODULE = "meridio_debug.controller.lab.traffic_client"
+NFT_QUEUE_MODULE = "meridio_debug.controller.lab.nft_queue"
 # The pod names build_spec makes; with the exact prefix in front they find a
 # lab's namespaces when its lab.json is gone (a crashed or foreign run).
 _POD_NAME_RE = re.compile(r"gw|lb-fe-[a-z]|proxy-[a-z]|target-[a-z][0-9]+")

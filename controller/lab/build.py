@@ -14,6 +14,10 @@ Why this shape:
   all there it returns without touching anything; a half-built or broken
   one (namespace gone, bird dead, ``up`` interrupted) is removed and built
   again, which is quicker and more predictable than repairing in place.
+- With nfqlb (the default) the ``stateless-lb`` container of each LB/FE pod runs ``nfqlb
+  flowlb`` as Meridio's stateless-lb does (PID 1 of the container); the stream's shm, its
+  targets and the trench's flow are then configured by ``nfqlb`` commands run inside that
+  container (``_configure_nfqlb``), in the pod's /dev/shm.
 - ``up`` returns once traffic can flow: BGP Established and BFD Up on every FE, the
   FEs' egress defaults in table 4096 and the gateway's VIP routes via every
   FE. Right after ``up``, ``traffic`` works.
@@ -31,7 +35,12 @@ from meridio_debug.controller.errors import LabError
 from meridio_debug.controller.lab import _system as system
 from meridio_debug.controller.lab import containers, render
 from meridio_debug.controller.lab.containers import ContainerSpec
-from meridio_debug.controller.lab.prereq import Tools, check_prerequisites, check_root_and_ip
+from meridio_debug.controller.lab.prereq import (
+    NFQLB_HINT,
+    Tools,
+    check_prerequisites,
+    check_root_and_ip,
+)
 from meridio_debug.controller.lab.spec import LabSpec, Pod, check_prefix
 from meridio_debug.controller.lab.state import (
     STATE_ROOT,
@@ -238,18 +247,15 @@ def _build(spec: LabSpec, tools: Tools, root: Path, ready_timeout: float) -> Non
                 )
 
     system.parallel(configure, plans)
-    ruleset = render.nft_ruleset(spec)
-    (directory / "lb.nft").write_text(ruleset)
-
-    def load_nft(netns: str) -> None:
-        argv = [tools.ip, "netns", "exec", netns, tools.nft, "-f", "-"]
-        system.run(argv, what=f"nftables of {netns}", stdin=ruleset)
-
-    system.parallel(load_nft, [spec.netns(f.pod) for f in spec.frontends])
+    _load_nft(spec, tools, directory)
     log.debug("namespaces configured in %.2f s", time.monotonic() - t0)
 
     records = _start_containers(spec, tools, root)
     log.debug("containers started at %.2f s", time.monotonic() - t0)
+    system.parallel(
+        lambda r: _configure_nfqlb(spec, tools, r), [r for r in records if r.kind == "nfqlb"]
+    )
+    log.debug("nfqlb configured at %.2f s", time.monotonic() - t0)
 
     _wait_ready(spec, tools, root, ready_timeout)
     write_state(LabState(spec=spec, processes=tuple(records), complete=True), root)
@@ -264,6 +270,8 @@ def _container_specs(spec: LabSpec, tools: Tools, directory: Path) -> list[Conta
                 out.append(_bird_container(spec, pod, name, tools, directory))
             elif name == "example-target":
                 out.append(_target_container(spec, pod, name, directory))
+            elif name == "stateless-lb" and spec.marking == "nfqlb":
+                out.append(_nfqlb_container(pod, name, tools))
             else:
                 out.append(containers.idle(directory, pod.name, name, pod.netns))
     return out
@@ -296,6 +304,67 @@ def _start_containers(spec: LabSpec, tools: Tools, root: Path) -> list[ProcessRe
 
     system.parallel(ready, records)
     return records
+
+
+def _load_nft(spec: LabSpec, tools: Tools, directory: Path) -> None:
+    """Meridio's nftables in every LB; queue rules as xtables NFQUEUE where nft has no queue.
+
+    ``nft -f`` is one transaction, so a refused ruleset leaves nothing behind and the second
+    try starts clean.
+    """
+    lbs = [spec.netns(f.pod) for f in spec.frontends]
+    ruleset = render.nft_ruleset(spec)
+    (directory / "lb.nft").write_text(ruleset)
+
+    def load(netns: str, text: str) -> None:
+        argv = [tools.ip, "netns", "exec", netns, tools.nft, "-f", "-"]
+        system.run(argv, what=f"nftables of {netns}", stdin=text)
+
+    try:
+        system.parallel(lambda ns: load(ns, ruleset), lbs)
+        return
+    except LabError as exc:
+        if spec.marking != "nfqlb" or "queue" not in str(exc):
+            raise
+        log.debug("nft has no queue expression here (%s): using the xtables NFQUEUE target", exc)
+    ruleset = render.nft_ruleset(spec, native_queue=False)
+    (directory / "lb.nft").write_text(ruleset)
+
+    def load_compat(netns: str) -> None:
+        load(netns, ruleset)
+        argv = [tools.ip, "netns", "exec", netns, sys.executable, "-m", system.NFT_QUEUE_MODULE]
+        system.run(argv, what=f"NFQUEUE rules of {netns}")
+
+    system.parallel(load_compat, lbs)
+
+
+def _nfqlb_container(pod: Pod, name: str, tools: Tools) -> ContainerSpec:
+    """The ``stateless-lb`` container: ``nfqlb flowlb`` as its PID 1, as Meridio runs it."""
+    if not tools.nfqlb:
+        raise LabError(f"lab up needs nfqlb: {NFQLB_HINT}")
+    argv = (tools.nfqlb, *render.NFQLB_FLOWLB_ARGS)
+    return ContainerSpec(pod.name, name, pod.netns, "nfqlb", tools.nfqlb, argv)
+
+
+def _configure_nfqlb(spec: LabSpec, tools: Tools, flowlb: ProcessRecord) -> None:
+    """The stream's shm, its targets and the trench's flow, run inside ``flowlb``'s container.
+
+    As the stateless-lb does (reference §2.4): ``init``, one ``activate`` per target, then
+    ``flow-set``, which talks to flowlb's socket and is retried until flowlb listens.
+    """
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    for cmd in render.nfqlb_commands(spec):
+        argv = containers.exec_argv(nsenter, flowlb.pid, [tools.nfqlb, *cmd])
+        what = f"nfqlb {cmd[0]} in container {flowlb.container} of {flowlb.pod}"
+        deadline = time.monotonic() + (5.0 if cmd[0] == "flow-set" else 0.0)
+        while True:
+            try:
+                system.run(argv, what=what)
+                break
+            except LabError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
 
 def _bird_container(

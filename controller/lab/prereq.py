@@ -1,4 +1,4 @@
-"""Prerequisites of the lab: root and five tools, said in one line when missing.
+"""Prerequisites of the lab: root, five tools and nfqlb, said in one line when missing.
 
 Why its own module: a user who runs ``lab up`` without root or without bird2
 should read what to do, not a traceback from the middle of ``ip``. The
@@ -22,6 +22,12 @@ REQUIRED_TOOLS: dict[str, str] = {
     "birdc": "bird2",
     "sysctl": "procps",
 }
+NFQLB_VERSION = "1.2.0"
+# Where scripts/build-nfqlb puts its build (outside any checkout, keyed by version).
+NFQLB_CACHE = f"/var/cache/meridio-debug/nfqlb-{NFQLB_VERSION}/nfqlb"
+NFQLB_HINT = (
+    f"run scripts/setup (it builds nfqlb {NFQLB_VERSION} into {NFQLB_CACHE}), or put nfqlb on PATH"
+)
 # root's PATH on Debian has these; sudo or a minimal environment may not.
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -35,6 +41,16 @@ class Tools:
     bird: str
     birdc: str
     sysctl: str
+    nfqlb: str = ""  # "" when not found: only the nft-jhash marking works then
+
+
+def find_nfqlb(path: str | None = None, cache: str = NFQLB_CACHE) -> str | None:
+    """scripts/build-nfqlb's cached build, else ``nfqlb`` on ``path``; None when neither."""
+    if os.access(cache, os.X_OK):
+        return cache
+    if path is None:
+        path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_DIRS])
+    return shutil.which("nfqlb", path=path)
 
 
 def find_tools(path: str | None = None) -> tuple[dict[str, str], list[str]]:
@@ -92,4 +108,5 @@ def check_prerequisites(
         bird=found["bird"],
         birdc=found["birdc"],
         sysctl=found["sysctl"],
+        nfqlb=find_nfqlb(path) or "",
     )

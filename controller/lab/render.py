@@ -17,9 +17,16 @@ Ordering matters in a few places, following Meridio and lab.md:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
-from meridio_debug.controller.lab.spec import LabSpec, Pod
+from meridio_debug.controller.lab.spec import (
+    NFQLB_M_PER_TARGET,
+    NFQLB_QLENGTH,
+    NFQLB_QUEUES,
+    LabSpec,
+    Pod,
+)
 
 # Meridio's defrag chain matches iifname "<first 10 chars of the LB's network
 # service>*"; NSM names interfaces from the same 10 characters, dots as dashes.
@@ -165,19 +172,59 @@ def namespace_plan(spec: LabSpec, pod: Pod) -> NamespacePlan:
     )
 
 
-def nft_ruleset(spec: LabSpec) -> str:
-    """The LB's nftables: nfqlb stand-in (mark by source hash) and Meridio's defrag table.
+def nft_ruleset(spec: LabSpec, *, native_queue: bool = True) -> str:
+    """The LB's nftables: ``meridio-nfqlb`` and Meridio's ``meridio-defrag`` table.
 
-    ``jhash`` gets an explicit seed: without one nft picks a random seed per
-    rule, so LBs (and v4 vs v6) would disagree and nothing could predict the
-    target. ``fwd`` would be a reserved word, so the chain keeps Meridio's
-    name ``nfqlb``.
+    With nfqlb (the default) ``meridio-nfqlb`` is Meridio's (reference §2.3): chain ``nfqlb``
+    queues VIP traffic to nfqlb's queues 0-3, ``nfqlb-local`` queues locally generated ICMP to
+    a VIP, ``snat-local`` gives a locally generated frag-needed / packet-too-big whose inner
+    destination is a VIP that VIP as source. ``native_queue=False`` leaves the two queue
+    rules out: on a kernel without nft's ``queue`` expression (CONFIG_NFT_QUEUE unset, as
+    here) the builder adds them as the xtables NFQUEUE target instead (``nft_queue``).
+
+    With ``nft-jhash`` the chain marks by a jhash of the source address instead; ``jhash``
+    gets an explicit seed: without one nft picks a random seed per rule, so LBs (and v4 vs
+    v6) would disagree and nothing could predict the target. ``fwd`` would be a reserved
+    word, so the chain keeps Meridio's name ``nfqlb``.
     """
-    n = len(spec.targets)
-    marks = ", ".join(f"{i} : {t.fwmark}" for i, t in enumerate(spec.targets))
-    seed = f"0x{spec.hash_seed:08x}"
     service = f"{spec.conduit}.{spec.trench}"
     iif = service[:DEFRAG_IFNAME_PREFIX_LEN].replace(".", "-")
+    if spec.marking == "nft-jhash":
+        n = len(spec.targets)
+        marks = ", ".join(f"{i} : {t.fwmark}" for i, t in enumerate(spec.targets))
+        seed = f"0x{spec.hash_seed:08x}"
+        chains = f"""  chain nfqlb {{
+    type filter hook prerouting priority filter; policy accept;
+    ip daddr @ipv4-vips counter meta mark set jhash ip saddr mod {n} seed {seed} map {{ {marks} }}
+    ip6 daddr @ipv6-vips counter meta mark set jhash ip6 saddr mod {n} seed {seed} map {{ {marks} }}
+  }}
+"""
+    else:
+        queue = f"queue num {NFQLB_QUEUES.replace(':', '-')}"
+        q4 = f"\n    ip daddr @ipv4-vips counter {queue}" if native_queue else ""
+        q6 = f"\n    ip6 daddr @ipv6-vips counter {queue}" if native_queue else ""
+        l4 = f"\n    meta l4proto icmp ip daddr @ipv4-vips counter {queue}" if native_queue else ""
+        l6 = (
+            f"\n    meta l4proto ipv6-icmp ip6 daddr @ipv6-vips counter {queue}"
+            if native_queue
+            else ""
+        )
+        # The inner IP header of an ICMP error starts 8 bytes into it: its destination
+        # is at bit 8*8+16*8 (v4) / 8*8+24*8 (v6) of the transport header.
+        vip4_hex = f"0x{int(ipaddress.IPv4Address(spec.vip4)):08x}"
+        vip6_hex = f"0x{int(ipaddress.IPv6Address(spec.vip6)):032x}"
+        chains = f"""  chain nfqlb {{
+    type filter hook prerouting priority filter; policy accept;{q4}{q6}
+  }}
+  chain nfqlb-local {{
+    type filter hook output priority filter; policy accept;{l4}{l6}
+  }}
+  chain snat-local {{
+    type route hook output priority raw; policy accept;
+    meta mark != 0 icmp type destination-unreachable icmp code frag-needed @th,192,32 {vip4_hex} counter ip saddr set {spec.vip4} meta mark set 0
+    meta mark != 0 icmpv6 type packet-too-big @th,256,128 {vip6_hex} counter ip6 saddr set {spec.vip6} meta mark set 0
+  }}
+"""
     return f"""table inet meridio-nfqlb {{
   set ipv4-vips {{
     type ipv4_addr; flags interval; elements = {{ {spec.vip4}/32 }}
@@ -185,12 +232,7 @@ def nft_ruleset(spec: LabSpec) -> str:
   set ipv6-vips {{
     type ipv6_addr; flags interval; elements = {{ {spec.vip6}/128 }}
   }}
-  chain nfqlb {{
-    type filter hook prerouting priority filter; policy accept;
-    ip daddr @ipv4-vips counter meta mark set jhash ip saddr mod {n} seed {seed} map {{ {marks} }}
-    ip6 daddr @ipv6-vips counter meta mark set jhash ip6 saddr mod {n} seed {seed} map {{ {marks} }}
-  }}
-}}
+{chains}}}
 table inet meridio-defrag {{
   chain pre-defrag {{
     type filter hook prerouting priority -500; policy accept;
@@ -207,6 +249,63 @@ table inet meridio-defrag {{
   }}
 }}
 """
+
+
+NFQLB_FLOWLB_ARGS: tuple[str, ...] = (
+    "flowlb",
+    "--promiscuous_ping",
+    f"--queue={NFQLB_QUEUES}",
+    f"--qlength={NFQLB_QLENGTH}",
+    "--hash_mode=0",
+)
+
+
+def nfqlb_flow_name(spec: LabSpec) -> str:
+    """Meridio's nfqlb flow name: ``tshm-<stream>-<flow>`` (reference §2.4)."""
+    return f"{spec.shm}-{spec.flow}"
+
+
+def nfqlb_commands(spec: LabSpec) -> tuple[tuple[str, ...], ...]:
+    """nfqlb arguments, in order, that configure a running ``flowlb`` as Meridio's LB does.
+
+    One shm per stream (M = 100 x max-targets, which nfqlb lowers to a prime), each target
+    activated at index identifier-1 with its fwmark, then one flow per trench Flow (the
+    shm must exist before ``flow-set`` names it as target).
+    """
+    n = spec.max_targets
+    cmds: list[tuple[str, ...]] = [
+        ("init", "--ownfw=0", f"--shm={spec.shm}", f"--M={NFQLB_M_PER_TARGET * n}", f"--N={n}")
+    ]
+    cmds += [
+        ("activate", f"--index={t.identifier - 1}", f"--shm={spec.shm}", str(t.fwmark))
+        for t in spec.targets
+    ]
+    ports = ",".join(str(p) for p in spec.ports)
+    cmds.append(
+        (
+            "flow-set",
+            f"--name={nfqlb_flow_name(spec)}",
+            f"--target={spec.shm}",
+            f"--prio={spec.flow_priority}",
+            f"--protocols={','.join(spec.protocols)}",
+            f"--dsts={','.join(spec.vips)}",
+            f"--dports={_port_ranges(spec.ports) or ports}",
+        )
+    )
+    return tuple(cmds)
+
+
+def _port_ranges(ports: tuple[int, ...]) -> str:
+    """(4000, 4001, 4002, 4003) -> "4000-4003"; gaps give several ranges."""
+    out: list[str] = []
+    for p in sorted(set(ports)):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == p - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        elif out and "-" not in out[-1] and int(out[-1]) == p - 1:
+            out[-1] = f"{out[-1]}-{p}"
+        else:
+            out.append(str(p))
+    return ",".join(out)
 
 
 _FE_FILTERS = """\

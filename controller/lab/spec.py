@@ -33,6 +33,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 from meridio_debug.controller.errors import LabError
 
 Role = Literal["gateway", "lb-fe", "proxy", "target"]
+# How the LBs pick a target: real nfqlb (Meridio, the default), or the older nft jhash map,
+# kept for kernels without NFQUEUE (nfnetlink_queue) or hosts without nfqlb.
+Marking = Literal["nfqlb", "nft-jhash"]
+MARKINGS: tuple[Marking, ...] = ("nfqlb", "nft-jhash")
 LinkKind = Literal["external", "conduit", "target"]
 
 ROLES: tuple[Role, ...] = ("gateway", "lb-fe", "proxy", "target")
@@ -45,7 +49,12 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # targets within 15-17 / 13-18 each, and reaches all 40 targets of the
 # 4x4x10 benchmark lab (checked with jhash.predict_target).
 DEFAULT_HASH_SEED = 0x6D647289
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+# nfqlb's Maglev sizes, as Meridio's stateless-lb sets them (M = 100 x max-targets).
+NFQLB_M_PER_TARGET = 100
+DEFAULT_MAX_TARGETS = 100  # a Stream's max-targets when the CR does not say
+NFQLB_QUEUES = "0:3"
+NFQLB_QLENGTH = 1024
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 
@@ -211,6 +220,18 @@ class LabSpec:
     target_table6: int = 2
     fwmark_offset: int = 5000
     hash_seed: int = DEFAULT_HASH_SEED
+    marking: Marking = "nfqlb"
+    flow_priority: int = 1
+
+    @property
+    def shm(self) -> str:
+        """The stream's nfqlb shared memory (``/dev/shm/tshm-<stream>`` in each LB)."""
+        return f"tshm-{self.stream}"
+
+    @property
+    def max_targets(self) -> int:
+        """The stream's max-targets, nfqlb's N: Meridio's default 100 (more in a bigger lab)."""
+        return max(DEFAULT_MAX_TARGETS, len(self.targets))
 
     @property
     def vips(self) -> tuple[str, str]:
@@ -284,6 +305,8 @@ def build_spec(
     proxies: int = 2,
     targets_per_proxy: int = 2,
     hash_seed: int = DEFAULT_HASH_SEED,
+    *,
+    marking: Marking = "nfqlb",
 ) -> LabSpec:
     """The lab for these sizes; the defaults are exactly lab.md.
 
@@ -299,6 +322,8 @@ def build_spec(
         )
     if not 0 <= hash_seed <= 0xFFFFFFFF:
         raise LabError("lab hash seed must fit in 32 bits")
+    if marking not in MARKINGS:
+        raise LabError(f"lab marking must be one of {', '.join(MARKINGS)}, not {marking!r}")
 
     def ns(name: str) -> str:
         return prefix + name
@@ -467,6 +492,7 @@ def build_spec(
         gateway=gw,
         bgp=Bgp(),
         hash_seed=hash_seed,
+        marking=marking,
     )
 
 

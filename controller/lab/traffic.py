@@ -45,10 +45,11 @@ class Probe:
 @dataclass(frozen=True)
 class ProbeResult:
     probe: Probe
-    expected: str  # the target predict_target names for the source
+    expected: str  # the target predict_target names for the flow ("" when it cannot)
     answer: str | None  # the target that answered; None on failure
     error: str | None  # "timeout", "refused", ... ; None on success
     ms: float
+    sport: int | None = None  # the source port the kernel gave the probe
 
     @property
     def ok(self) -> bool:
@@ -105,6 +106,7 @@ class TrafficResult:
             "results": [
                 {
                     **asdict(r.probe),
+                    "sport": r.sport,
                     "answer": r.answer,
                     "expected": r.expected,
                     "error": r.error,
@@ -150,6 +152,21 @@ def _parse(text: str, count: int) -> list[dict[str, Any]]:
     return results
 
 
+def _expected(spec: LabSpec, probe: Probe, sport: Any) -> str:
+    """The target the lab's LBs should pick for the probe's flow; "" when its port is unknown."""
+    try:
+        return predict_target(
+            spec,
+            probe.src,
+            dst_ip=probe.dst,
+            proto=probe.proto,
+            sport=int(sport) if sport is not None else None,
+            dport=probe.port,
+        )
+    except ValueError:
+        return ""
+
+
 def traffic(
     lab: LabSpec | str,
     connections: int = 64,
@@ -189,10 +206,11 @@ def traffic(
     results = tuple(
         ProbeResult(
             probe=p,
-            expected=predict_target(spec, p.src),
+            expected=_expected(spec, p, r.get("sport")),
             answer=r.get("answer"),
             error=r.get("error"),
             ms=float(r.get("ms", 0.0)),
+            sport=int(r["sport"]) if isinstance(r.get("sport"), int) else None,
         )
         for p, r in zip(probes, raw, strict=True)
     )

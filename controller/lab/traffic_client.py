@@ -8,9 +8,11 @@ stdin, and reads one JSON document from stdout::
 
     stdin:  {"timeout": 2.0, "concurrency": 128,
              "probes": [{"src": "200.100.0.1", "dst": "20.0.0.1", "port": 4000, "proto": "tcp"}]}
-    stdout: {"results": [{"answer": "target-a1", "error": null, "ms": 1.3}]}
+    stdout: {"results": [{"answer": "target-a1", "error": null, "sport": 41234, "ms": 1.3}]}
 
-Results are in probe order. A TCP probe connects from ``src`` and reads what
+Results are in probe order. Each probe binds its socket first, so its source port (which
+nfqlb hashes with the rest of the 5-tuple) is known even when nobody answers. A TCP probe
+connects from ``src`` and reads what
 the target writes before it closes; a UDP probe sends one datagram and waits
 for the answer, sending once more after half the timeout (the first datagram
 can be lost while a neighbour entry resolves).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 import time
 from typing import Any
@@ -44,10 +47,26 @@ def _first_line(data: bytes) -> str | None:
     return text.splitlines()[0] if text else None
 
 
-async def _tcp(src: str, dst: str, port: int, timeout: float) -> str | None:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(dst, port, local_addr=(src, 0)), timeout
-    )
+def _bound(src: str, kind: socket.SocketKind) -> socket.socket:
+    """A non-blocking socket bound to ``src`` and a kernel-chosen port (known before sending)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in src else socket.AF_INET, kind)
+    try:
+        sock.setblocking(False)
+        sock.bind((src, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _tcp(sock: socket.socket, dst: str, port: int, timeout: float) -> str | None:
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (dst, port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock)
     try:
         data = await asyncio.wait_for(reader.read(), timeout)
     finally:
@@ -57,12 +76,15 @@ async def _tcp(src: str, dst: str, port: int, timeout: float) -> str | None:
     return _first_line(data)
 
 
-async def _udp(src: str, dst: str, port: int, timeout: float) -> str | None:
+async def _udp(sock: socket.socket, dst: str, port: int, timeout: float) -> str | None:
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[bytes] = loop.create_future()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Datagram(answer), local_addr=(src, 0), remote_addr=(dst, port)
-    )
+    try:
+        sock.connect((dst, port))
+    except OSError:
+        sock.close()
+        raise
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Datagram(answer), sock=sock)
     try:
         transport.sendto(b"who?\n")
         try:
@@ -80,9 +102,12 @@ async def _probe(probe: dict[str, Any], timeout: float, gate: asyncio.Semaphore)
         start = time.monotonic()
         answer: str | None = None
         error: str | None = None
+        sport: int | None = None
         try:
-            run = _tcp if probe["proto"] == "tcp" else _udp
-            answer = await run(probe["src"], probe["dst"], int(probe["port"]), timeout)
+            tcp = probe["proto"] == "tcp"
+            sock = _bound(probe["src"], socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+            sport = int(sock.getsockname()[1])
+            answer = await (_tcp if tcp else _udp)(sock, probe["dst"], int(probe["port"]), timeout)
             if answer is None:
                 error = "no answer (connection closed empty)"
         except TimeoutError:
@@ -94,6 +119,7 @@ async def _probe(probe: dict[str, Any], timeout: float, gate: asyncio.Semaphore)
         return {
             "answer": answer,
             "error": error,
+            "sport": sport,
             "ms": round((time.monotonic() - start) * 1000, 2),
         }
 

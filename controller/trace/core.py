@@ -51,10 +51,12 @@ from meridio_debug.controller.model import (
     IpNetwork,
     Link,
     NfqlbFlow,
+    NfqlbShm,
     NftMarkMap,
     Rule,
     TrenchState,
 )
+from meridio_debug.controller.trace import nfqlb_hash
 from meridio_debug.controller.trace.flow import Flow
 from meridio_debug.controller.trace.hashing import computable, mark_for
 from meridio_debug.controller.trace.multipath import EcmpRule, forwarded, originated, policy_of
@@ -171,6 +173,30 @@ def _nfqlb_flow_matches(f: NfqlbFlow, flow: Flow) -> bool:
     return _port_in(f.dports, flow.dport) and _port_in(f.sports, flow.sport)
 
 
+def _nfqlb_exact(
+    matching: Sequence[NfqlbFlow], shms: Mapping[str, NfqlbShm], flow: Flow
+) -> MarkChoice | None:
+    """nfqlb's own choice (nfqlb_hash) when it is computable, else None (candidates then).
+
+    nfqlb takes the matching flow of highest priority (a tie is nfqlb's qsort order: not
+    computable), hashes the 5-tuple and looks the slot up in that flow's shm.
+    """
+    top = max(f.priority for f in matching)
+    winners = [f for f in matching if f.priority == top]
+    if len(winners) != 1 or winners[0].user_ref not in shms:
+        return None
+    winner = winners[0]
+    predicted = nfqlb_hash.predict_mark(
+        shms[winner.user_ref], flow.src, flow.dst, flow.proto, sport=flow.sport, dport=flow.dport
+    )
+    if not predicted.exact:
+        return None
+    how = f"nfqlb flow {winner.name}: {predicted.how}"
+    if predicted.mark is None:
+        return MarkChoice((), True, how, problem=how)
+    return MarkChoice((predicted.mark,), True, how)
+
+
 def mark_choice(lb: PodView, flow: Flow) -> MarkChoice:
     """Which mark(s) ``lb`` gives ``flow``: from nfqlb (all Active) or the nft mark map."""
     dst = flow.dst_ip
@@ -187,6 +213,9 @@ def mark_choice(lb: PodView, flow: Flow) -> MarkChoice:
                     problem=f"no nfqlb flow matches {flow.proto}/{flow.dport or '-'} to {dst}: "
                     "nfqlb drops it",
                 )
+            exact = _nfqlb_exact(matching, shms, flow)
+            if exact is not None:
+                return exact
             refs = {f.user_ref for f in matching}
             chosen = [shms[r] for r in refs if r in shms] or list(snap.nfqlb_shms)
             marks = sorted({m for shm in chosen for m in shm.active})

@@ -122,7 +122,7 @@ def test_trace_with_namespace_follows_the_flow_and_names_a_broken_hop(cluster: C
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     (chosen,) = [p for p in doc["paths"] if p["chosen"]]
-    want = predict_target(cluster.spec, "200.100.0.7")
+    want = predict_target(cluster.spec, "200.100.0.7", proto="tcp", sport=40000, dport=4000)
     assert srv.lab_name[("red", chosen["target"])] == want
     assert doc["first_broken"] is None
     roles = {(h["role"], h["direction"]) for h in chosen["hops"]}
@@ -157,6 +157,6 @@ def test_active_trace_with_namespace_probes_from_the_lb(cluster: Cluster) -> Non
     doc = json.loads(res.stdout)
     active = doc["active"]
     assert cluster.server.lab_name[("red", active["target"])] == predict_target(
-        cluster.spec, "200.100.0.7"
+        cluster.spec, "200.100.0.7", proto="udp", sport=40000, dport=4000
     )
     assert doc["first_broken"] is None

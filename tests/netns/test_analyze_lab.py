@@ -263,9 +263,10 @@ def expect(lab: Lab, want: Problems, timeout: float = 10.0) -> None:
 def test_healthy_lab_is_silent(lab: Lab) -> None:
     result = lab.analyze()
     assert problems(result) == set()
-    # the lab marks with nftables: nfqlb is absent, said once per LB at info level
+    # the lab runs real nfqlb: no section is absent on an LB (no "nfqlb not running")
     info = {(f.code, f.pod) for f in result.findings}
-    assert ("MDB003", "lb-fe-a") in info
+    assert not {pod for code, pod in info if code == "MDB003" and pod.startswith("lb-fe")}
+    assert not [f for f in result.findings if "nfqlb" in f.message and f.code == "MDB003"]
     assert {p.pod for p in trench_state(lab.evidence()).pods} == {
         p.name for p in lab.spec.pods if p.role != "gateway"
     }
@@ -793,14 +794,14 @@ BREAKS: list[Break] = [
         lambda lab: _forget_target(lab, [LBA], B1),
         lambda lab: lab.restore_lb_target(LBA, B1),
         {("MDB402", LBA), ("MDB113", LBA)},
-        why="the lab's nft map still hands out the forgotten target's mark (MDB113)",
+        why="nfqlb still has the forgotten target Active (MDB113)",
     ),
     Break(
         "MDB404-no-lb-serves-a-target",
         lambda lab: _forget_target(lab, [LBA, LBB], B2),
         lambda lab: (lab.restore_lb_target(LBA, B2), lab.restore_lb_target(LBB, B2)),
         {("MDB404", B2), ("MDB113", LBA), ("MDB113", LBB)},
-        why="the lab's nft maps still hand out the forgotten target's mark (MDB113 on each LB)",
+        why="nfqlb still has the forgotten target Active (MDB113 on each LB)",
     ),
     Break(
         "MDB405-target-mtu-lowered",
@@ -831,7 +832,7 @@ def test_every_code_the_lab_can_produce_has_a_break() -> None:
     covered = {code for b in BREAKS for code, _pod in b.want}
     from meridio_debug.controller.analysis import CHECKS
 
-    # MDB002: test_unreachable_pod_is_mdb002; MDB003 (info): test_healthy_lab_is_silent.
+    # MDB002: test_unreachable_pod_is_mdb002; MDB003 (info): not in a healthy nfqlb lab.
     not_in_lab = {"MDB002", "MDB003"}
     assert {c.code for c in CHECKS} - covered - not_in_lab == set()
 

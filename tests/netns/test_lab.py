@@ -32,7 +32,7 @@ from meridio_debug.controller.lab import (
     up,
 )
 from meridio_debug.controller.lab._system import lab_namespaces, pid_alive, pids_in_namespaces
-from meridio_debug.controller.lab.containers import MARKER_ENV
+from meridio_debug.controller.lab.containers import MARKER_ENV, exec_argv
 from meridio_debug.controller.lab.state import STATE_ROOT, read_state, state_dir
 
 needs_root = [
@@ -128,6 +128,76 @@ def test_traffic_is_answered_by_the_predicted_target(lab):
     assert json.loads(json.dumps(result.to_dict()))["probes"] == 128
 
 
+def nfqlb_in(pid: int, *args: str) -> str:
+    """Run the lab's nfqlb with ``args`` inside the container whose PID 1 is flowlb ``pid``."""
+    argv = exec_argv("nsenter", pid, [os.readlink(f"/proc/{pid}/exe"), *args])
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+@root_test
+def test_each_lb_runs_nfqlb_as_meridio_does(lab):
+    flowlbs = [p for p in read_state(lab.prefix).processes if p.kind == "nfqlb"]
+    assert sorted(p.pod for p in flowlbs) == [f.pod for f in lab.frontends]
+    for p in flowlbs:
+        argv = Path(f"/proc/{p.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert [a.decode() for a in argv[1:]] == [
+            "flowlb", "--promiscuous_ping", "--queue=0:3", "--qlength=1024", "--hash_mode=0"
+        ]  # fmt: skip
+        show = nfqlb_in(p.pid, "show", "--shm=tshm-stream-a")
+        assert "Maglev: M=9973, N=100" in show
+        assert "Active: 5001(0) 5002(1) 5003(2) 5004(3)" in show
+        flows = json.loads(nfqlb_in(p.pid, "flow-list"))
+        assert [(f["name"], f["user_ref"], f["dports"]) for f in flows] == [
+            ("tshm-stream-a-flow-a", "tshm-stream-a", ["4000-4003"])
+        ]
+        assert sorted(f["protocols"] for f in flows)[0] == ["tcp", "udp"]
+        assert not Path("/dev/shm/tshm-stream-a").exists()  # private to the pod
+        # the stateless-lb container: a PID namespace of its own, not bird's, not the host's
+        bird = next(
+            r.pid for r in read_state(lab.prefix).processes if r.pod == p.pod and r.kind == "bird"
+        )
+        pidns = {os.readlink(f"/proc/{x}/ns/pid") for x in (p.pid, bird, os.getpid())}
+        assert len(pidns) == 3
+    # each LB has its own shm: deactivating in one leaves the other alone
+    a, b = flowlbs
+    try:
+        nfqlb_in(a.pid, "deactivate", "--index=1", "--shm=tshm-stream-a")
+        assert "5002(1)" not in nfqlb_in(a.pid, "show", "--shm=tshm-stream-a")
+        assert "5002(1)" in nfqlb_in(b.pid, "show", "--shm=tshm-stream-a")
+    finally:
+        nfqlb_in(a.pid, "activate", "--index=1", "--shm=tshm-stream-a", "5002")
+
+
+@root_test
+def test_vip_traffic_is_queued_to_nfqlb(lab):
+    fe = lab.frontends[0]
+    before = _nft_queue_packets(lab.netns(fe.pod))
+    assert traffic(lab.prefix, connections=8, family=4).healthy
+    after = _nft_queue_packets(lab.netns(fe.pod))
+    assert sum(after.values()) >= sum(before.values())  # (ECMP may pick the other FE)
+    assert set(after) == {("nfqlb", 4), ("nfqlb", 6), ("nfqlb-local", 4), ("nfqlb-local", 6)}
+
+
+def _nft_queue_packets(netns: str) -> dict[tuple[str, int], int]:
+    """Packets counted by each queue rule of meridio-nfqlb, by (chain, family)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "meridio-nfqlb"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    counts: dict[tuple[str, int], int] = {}
+    for obj in json.loads(out)["nftables"]:
+        rule = obj.get("rule")
+        if not rule or rule["chain"] == "snat-local":
+            continue
+        exprs = rule["expr"]
+        if not any("queue" in e or e.get("xt", {}).get("name") == "NFQUEUE" for e in exprs):
+            continue
+        family = 6 if "ip6" in json.dumps(exprs) else 4
+        packets = next(e["counter"]["packets"] for e in exprs if "counter" in e)
+        counts[(rule["chain"], family)] = packets
+    return counts
+
+
 @root_test
 def test_load_spec_returns_the_running_lab(lab):
     assert load_spec(lab.prefix) == lab
@@ -192,17 +262,22 @@ def test_down_removes_namespaces_processes_and_state(lab_prefix):
     spec = build_spec(prefix=prefix)
     try:
         up(spec)
-        pids = [p.pid for p in read_state(prefix).processes]
+        processes = read_state(prefix).processes
+        pids = [p.pid for p in processes]
         # gateway, 2 x (stateless-lb, frontend), 2 x proxy, 4 x (example-target, tapa)
         assert len(pids) == 1 + 2 * 2 + 2 + 4 * 2
+        assert sorted(p.kind for p in processes).count("nfqlb") == 2  # stateless-lb runs nfqlb
         assert all(pid_alive(p) for p in pids)
         # What runs inside the containers (bird, the servers) dies with them.
         inner = list(pids_in_namespaces(spec.namespaces))
         assert marked_pids(prefix)
+        shm_before = set(os.listdir("/dev/shm"))
     finally:
         down(prefix)
     assert not set(spec.namespaces) & namespaces()
     assert not [p for p in pids + inner if pid_alive(p)]
+    # nfqlb's shms lived in the pods' own /dev/shm: nothing on the host's, before or after
+    assert not {n for n in shm_before | set(os.listdir("/dev/shm")) if n.startswith("tshm-")}
     assert not state_dir(prefix).exists()
     assert not status(prefix).exists
     down(prefix)  # nothing left: still fine
@@ -246,11 +321,13 @@ def test_scaled_lab_carries_traffic(lab_prefix):
         up(spec)
         st = status(prefix)
         assert st.healthy, st.problems
-        result = traffic(prefix, connections=64)
+        # nfqlb hashes the 5-tuple (kernel-chosen source ports): 512 flows miss one of the 40
+        # targets with a probability of about 1e-4.
+        result = traffic(prefix, connections=256)
         assert not result.failures, [(r.probe, r.error) for r in result.failures[:5]]
         assert not result.mispredicted
         assert len(result.counts) == 40
-        assert not result.unreached  # the default seed reaches all 40 with 128 sources
+        assert not result.unreached
     finally:
         down(prefix)
     assert not lab_namespaces(prefix)

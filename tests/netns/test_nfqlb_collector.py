@@ -1,12 +1,10 @@
-"""The nfqlb collector against a stand-in nfqlb in a throw-away namespace.
+"""The nfqlb collector against the real nfqlb 1.2.0 of a running lab.
 
-nfqlb is not packaged here, so a small script named ``nfqlb`` plays the LB:
-it serves nfqlb's flow protocol on the abstract socket ``@nfqlb`` of its
-namespace and owns a ``tshm-*`` file laid out like nfqlb 1.x's. Its
-/proc/PID/exe is the Python interpreter, which cannot answer ``flow-list``
-or ``show``, so this exercises the paths a real pod takes when the LB's
-binary cannot run in the agent: the flow socket and the shm decoder, found
-through process discovery in the pod's netns.
+The lab runs ``nfqlb flowlb`` in each LB/FE pod as Meridio's stateless-lb does, with the
+stream's shm in the pod's private /dev/shm. The collector runs in the LB's network namespace
+(``ip netns exec``, a mount namespace of its own) and must report what ``nfqlb flow-list`` and
+``nfqlb show --shm=tshm-stream-a`` say there, plus the whole Maglev lookup table and the
+flow's match counter as traffic passes.
 """
 
 from __future__ import annotations
@@ -14,43 +12,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import struct
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from meridio_debug.agent.collectors import nfqlb
+from meridio_debug.controller.lab import build_spec, down, traffic, up
+from meridio_debug.controller.lab.containers import exec_argv
+from meridio_debug.controller.lab.jhash import lab_lookup
+from meridio_debug.controller.lab.spec import LabSpec
+from meridio_debug.controller.lab.state import read_state
+
 pytestmark = [
     pytest.mark.netns,
+    pytest.mark.lab,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 not installed"),
 ]
-
-FAKE_NFQLB = """\
-#!{python}
-import socket, sys
-flows = open(sys.argv[2]).read().encode()
-srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-srv.bind("\\0nfqlb")
-srv.listen(8)
-print("ready", flush=True)
-while True:
-    conn, _ = srv.accept()
-    data = b""
-    while not data.endswith(b"eoc:\\n"):
-        chunk = conn.recv(100)
-        if not chunk:
-            break
-        data += chunk
-    if data.startswith(b"action:list\\n"):
-        conn.sendall(flows)
-    else:
-        conn.sendall(b"FAIL: read-only test double\\0")
-    conn.close()
-"""
 
 COLLECT = """\
 from google.protobuf.json_format import MessageToJson
@@ -63,90 +44,98 @@ print(MessageToJson(snap))
 """
 
 
-def shm_bytes(m: int, n: int, active: dict[int, int]) -> bytes:
-    length = 24 + 4 * (m + n)
-    body = struct.pack("=III", m, n, length) + struct.pack(f"={m}i", *([-1] * m))
-    body += struct.pack(f"={n}i", *[active.get(i, -1) for i in range(n)])
-    return struct.pack("=ii", 0, 0) + body + b"\0" * (length - len(body))
+@pytest.fixture(scope="module")
+def lab(lab_prefix: Callable[[], str]) -> Iterator[LabSpec]:
+    spec = build_spec(prefix=lab_prefix())
+    try:
+        up(spec)
+        yield spec
+    finally:
+        down(spec.prefix)
 
 
-def collect_in(ns: str) -> dict:
+def collect_in(ns: str) -> dict[str, Any]:
     done = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", COLLECT],
         capture_output=True, timeout=30, check=True,
     )  # fmt: skip
-    return json.loads(done.stdout)
+    snap: dict[str, Any] = json.loads(done.stdout)
+    return snap
 
 
-def test_nfqlb_collector_in_pod_netns():
-    tag = f"mdt-nfqlb-{os.getpid()}"
-    ns, other = f"{tag}-a", f"{tag}-b"
-    stream = f"tshm-{tag}-stream-a"
-    shm = Path("/dev/shm") / stream
-    proc: subprocess.Popen[bytes] | None = None
-    created: list[str] = []
-    with tempfile.TemporaryDirectory(prefix=tag) as tmp:
-        try:
-            for name in (ns, other):
-                subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-                created.append(name)
-            flows = [
-                {
-                    "name": f"{stream}-flow-a",
-                    "priority": 1,
-                    "protocols": ["tcp", "udp"],
-                    "dests": ["::ffff:20.0.0.1/128", "2000::1/128"],
-                    "dports": ["4000-4003"],
-                    "matches_count": 17,
-                    "user_ref": stream,
-                }
-            ]
-            (Path(tmp) / "flows.json").write_text(json.dumps(flows))
-            shm.write_bytes(shm_bytes(997, 32, {0: 5001, 1: 5002}))
-            script = Path(tmp) / "nfqlb"
-            script.write_text(FAKE_NFQLB.format(python=sys.executable))
-            script.chmod(0o755)
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, str(script), "flowlb", str(Path(tmp) / "flows.json")],
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            assert proc.stdout.readline() == b"ready\n"
-
-            start = time.monotonic()
-            snap = collect_in(ns)
-            assert time.monotonic() - start < 20
-            section = next(s for s in snap["sections"] if s["name"] == "nfqlb")
-            assert section["state"] == "OK", section
-            out = snap["nfqlb"]
-            assert out["pid"] == proc.pid
-            assert out["cmdline"][-2] == "flowlb"
-            (flow,) = out["flows"]
-            assert flow["dests"] == ["20.0.0.1/32", "2000::1/128"]
-            assert flow["matchesCount"] == "17"
-            shms = {s["name"]: s for s in out["shms"]}
-            got = shms[stream]
-            assert (got["m"], got["n"]) == (997, 32)
-            assert got["active"] == [{"fwmark": 5001}, {"fwmark": 5002, "index": 1}]
-
-            # Another namespace on the same host: its nfqlb is not ours.
-            snap = collect_in(other)
-            section = next(s for s in snap["sections"] if s["name"] == "nfqlb")
-            assert section["state"] == "ABSENT"
-            assert "nfqlb not running" in section["message"]
-        finally:
-            if proc is not None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
-            shm.unlink(missing_ok=True)
-            for name in created:
-                subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+def section(snap: dict[str, Any]) -> dict[str, Any]:
+    return next(s for s in snap["sections"] if s["name"] == "nfqlb")
 
 
-@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 missing")
-def test_no_leftovers():
-    """Namespaces of this module are gone once its tests ran."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    assert f"mdt-nfqlb-{os.getpid()}" not in out.stdout
+def flowlb_pid(spec: LabSpec, pod: str) -> int:
+    state = read_state(spec.prefix)
+    assert state is not None
+    return next(p.pid for p in state.processes if p.kind == "nfqlb" and p.pod == pod)
+
+
+def nfqlb_in(pid: int, *args: str) -> str:
+    """The lab's nfqlb run with ``args`` inside the container whose PID 1 is flowlb ``pid``."""
+    argv = exec_argv("nsenter", pid, [os.readlink(f"/proc/{pid}/exe"), *args])
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+def test_collector_reports_real_flows_and_shm(lab: LabSpec) -> None:
+    pid = flowlb_pid(lab, "lb-fe-a")
+    snap = collect_in(lab.netns("lb-fe-a"))
+    assert section(snap)["state"] == "OK", section(snap)
+    out = snap["nfqlb"]
+    assert out["pid"] == pid
+    assert out["cmdline"][1:] == [
+        "flowlb", "--promiscuous_ping", "--queue=0:3", "--qlength=1024", "--hash_mode=0"
+    ]  # fmt: skip
+    # flow-list, as nfqlb itself prints it in the pod
+    (flow,) = out["flows"]
+    (real,) = json.loads(nfqlb_in(pid, "flow-list"))
+    assert flow["name"] == real["name"] == "tshm-stream-a-flow-a"
+    assert flow["dests"] == ["20.0.0.1/32", "2000::1/128"]  # nfqlb prints ::ffff:20.0.0.1/128
+    assert flow["dports"] == real["dports"] == ["4000-4003"]
+    assert flow["protocols"] == real["protocols"] == ["tcp", "udp"]
+    assert flow["userRef"] == "tshm-stream-a"
+    # show --shm, parsed from nfqlb's own output, equals what the collector decoded
+    (shm,) = out["shms"]
+    shown = nfqlb.parse_show(nfqlb_in(pid, "show", "--shm=tshm-stream-a"), "tshm-stream-a")
+    assert (shm["m"], shm["n"]) == (shown.m, shown.n) == (9973, 100)
+    active = [(a["fwmark"], a.get("index", 0)) for a in shm["active"]]
+    assert active == [(a.fwmark, a.index) for a in shown.active]
+    assert active == [(5001, 0), (5002, 1), (5003, 2), (5004, 3)]
+    # the whole lookup table, which is what nfqlb init computes
+    assert tuple(shm["lookup"]) == lab_lookup(lab)
+
+
+def test_flow_match_counter_grows_under_traffic(lab: LabSpec) -> None:
+    def matches() -> int:
+        counts = 0
+        for fe in lab.frontends:
+            (flow,) = collect_in(lab.netns(fe.pod))["nfqlb"]["flows"]
+            counts += int(flow.get("matchesCount", 0))
+        return counts
+
+    before = matches()
+    result = traffic(lab.prefix, connections=16)
+    assert result.healthy
+    # every probe's packets pass one LB's nfqlb (at least the SYN or the datagram)
+    assert matches() - before >= len(result.results)
+
+
+def test_deactivated_target_is_gone_from_the_collected_shm(lab: LabSpec) -> None:
+    pid = flowlb_pid(lab, "lb-fe-a")
+    nfqlb_in(pid, "deactivate", "--index=1", "--shm=tshm-stream-a")
+    try:
+        (shm,) = collect_in(lab.netns("lb-fe-a"))["nfqlb"]["shms"]
+        assert [a["fwmark"] for a in shm["active"]] == [5001, 5003, 5004]
+        assert 1 not in shm["lookup"]
+        (other,) = collect_in(lab.netns("lb-fe-b"))["nfqlb"]["shms"]
+        assert [a["fwmark"] for a in other["active"]] == [5001, 5002, 5003, 5004]
+    finally:
+        nfqlb_in(pid, "activate", "--index=1", "--shm=tshm-stream-a", "5002")
+
+
+def test_no_nfqlb_outside_the_lbs(lab: LabSpec) -> None:
+    got = section(collect_in(lab.netns("proxy-a")))
+    assert got["state"] == "ABSENT"
+    assert "nfqlb not running" in got["message"]

@@ -895,7 +895,8 @@ def build_lab(
     with_config: bool = False,
 ) -> TrenchState:
     """The lab's healthy state; defaults are exactly lab.md's 9 pods."""
-    spec = build_spec(DEFAULT_PREFIX, lbs, proxies, targets_per_proxy)
+    # The healthy state with the nft jhash marking (the mark map a static trace can hash).
+    spec = build_spec(DEFAULT_PREFIX, lbs, proxies, targets_per_proxy, marking="nft-jhash")
     macs = _macs(spec)
     pods = tuple(
         PodResult(pod=p.name, role=p.role, snapshot=_BUILDERS[p.role](spec, p, macs))

@@ -220,7 +220,7 @@ def test_spec_json_round_trip():
 
 
 def test_spec_json_rejects_other_versions():
-    text = spec_to_json(build_spec()).replace('"version": 1', '"version": 99')
+    text = spec_to_json(build_spec()).replace('"version": 2', '"version": 99')
     with pytest.raises(ValueError, match="version"):
         spec_from_json(text)
 
@@ -248,8 +248,14 @@ def test_nft_mod_takes_the_high_part():
     assert nft_jhash_mod(b"x", 1, 0) == 0
 
 
-def test_predictions_seen_live_on_the_default_lab(spec):
-    # Recorded from `lab traffic` on a default lab (all 128 answers matched).
+@pytest.fixture
+def jhash_spec() -> LabSpec:
+    return build_spec(marking="nft-jhash")
+
+
+def test_predictions_seen_live_on_the_default_lab(jhash_spec):
+    # Recorded from `lab traffic` on a default lab with nft jhash (all 128 answers matched).
+    spec = jhash_spec
     assert [predict_target(spec, f"200.100.0.{i}") for i in range(1, 9)] == [
         "target-a1", "target-a1", "target-b2", "target-a1",
         "target-b2", "target-b1", "target-b2", "target-a1",
@@ -260,7 +266,8 @@ def test_predictions_seen_live_on_the_default_lab(spec):
     ]  # fmt: skip
 
 
-def test_default_sources_reach_every_target(spec):
+def test_default_sources_reach_every_target(jhash_spec):
+    spec = jhash_spec
     for sources in (spec.gateway.client_sources4, spec.gateway.client_sources6):
         assert {predict_target(spec, s) for s in sources} == {t.pod for t in spec.targets}
 
@@ -302,7 +309,8 @@ def test_proxy_and_target_routes(spec):
     assert all("nodad" in line for line in target.setup if "addr add" in line and ":" in line)
 
 
-def test_nft_ruleset_has_fixed_seed_and_full_map(spec):
+def test_nft_ruleset_has_fixed_seed_and_full_map(jhash_spec):
+    spec = jhash_spec
     text = nft_ruleset(spec)
     seed = f"seed 0x{spec.hash_seed:08x}"
     assert text.count(seed) == 2

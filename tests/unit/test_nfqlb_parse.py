@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -289,42 +290,56 @@ def test_show_bad_active_token_is_an_error():
 # shm decoding (fallback when the binary cannot run)
 
 
-def shm_bytes(own: int, m: int, n: int, active: dict[int, int], header: int = 8) -> bytes:
-    """A tshm file as nfqlb 1.x lays it out (cmdShm.c initShm, maglevdyn.c)."""
-    head = struct.pack("=ii", own, 0)[:header]
-    lookup = [next(iter(active), -1)] * m
-    slots = [active.get(i, -1) for i in range(n)]
-    length = 24 + 4 * (m + n)
-    body = struct.pack("=III", m, n, length) + struct.pack(f"={m}i", *lookup)
-    body += struct.pack(f"={n}i", *slots)
-    return head + body + b"\0" * (length - len(body))
+DATA = Path(__file__).parent / "data" / "nfqlb"
 
 
-def test_decode_shm_matches_what_show_prints():
-    data = shm_bytes(0, 9973, 100, {43: 5044, 61: 5062, 68: 5069, 72: 5073})
-    shm = nfqlb.decode_shm(data, "tshm-stream-a-i")
-    assert (shm.m, shm.n) == (9973, 100)
-    assert [(a.fwmark, a.index) for a in shm.active] == [
-        (5044, 43),
-        (5062, 61),
-        (5069, 68),
-        (5073, 72),
-    ]
+def real_shm() -> bytes:
+    """/dev/shm/tshm-stream-a written by nfqlb 1.2.0: init --M=400 --N=4, indexes 0, 2, 3 active."""
+    return (DATA / "tshm-stream-a.bin").read_bytes()
+
+
+def test_decode_shm_of_real_nfqlb_matches_its_show():
+    shm = nfqlb.decode_shm(real_shm(), "tshm-stream-a")
+    shown = nfqlb.parse_show((DATA / "show-tshm-stream-a.txt").read_text(), "tshm-stream-a")
+    assert (shm.m, shm.n, shm.own_fwmark) == (shown.m, shown.n, 0) == (397, 4, 0)
+    assert [(a.fwmark, a.index) for a in shm.active] == [(5001, 0), (5003, 2), (5004, 3)]
+    assert list(shm.active) == list(shown.active)
+    # show prints the first 25 lookup slots; the file holds all M of them
+    printed = shown.raw.split("Lookup:")[1].split("...")[0].split()
+    assert [str(v) for v in shm.lookup[:25]] == printed
+    assert len(shm.lookup) == 397 and set(shm.lookup) == {0, 2, 3}
     # raw is in show's format, so it parses back to the same thing
     again = nfqlb.parse_show(shm.raw, shm.name)
-    assert list(again.active) == list(shm.active) and (again.m, again.n) == (9973, 100)
+    assert list(again.active) == list(shm.active) and (again.m, again.n) == (397, 4)
 
 
-def test_decode_shm_four_byte_header_and_page_padding():
-    data = shm_bytes(0, 997, 32, {0: 101}, header=4) + b"\0" * 4096
-    shm = nfqlb.decode_shm(data, "tshm-x")
-    assert (shm.m, shm.n, [a.fwmark for a in shm.active]) == (997, 32, [101])
+def test_decode_shm_ignores_page_padding():
+    shm = nfqlb.decode_shm(real_shm() + b"\0" * 4096, "tshm-x")
+    assert [a.fwmark for a in shm.active] == [5001, 5003, 5004]
 
 
-@pytest.mark.parametrize("data", [b"", b"\x01" * 64, struct.pack("=iiIII", 0, 0, 5, 9, 0)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01" * 64,
+        struct.pack("=iIII", 0, 5, 9, 0),
+        # the layout before nfqlb 1.x this agent once guessed (no permutation rows)
+        struct.pack("=iIII", 0, 397, 4, 24 + 4 * 401) + b"\0" * (4 * 401),
+    ],
+)
 def test_decode_shm_rejects_unknown_layouts(data: bytes):
     with pytest.raises(CollectorError, match="layout"):
         nfqlb.decode_shm(data, "tshm-x")
+
+
+def test_decode_shm_rejects_truncated_and_corrupt_files():
+    data = real_shm()
+    with pytest.raises(CollectorError, match="truncated"):
+        nfqlb.decode_shm(data[:-20], "tshm-x")
+    corrupt = data[:16] + struct.pack("=i", 7) + data[20:]
+    with pytest.raises(CollectorError, match="outside"):
+        nfqlb.decode_shm(corrupt, "tshm-x")
 
 
 # --------------------------------------------------------------------------

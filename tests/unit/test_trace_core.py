@@ -92,7 +92,7 @@ def test_healthy_path_is_whole_and_names_the_hashed_target(healthy: TrenchState,
     result = run(healthy, flow)
     assert result.first_broken is None, result.first_broken
     assert result.chosen is not None
-    spec = build_spec("mdl-")
+    spec = build_spec("mdl-", marking="nft-jhash")
     assert result.chosen.target == predict_target(spec, parse_flow(flow).src)
     assert len(result.paths) == 1  # the mark's hash is computable: one candidate target
     back = [h for h in result.chosen.hops if h.direction == "return"]
@@ -109,7 +109,7 @@ def test_healthy_path_is_whole_and_names_the_hashed_target(healthy: TrenchState,
 
 
 def test_every_client_source_matches_the_lab_prediction(healthy: TrenchState) -> None:
-    spec = build_spec("mdl-")
+    spec = build_spec("mdl-", marking="nft-jhash")
     for src in spec.gateway.client_sources4[:16]:
         result = run(healthy, f"udp {src}:1234 -> 20.0.0.1:4001")
         assert result.chosen is not None and result.chosen.target == predict_target(spec, src)
@@ -147,7 +147,7 @@ def _chosen(healthy: TrenchState, flow: str) -> tuple[str, str, str]:
 def test_breaks_are_named(healthy: TrenchState, family: int) -> None:
     flow = FLOW4 if family == 4 else FLOW6
     lb, target, _proxy = _chosen(healthy, flow)
-    mark = build_spec("mdl-").target(target).fwmark
+    mark = build_spec("mdl-", marking="nft-jhash").target(target).fwmark
     vip = "20.0.0.1" if family == 4 else "2000::1"
     cases = [
         (
@@ -188,7 +188,7 @@ def test_breaks_are_named(healthy: TrenchState, family: int) -> None:
 
 def test_unenslaved_target_port(healthy: TrenchState) -> None:
     _lb, target, _proxy = _chosen(healthy, FLOW4)
-    spec = build_spec("mdl-")
+    spec = build_spec("mdl-", marking="nft-jhash")
     t = spec.target(target)
     proxy = next(n.proxy for n in spec.nodes if n.letter == t.node)
 

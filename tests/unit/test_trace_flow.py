@@ -58,7 +58,7 @@ def test_bad_flows_say_the_expected_form(text: str) -> None:
 
 
 def test_mark_hash_agrees_with_the_lab_prediction() -> None:
-    spec = build_spec("mdl-")
+    spec = build_spec("mdl-", marking="nft-jhash")
     entries = tuple((i, t.fwmark) for i, t in enumerate(spec.targets))
     by_mark = {t.fwmark: t.pod for t in spec.targets}
     for family, sources in ((4, spec.gateway.client_sources4), (6, spec.gateway.client_sources6)):
