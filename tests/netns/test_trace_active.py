@@ -132,10 +132,13 @@ def test_static_return_claims_hold_against_the_packets(
     flow = flow or f"icmp {client} -> {vip}"
     run = lab.active(flow, PROBE)
     active, static = run.active, run.static
-    assert active is not None and static.chosen is not None
+    assert active is not None
+    if proto == "icmp":  # nfqlb hashes the echo identifier, which a flow does not give
+        assert static.chosen is None and active.target in {p.target for p in static.paths}
+    else:  # nfqlb's hash of the 5-tuple in the shm's Maglev table: the exact target
+        assert static.chosen is not None and active.target == static.chosen.target
     assert static.verdict == "whole" and active.first_broken is None, active.first_broken
     assert active.packets["answered"] == PROBE.probes
-    assert active.target == static.chosen.target
     assert active.lbs_back and set(active.lbs_back) <= set(active.static_back)
     exact = family == 4 and proto in ("udp", "icmp")
     assert (len(active.static_back) == 1) == exact, (flow, active.static_back)
