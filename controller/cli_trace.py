@@ -50,12 +50,13 @@ packet from pod to pod (5-tuple + IPv4 id / TCP seq / ICMP id+seq / UDP payload)
 the JSON an "active" object:
   {mode: probe|traffic, sender, target (that got the packets),
    path: [{pod, role, direction, in_iface, out_iface, t_in_us, t_out_us, latency_us,
-           dwell_us, seen, lost, ok, reason, code, evidence: packets|state|null}],
+           dwell_us, seen, lost, ok, reason, code, evidence: packets|state|null, degraded}],
    sightings: [{pod, iface, dir: in|out, flooded, t_us, ts_ns, packet}] (one round trip),
    rtt_us, packets: {sent, forward, return, delivered, answered},
    lost_at: {pod, direction, reason, code} | null  (where packets disappeared),
-   first_broken, evidence, agrees_with_static, static_target, static_first_broken,
-   notes, captures: [{pod, packets, kernel_drops, agent_drops, error}], timings_ms}
+   first_broken, evidence, verdict, degraded, agrees_with_static, static_target,
+   static_first_broken, return_lbs, static_return_lbs, notes,
+   captures: [{pod, packets, kernel_drops, agent_drops, error}], timings_ms}
 With --active the top-level verdict, first_broken and degraded are the packets': a flow
 whose probes were all answered is whole (a hop they passed with broken kernel state is
 degraded); else the first hop where packets disappeared, or the broken state that explains

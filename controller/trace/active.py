@@ -25,10 +25,16 @@ How a pod is judged from what its capture saw (``sll_pkttype``):
 
 Packets cannot tell whether a target that got a request and sent nothing
 back dropped the request (VIP not local: forward) or could not route the
-reply (no ``from VIP`` rule: return); nor can they show a broken nexthop the
-flow did not hash to. There the kernel's state, as the static trace read it
-on the hops the packets took, names the hop -- and the result says which
-evidence named it (``packets`` or ``state``).
+reply (no ``from VIP`` rule: return). There the kernel's state, as the static
+trace read it on the hops the packets took, names the hop -- and the result
+says which evidence named it (``packets`` or ``state``).
+
+Packets are the truth for *their* flow (issue 10): when every probe was
+answered the flow is whole, and broken state on a hop they passed (a proxy
+ECMP without one LB's nexthop) is reported as *degraded* -- it breaks other
+flows -- never as this flow's first broken hop. ``agrees_with_static`` also
+compares the way back: the LBs the replies took must be the one static
+computed or among its candidates (a reply ECMP hashed with a seed).
 """
 
 from __future__ import annotations
