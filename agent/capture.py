@@ -626,6 +626,7 @@ class CaptureSession:
         except BaseException:
             for ring in self.rings:
                 ring.close()
+            self.close_wakeup()
             raise
         self._thread = threading.Thread(
             target=self._run, name=f"capture-{self.id[:8]}", daemon=True
@@ -845,8 +846,9 @@ class Registry:
             )
         self._running += 1
         try:
-            async for chunk in self._run(request):
-                yield chunk
+            async with contextlib.aclosing(self._run(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self._running -= 1
 

@@ -13,6 +13,7 @@ one log line, and a message that names the field but never echoes its value
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,8 +122,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 await _refuse(method, request, context)
-                async for item in inner_us(request, context):
-                    yield item
+                # aclosing: a cancelled stream closes the servicer's generator now (its
+                # finally stops captures and watchers), not whenever it is collected.
+                async with contextlib.aclosing(inner_us(request, context)) as items:
+                    async for item in items:
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -17,13 +17,14 @@ memory: see capture.py). Every request has passed agent/guard.py first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Protocol
 
 import grpc
@@ -62,6 +63,12 @@ def netns_id() -> str:
         return os.readlink("/proc/self/ns/net")
     except OSError:
         return ""
+
+
+def _close_made(future: asyncio.Future[Watcher]) -> None:
+    """Close a watcher whose stream was cancelled while it was being made."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 class Activity:
@@ -192,11 +199,17 @@ class AgentService(pb_grpc.AgentServicer):
                 f"{MAX_WATCHES} watches already run in this agent; end one, or try again later",
             )
         self._watches += 1
+        self.activity.active_streams += 1
         try:
-            async for event in self._watch(request, context, kinds, duration):
-                yield event
+            async with contextlib.aclosing(
+                self._watch(request, context, kinds, duration)
+            ) as events:
+                async for event in events:
+                    yield event
         finally:
             self._watches -= 1
+            self.activity.active_streams -= 1
+            self.activity.touch()
 
     async def _watch(
         self,
@@ -204,44 +217,50 @@ class AgentService(pb_grpc.AgentServicer):
         context: grpc.aio.ServicerContext[pb.WatchRequest, pb.Event],
         kinds: set[str],
         duration: float,
-    ) -> AsyncIterator[pb.Event]:
+    ) -> AsyncGenerator[pb.Event, None]:
         assert self._watcher_factory is not None
+        creating = asyncio.ensure_future(asyncio.to_thread(self._watcher_factory, kinds))
         try:
-            watcher = await asyncio.to_thread(self._watcher_factory, kinds)
+            watcher = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # The client left while the thread subscribes: close what it makes.
+            creating.add_done_callback(_close_made)
+            raise
         except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot watch netlink: {exc}")
             raise  # unreachable: abort raises
-        # Initial metadata tells the client the subscription is live, so a change it
-        # makes after this point is guaranteed to be seen.
-        await context.send_initial_metadata((("meridio-debug-watch", "subscribed"),))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[pb.Event | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
         stop = threading.Event()
-        dropped = 0
-
-        def put(event: pb.Event | None) -> None:
-            nonlocal dropped
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                dropped += 1
-
-        def pump() -> None:
-            try:
-                while not stop.is_set():
-                    for event in watcher.events(0.2):
-                        loop.call_soon_threadsafe(put, event)
-            except Exception as exc:  # report and end the stream, never the agent
-                log.warning("watcher failed: %s", exc)
-            finally:
-                loop.call_soon_threadsafe(put, None)
-
-        thread = threading.Thread(target=pump, name="netlink-watch", daemon=True)
-        thread.start()
-        self.activity.active_streams += 1
-        deadline = time.monotonic() + duration
-        sent = 0
+        thread: threading.Thread | None = None
         try:
+            # Initial metadata tells the client the subscription is live, so a change it
+            # makes after this point is guaranteed to be seen.
+            await context.send_initial_metadata((("meridio-debug-watch", "subscribed"),))
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[pb.Event | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+            dropped = 0
+
+            def put(event: pb.Event | None) -> None:
+                nonlocal dropped
+                try:
+                    queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    dropped += 1
+
+            def pump() -> None:
+                try:
+                    while not stop.is_set():
+                        for event in watcher.events(0.2):
+                            loop.call_soon_threadsafe(put, event)
+                except Exception as exc:  # report and end the stream, never the agent
+                    log.warning("watcher failed: %s", exc)
+                finally:
+                    with contextlib.suppress(RuntimeError):  # the loop may be gone
+                        loop.call_soon_threadsafe(put, None)
+
+            thread = threading.Thread(target=pump, name="netlink-watch", daemon=True)
+            thread.start()
+            deadline = time.monotonic() + duration
+            sent = 0
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -260,11 +279,13 @@ class AgentService(pb_grpc.AgentServicer):
                 if request.max_events and sent >= request.max_events:
                     break
         finally:
-            self.activity.active_streams -= 1
-            self.activity.touch()
             stop.set()
             watcher.close()
-            await asyncio.to_thread(thread.join, 2.0)
+            if thread is not None:
+                await asyncio.to_thread(thread.join, 2.0)
+            # Again, now that the pump is out of events(): a close() that raced with the
+            # reader leaving events() released nothing (a pipe pair leaked per watch).
+            watcher.close()
 
     async def Capture(
         self,

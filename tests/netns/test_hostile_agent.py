@@ -84,12 +84,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+AGENT_PIDS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def unix_agent(netns: str) -> Iterator[tuple[str, Path]]:
     """An agent on a unix socket in a private directory: (socket path, log path)."""
     workdir = tempfile.mkdtemp(prefix="mdt-hostile-")
     sock, log = f"{workdir}/agent.sock", Path(workdir) / "agent.log"
     proc = start_agent(netns, f"unix:{sock}", log)
+    AGENT_PIDS[sock] = proc.pid  # ip netns exec execs the agent: same pid
     try:
         wait_ready(log, proc)
         yield sock, log
@@ -349,3 +353,26 @@ def test_captures_and_watches_are_capped_with_resource_exhausted(
                 break
             time.sleep(0.1)
         assert code == grpc.StatusCode.OK
+
+
+def test_dropped_streams_leave_no_descriptors(unix_agent: tuple[str, Path]) -> None:
+    """Watches and captures whose client vanishes at once release everything (pipes too)."""
+    sock, _ = unix_agent
+    fd_dir = f"/proc/{AGENT_PIDS[sock]}/fd"
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        pb_grpc.AgentStub(channel).GetInfo(pb.InfoRequest(), timeout=10)
+    before = len(os.listdir(fd_dir))
+    for i in range(60):
+        channel = grpc.insecure_channel(f"unix:{sock}")
+        agent = pb_grpc.AgentStub(channel)
+        call = (
+            agent.Capture(pb.CaptureRequest(duration_s=30))
+            if i % 2
+            else agent.Watch(pb.WatchRequest(duration_s=30))
+        )
+        call.initial_metadata()
+        channel.close()
+    deadline = time.monotonic() + 15
+    while len(os.listdir(fd_dir)) > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(os.listdir(fd_dir)) <= before
