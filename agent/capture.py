@@ -58,7 +58,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from meridio_debug.agent.errors import AgentError
+from meridio_debug.agent.errors import AgentError, few
 from meridio_debug.protos import agent_pb2 as pb
 
 # Limits: defaults when the request leaves a field 0, and hard maximums.
@@ -385,7 +385,7 @@ def plan(request: pb.CaptureRequest) -> Plan:
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise InterfaceNotFound(
-                f"no interface {', '.join(unknown)} in this pod; it has: "
+                f"no interface {few(unknown)} in this pod; it has: "
                 f"{', '.join(n for _, n in interfaces)}"
             )
         points = tuple(Point(n, by_name[n], interface_linktype(n)) for n in names)

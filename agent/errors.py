@@ -24,3 +24,10 @@ class CollectorError(AgentError):
 
 class ListenError(AgentError):
     """The agent cannot listen where it was asked to."""
+
+
+def few(names: list[str], limit: int = 5, width: int = 40) -> str:
+    """Names for an error message, bounded: never echo unbounded input back to the client."""
+    shown = [n if len(n) <= width else n[:width] + "..." for n in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more

@@ -31,6 +31,7 @@ import grpc
 
 from meridio_debug.agent import capture, version
 from meridio_debug.agent.collectors import SECTIONS, Collector, run_collectors
+from meridio_debug.agent.errors import few
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 
@@ -165,7 +166,7 @@ class AgentService(pb_grpc.AgentServicer):
         if unknown:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}",
+                f"unknown section(s) {few(unknown)}; known: {', '.join(SECTIONS)}",
             )
         snap = pb.Snapshot(taken_unix_ns=time.time_ns())
         await asyncio.to_thread(run_collectors, self._collectors, snap, list(request.sections))
@@ -184,7 +185,7 @@ class AgentService(pb_grpc.AgentServicer):
         if unknown:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown event kind(s) {', '.join(unknown)}; known: {', '.join(WATCH_KINDS)}",
+                f"unknown event kind(s) {few(unknown)}; known: {', '.join(WATCH_KINDS)}",
             )
         if not 0 <= request.duration_s <= MAX_WATCH_SECONDS:  # also refuses NaN
             await context.abort(

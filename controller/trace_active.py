@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ async def active_trace_async(
     shared = SharedRuntime(runtime)
     states: list[PodCapture] = []
     tasks: list[asyncio.Task[None]] = []
+    handlers: list[signal.Signals] = []
     try:
         run = await trace_async(shared, [flow], config)
         static = run.results[0]
@@ -283,6 +285,23 @@ async def active_trace_async(
         loop = asyncio.get_running_loop()
         all_started = asyncio.Event()
         news = asyncio.Event()
+        # Ctrl-C or SIGTERM once: stop waiting, give the verdict and -w for what was captured
+        # (like capture); twice: cancel. Also when a shell started us with SIGINT ignored.
+        interrupted = asyncio.Event()
+        main_task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if interrupted.is_set() and main_task is not None:
+                main_task.cancel()
+            interrupted.set()
+            news.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal)
+            except (RuntimeError, ValueError):  # not the main thread (a library caller's loop)
+                break
+            handlers.append(sig)
         started = 0
 
         def on_start() -> None:
@@ -326,7 +345,7 @@ async def active_trace_async(
             lap("probes_sent")
             wanted = {p.index for p in probe_run.probes if p.ok}
             deadline = loop.time() + options.settle
-            while wanted and not probe_run.error:
+            while wanted and not probe_run.error and not interrupted.is_set():
                 seen = [s for st in states for s in st.sightings]
                 if wanted <= answered(flow, seen, roles, probe_run.probes):
                     await asyncio.sleep(REPLY_GRACE_S)
@@ -339,7 +358,8 @@ async def active_trace_async(
                     await asyncio.wait_for(news.wait(), left)
         else:
             log(f"capturing the flow's traffic in {len(live)} pods for {options.duration:g} s")
-            await asyncio.sleep(options.duration)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), options.duration)
         lap("settled")
         await _stop(shared, states, tasks)
         lap("captures_stopped")
@@ -347,6 +367,8 @@ async def active_trace_async(
         active = correlate(flow, sightings, roles, static, probe_run)
         if probe_run is not None and probe_run.how:
             active = _with_note(active, f"probes: {probe_run.how}")
+        if interrupted.is_set():
+            active = _with_note(active, "stopped early by a signal: this is what was captured")
         lap("verdict")
         if options.write:
             _write_pcapng(options.write, states)
@@ -362,6 +384,8 @@ async def active_trace_async(
         if tasks:
             await _stop(shared, states, tasks)
         await shared.aclose()
+        for sig in handlers:
+            asyncio.get_running_loop().remove_signal_handler(sig)
 
 
 def _with_note(result: ActiveResult, note: str) -> ActiveResult:

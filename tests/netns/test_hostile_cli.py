@@ -6,12 +6,13 @@ directory in it, and no process whose command line names it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -151,4 +152,44 @@ def test_a_later_run_sweeps_directories_of_dead_runs(netns: str, tmp_path: Path)
         check=False,
     )
     assert res.returncode == 0, res.stderr
+    assert gone(tmp_path) == ([], [])
+
+
+@pytest.fixture(scope="module")
+def lab(lab_prefix: Callable[[], str]) -> Iterator[str]:
+    from meridio_debug.controller.lab import build_spec, down, up
+
+    spec = build_spec(lab_prefix())
+    try:
+        up(spec)
+        yield spec.prefix
+    finally:
+        down(spec.prefix)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_trace_active_stops_at_once_on_a_signal_and_writes_what_it_has(
+    lab: str, tmp_path: Path, sig: int
+) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "trace", "--lab", "--prefix", lab, "--active", "--duration", "10",
+         "-w", "trace.pcapng", "-o", "json", "--flow", "udp 200.100.0.7:40000 -> 20.0.0.1:4000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        wait_for_line(proc, "capturing")
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert took < 5, f"{took:.1f} s after the signal (the capture lasts 10 s)"
+    notes = json.loads(out)["active"]["notes"]
+    assert any("stopped early by a signal" in n for n in notes), notes
+    assert (tmp_path / "trace.pcapng").stat().st_size > 0
     assert gone(tmp_path) == ([], [])
