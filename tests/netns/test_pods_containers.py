@@ -7,7 +7,8 @@ notices: the snapshot lists frontend's processes and nothing of the
 stateless-lb container, bird comes "from container frontend", and nfqlb --
 invisible as a process -- is still reported, from container stateless-lb,
 through the pod's @nfqlb socket and /dev/shm (issue 11's measured failure was
-"nfqlb: ABSENT" there). One lab for the module, always removed.
+"nfqlb: ABSENT" there), from *this* pod's /dev/shm, and a dead nfqlb is named
+as such. One lab (real nfqlb 1.2.0) for the module, always removed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,15 +34,6 @@ pytestmark = [
 ]
 
 CLI = [sys.executable, "-m", "meridio_debug.controller.cli"]
-NFQLB_CANDIDATES = ("/var/cache/meridio-debug/nfqlb-1.2.0/nfqlb",)
-
-
-def nfqlb_binary() -> str | None:
-    found = shutil.which("nfqlb")
-    return found or next((p for p in NFQLB_CANDIDATES if os.access(p, os.X_OK)), None)
-
-
-_started: list[subprocess.Popen[bytes]] = []
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +44,7 @@ def lab(lab_prefix):
         up(spec)
         yield spec
     finally:
-        down(prefix)  # ends every container, and what the tests started inside them
-        for proc in _started:
-            proc.wait(timeout=10)
+        down(prefix)
 
 
 def container_pid(prefix: str, pod: str, container: str) -> int:
@@ -116,59 +106,53 @@ def test_agent_in_a_target_sees_the_application_not_tapa(lab):
         assert where in nfqlb["message"]
 
 
-def ensure_nfqlb(prefix: str, binary: str) -> None:
-    """nfqlb in lb-fe-a's stateless-lb as Meridio runs it, unless the lab already does."""
-    pid = container_pid(prefix, "lb-fe-a", "stateless-lb")
-    if "nfqlb" in in_container(pid, "ps", "-e", "-o", "comm=").stdout.split():
-        return
-    flowlb = [binary, "flowlb", "--promiscuous_ping", "--queue=0:3", "--qlength=1024"]
-    proc = subprocess.Popen(
-        ["nsenter", "-t", str(pid), "-n", "-m", "-p", "--", *flowlb, "--hash_mode=0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    _started.append(proc)
-    deadline = time.monotonic() + 5
-    while "@nfqlb" not in Path(f"/proc/{pid}/net/unix").read_text():
-        assert time.monotonic() < deadline, "nfqlb flowlb did not listen on @nfqlb"
-        time.sleep(0.05)
-    in_container(pid, binary, "init", "--ownfw=0", "--shm=tshm-stream-a", "--M=400", "--N=4")
-    for ident in (1, 2, 3, 4):
-        in_container(
-            pid,
-            binary,
-            "activate",
-            f"--index={ident - 1}",
-            "--shm=tshm-stream-a",
-            str(5000 + ident),
-        )
-    in_container(
-        pid,
-        binary,
-        "flow-set",
-        "--name=flow-a",
-        "--prio=1",
-        "--protocols=tcp,udp",
-        "--dst=20.0.0.1/32,2000::1/128",
-        "--dport=4000-4003",
-        "--target=tshm-stream-a",
-    )
-
-
 def test_agent_targeting_frontend_reports_nfqlb_of_stateless_lb(lab):
-    binary = nfqlb_binary()
-    if binary is None:
-        pytest.skip("nfqlb 1.2.0 not built (scripts/setup builds it)")
-    ensure_nfqlb(lab.prefix, binary)
+    lb = container_pid(lab.prefix, "lb-fe-a", "stateless-lb")
+    assert in_container(lb, "cat", "/proc/1/comm").stdout.strip() == "nfqlb"  # flowlb, PID 1
     doc = snapshot(lab.prefix, "lb-fe-a", "processes", "nfqlb")
     # The process is not visible from frontend...
     assert "nfqlb" not in {p["name"] for p in doc["processes"]}
     # ...and nfqlb's state still is, attributed to the container that runs it.
     st = status_of(doc, "nfqlb")
-    assert st["container"] == "stateless-lb", st
+    assert st["state"] == "OK", st
+    assert st["container"] == "stateless-lb"
     assert "@nfqlb" in st["source"] and "/dev/shm" in st["source"]
     flows = doc["nfqlb"]["flows"]
     assert any(f["user_ref"] == "tshm-stream-a" and "20.0.0.1/32" in f["dests"] for f in flows), (
         flows
     )
+    shm = next(s for s in doc["nfqlb"]["shms"] if s["name"] == "tshm-stream-a")
+    assert sorted(a["fwmark"] for a in shm["active"]) == [5001, 5002, 5003, 5004]
+
+
+def test_each_lb_reports_its_own_pods_shm(lab):
+    """Deactivate a target in lb-fe-b only: lb-fe-a's agent still sees all four Active."""
+    lb_b = container_pid(lab.prefix, "lb-fe-b", "stateless-lb")
+    nfqlb = os.readlink(f"/proc/{lb_b}/exe")
+    in_container(lb_b, nfqlb, "deactivate", "--index=3", "--shm=tshm-stream-a")
+    try:
+        active = {}
+        for pod in ("lb-fe-a", "lb-fe-b"):
+            doc = snapshot(lab.prefix, pod, "nfqlb")
+            shm = next(s for s in doc["nfqlb"]["shms"] if s["name"] == "tshm-stream-a")
+            active[pod] = sorted(a["fwmark"] for a in shm["active"])
+        assert active == {"lb-fe-a": [5001, 5002, 5003, 5004], "lb-fe-b": [5001, 5002, 5003]}
+    finally:
+        in_container(lb_b, nfqlb, "activate", "--index=3", "--shm=tshm-stream-a", "5004")
+
+
+def test_dead_nfqlb_is_named_with_what_is_left(lab):
+    """flowlb gone (its container ended) while the pod's shm remains: an error that says so.
+
+    Last in the module: it breaks lb-fe-b for good.
+    """
+    os.kill(container_pid(lab.prefix, "lb-fe-b", "stateless-lb"), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while True:
+        doc = snapshot(lab.prefix, "lb-fe-b", "nfqlb")
+        st = status_of(doc, "nfqlb")
+        if st["state"] != "OK" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert st["state"] == "ERROR", st
+    assert "tshm-stream-a" in st["message"] and "nothing listens on @nfqlb" in st["message"]
