@@ -95,12 +95,31 @@ class Sampler:
         self._thread.join()
 
 
+def _socket_families(pid: int) -> dict[str, str]:
+    """socket inode -> family (unix, netlink, packet, tcp, udp), as the agent's netns sees them."""
+    families: dict[str, str] = {}
+    for family in ("unix", "netlink", "packet", "tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{family}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                inode = {"unix": 6, "netlink": 9, "packet": 8}.get(family, 9)
+                if len(fields) > inode:
+                    families[fields[inode]] = family
+    return families
+
+
 def fd_kinds(pid: int) -> Counter[str]:
-    """The agent's open fds by kind (socket, pipe, anon_inode:[eventfd], a path...)."""
+    """The agent's open fds by kind (pipe, a path, socket by family...)."""
     kinds: Counter[str] = Counter()
+    families = _socket_families(pid)
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            kinds[os.readlink(f"/proc/{pid}/fd/{fd}").split(":[")[0]] += 1
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            kind, _, rest = target.partition(":[")
+            if kind == "socket":
+                kind = f"socket ({families.get(rest.rstrip(']'), '?')})"
+            kinds[kind] += 1
     return kinds
 
 
