@@ -23,17 +23,18 @@ What this module adds on top, because an agent must never hang or die:
   error (net/netlink/af_netlink.c ``netlink_dump_done``); pyroute2 decodes it
   only when extended-ack TLVs follow, the parser hook below always does.
 
-The measured hot paths are the route and rule dumps (thousands on a large LB):
-pyroute2's generic decode plus ``get_attr`` costs ~70 us a route
-(bench/snapshot_bench.py: ~150 ms for 2,000 routes against ~10-20 ms for all
-of ``ip -j``; 200 rules ~18 ms). So route and rule messages of a dump go
-through a parser hook of pyroute2's Marshal (``get_parser``): FastParser,
-built from the message class's own ``fields`` and ``nla_map``, decodes the
-attributes whose pyroute2 type it knows (addresses, integers, strings, RTA_VIA,
-port/uid ranges, the nexthop list) to the values pyroute2 gives, in the same
-shape (fields plus ``get_attr``); tests/unit/test_netlink_decode.py checks
-both decoders agree on recorded kernel answers. Links, addresses, neighbours,
-fdb, events and RouteGet answers (tens of messages) use pyroute2's classes.
+The measured hot paths are the dumps: pyroute2's generic decode plus
+``get_attr`` costs ~70 us a route (bench/snapshot_bench.py: ~150 ms for 2,000
+routes against ~10-20 ms for all of ``ip -j``), and opening its socket ~0.1 ms.
+So route, rule, address and neighbour messages of a dump go through a parser
+hook of pyroute2's Marshal (``get_parser``): FastParser, built from the message
+class's own ``fields`` and ``nla_map``, decodes the attributes whose pyroute2
+type it knows (addresses, integers, strings, MACs, RTA_VIA, port/uid ranges,
+the nexthop list) to the values pyroute2 gives, in the same shape (fields plus
+``get_attr``); tests/unit/test_netlink_decode.py checks both decoders agree on
+recorded kernel answers. Links (nested link info, stats), events and RouteGet
+answers use pyroute2's classes. The dumps of one snapshot share one socket per
+worker thread (thread_socket).
 """
 
 from __future__ import annotations
