@@ -1,12 +1,16 @@
 """Processes and sockets of the pod, as psutil sees them from inside its netns.
 
 Why a netns filter: the agent shares the pod's network namespace, but not
-always its PID namespace in a way that limits what /proc shows. In the local
-runtime (``ip netns exec``) the agent sits in the host's PID namespace and
+always a PID namespace that limits what /proc shows. As an ephemeral
+container (a cluster, ``--lab``: agent/ephemeral.py) it shares only its
+target container's PID namespace, and /proc shows that container's
+processes; a bare ``--netns`` agent sits in the host's PID namespace, where
 psutil lists every process on the machine, including the bird and nfqlb of
-*other* lab pods. A process belongs to "this pod" when its
-``/proc/PID/ns/net`` is the agent's own network namespace; the agent itself
-is left out (it is not part of the pod being debugged).
+*other* pods. A process belongs to "this pod" when its ``/proc/PID/ns/net``
+is the agent's own network namespace; the agent itself is left out (it is
+not part of the pod being debugged). Processes of the pod's *other*
+containers are not visible at all: the nfqlb collector reads those through
+what the pod shares instead.
 
 Sockets need no filter: ``/proc/net/*`` (what psutil reads) is already
 scoped to the reader's network namespace. Only the pid of a socket's owner
