@@ -375,3 +375,43 @@ def test_dropped_streams_leave_no_descriptors(unix_agent: tuple[str, Path]) -> N
     while len(os.listdir(fd_dir)) > before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(os.listdir(fd_dir)) <= before
+
+
+def test_a_capture_on_64_interfaces_has_the_ring_memory_of_one(tmp_path: Path) -> None:
+    """Rings are RING_BYTES per capture however many interfaces it names (was 4 MiB each)."""
+    from meridio_debug.agent.capture import RING_BYTES
+
+    ns = f"mdt-h64-{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    proc = None
+    try:
+        batch = "".join(
+            f"link add r{i} type veth peer name s{i}\nlink set r{i} up\n" for i in range(32)
+        )
+        subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
+        log = tmp_path / "agent.log"
+        workdir = tempfile.mkdtemp(prefix="mdt-hostile-")
+        sock = f"{workdir}/agent.sock"
+        proc = start_agent(ns, f"unix:{sock}", log)
+        wait_ready(log, proc)
+        names = [f"{p}{i}" for i in range(32) for p in ("r", "s")]
+        rss = Path(f"/proc/{proc.pid}/status")
+
+        def rss_bytes() -> int:
+            line = next(x for x in rss.read_text().splitlines() if x.startswith("VmRSS:"))
+            return int(line.split()[1]) * 1024
+
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            agent = pb_grpc.AgentStub(channel)
+            agent.GetInfo(pb.InfoRequest(), timeout=10)
+            before = rss_bytes()
+            call = agent.Capture(pb.CaptureRequest(interfaces=names, duration_s=30))
+            start = next(call)
+            assert list(start.start.points) == names
+            grown = rss_bytes() - before
+            call.cancel()
+        assert grown < RING_BYTES + (16 << 20), f"{grown >> 20} MiB for 64 interfaces"
+    finally:
+        if proc is not None:
+            stop(proc)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
