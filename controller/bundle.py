@@ -53,6 +53,7 @@ from meridio_debug.controller.model import (
     PodHealth,
     PodResult,
     ReadProblem,
+    Timeline,
     TrenchConfig,
     TrenchState,
 )
@@ -64,6 +65,7 @@ BUNDLE_KIND: Final = "meridio-debug/bundle"
 FORMAT_VERSION: Final = 1
 META_NAME: Final = "meta.json"
 KUBE_NAME: Final = "kubernetes.json"  # optional: pod status and log tails (Kubernetes runs)
+WATCH_NAME: Final = "watch.json"  # optional: events and bird samples of analyze --watch
 POD_DIR: Final = "pods"
 # A snapshot of a big LB is a few MiB; anything far beyond is not ours (or a zip bomb).
 MAX_MEMBER_BYTES: Final = 64 * 1024 * 1024
@@ -83,6 +85,17 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Recording:
+    """A watched window as the agents sent it (``analyze --watch S``); converted in trench_state."""
+
+    start_unix_ns: int
+    end_unix_ns: int
+    events: tuple[tuple[str, pb.Event], ...] = ()  # (pod, event)
+    samples: tuple[tuple[str, int, pb.Snapshot], ...] = ()  # (pod, unix_ns, bird-only snapshot)
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Evidence:
     """What analysis needs: the pods' snapshots plus what the trench should look like.
 
@@ -97,6 +110,7 @@ class Evidence:
     created_unix_ns: int = 0
     meta: Mapping[str, Any] = field(default_factory=dict)
     kube: KubeState | None = None  # pods' Kubernetes status and log tails (cluster runs)
+    recording: Recording | None = None  # netlink events and bird samples of a watched window
 
 
 def trench_state(evidence: Evidence) -> TrenchState:
@@ -108,7 +122,19 @@ def trench_state(evidence: Evidence) -> TrenchState:
         convert.pod_result_from_proto(item.pod.name, item.pod.role, item.snapshot, error=item.error)
         for item in evidence.items
     ]
-    return TrenchState(pods=tuple(pods), config=evidence.config, kube=evidence.kube)
+    timeline = None
+    rec = evidence.recording
+    if rec is not None:
+        timeline = Timeline(
+            start_unix_ns=rec.start_unix_ns,
+            end_unix_ns=rec.end_unix_ns,
+            events=tuple(convert.event_from_proto(pod, e) for pod, e in rec.events),
+            samples=tuple(convert.sample_from_proto(pod, t, snap) for pod, t, snap in rec.samples),
+            errors=rec.errors,
+        )
+    return TrenchState(
+        pods=tuple(pods), config=evidence.config, kube=evidence.kube, timeline=timeline
+    )
 
 
 # --------------------------------------------------------------------------- writing
@@ -221,6 +247,8 @@ def write_bundle(
             _add(tar, META_NAME, _dump(meta), mtime)
             if evidence.kube is not None:
                 _add(tar, KUBE_NAME, _dump(kube_to_dict(evidence.kube)), mtime)
+            if evidence.recording is not None:
+                _add(tar, WATCH_NAME, _dump(recording_to_dict(evidence.recording)), mtime)
             for item, pod in zip(evidence.items, meta["pods"], strict=True):
                 _add(tar, pod["file"], _dump(output.snapshot_to_dict(item)), mtime)
         tmp.replace(target)
@@ -282,6 +310,50 @@ def kube_from_dict(data: Any, path: Path) -> KubeState:
         )
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise BundleError(f"{path}: {KUBE_NAME} does not fit this version ({exc})") from exc
+
+
+def _msg(message: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return doc
+
+
+def recording_to_dict(rec: Recording) -> dict[str, Any]:
+    return {
+        "start_unix_ns": rec.start_unix_ns,
+        "end_unix_ns": rec.end_unix_ns,
+        "errors": list(rec.errors),
+        "events": [{"pod": pod, "event": _msg(e)} for pod, e in rec.events],
+        "samples": [
+            {"pod": pod, "unix_ns": t, "bird": _msg(snap.bird)} for pod, t, snap in rec.samples
+        ],
+    }
+
+
+def recording_from_dict(data: Any, path: Path) -> Recording:
+    """watch.json back into the agents' messages (then the live conversion)."""
+    try:
+        if not isinstance(data, Mapping):
+            raise TypeError("not an object")
+        events = []
+        for item in data.get("events", ()):
+            event = pb.Event()
+            json_format.ParseDict(item["event"], event, ignore_unknown_fields=True)
+            events.append((str(item["pod"]), event))
+        samples = []
+        for item in data.get("samples", ()):
+            snap = pb.Snapshot()
+            json_format.ParseDict(item["bird"], snap.bird, ignore_unknown_fields=True)
+            samples.append((str(item["pod"]), int(item["unix_ns"]), snap))
+        return Recording(
+            start_unix_ns=int(data["start_unix_ns"]),
+            end_unix_ns=int(data["end_unix_ns"]),
+            events=tuple(events),
+            samples=tuple(samples),
+            errors=tuple(str(e) for e in data.get("errors", ())),
+        )
+    except (TypeError, KeyError, ValueError, json_format.ParseError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{path}: {WATCH_NAME} does not fit this version ({first})") from exc
 
 
 # --------------------------------------------------------------------------- reading
@@ -470,9 +542,13 @@ def read_bundle(path: str | Path) -> Evidence:
     kube = None
     if KUBE_NAME in members:
         kube = kube_from_dict(_json(p, KUBE_NAME, members[KUBE_NAME]), p)
+    recording = None
+    if WATCH_NAME in members:
+        recording = recording_from_dict(_json(p, WATCH_NAME, members[WATCH_NAME]), p)
     created = meta.get("created_unix_ns")
     return Evidence(
         kube=kube,
+        recording=recording,
         items=tuple(items),
         config=_config_from_dict(meta.get("trench")),
         source=f"bundle {p.name} ({meta.get('source') or meta.get('runtime') or 'unknown source'})",

@@ -46,6 +46,7 @@ ANALYZE_EPILOG = """examples:
   meridio-debug analyze --from bundle.tar.gz -o json --suppress MDB116=lb-fe-b
   meridio-debug analyze --list-checks
   meridio-debug analyze --lab --wait --timeout 60      # until the trench has settled
+  meridio-debug analyze --lab --watch 30               # flaps during 30 s (MDB7xx)
 
 exit codes: 0 nothing at or above --fail-on, 1 error, 2 usage, 3 findings at or above --fail-on"""
 
@@ -157,11 +158,22 @@ def _evidence(args: argparse.Namespace) -> Evidence:
         if args.lab or args.netns or args.netns_pid or args.pods or cluster_flags(args):
             raise UsageError("--from BUNDLE replays saved evidence: drop --lab/--netns/-n/POD")
         return read_bundle(bundle)
+    runtime, config, source, health = live_source(args)
+    seconds = float(getattr(args, "watch", 0) or 0)
+    if seconds > 0:
+        return asyncio.run(watched_evidence(runtime, config, source, health, seconds))
+    return asyncio.run(gather_async(runtime, config, source, health))
+
+
+def live_source(
+    args: argparse.Namespace,
+) -> tuple[Runtime, TrenchConfig | None, str, HealthOptions | None]:
+    """The runtime for the target flags, the trench's configuration and a source label."""
     from meridio_debug.controller.cli import make_runtime
 
     if args.lab and not args.netns and not args.netns_pid:
         runtime, config, source = lab_evidence_source(args.prefix, args.pods)
-        return gather(runtime, config, source)
+        return runtime, config, source, None
     runtime = make_runtime(args)  # validates the combination of flags
     if cluster_flags(args):
         health = HealthOptions(
@@ -170,9 +182,35 @@ def _evidence(args: argparse.Namespace) -> Evidence:
             since_unix=args.since_ns / 1e9 if getattr(args, "since_ns", 0) else 0.0,
         )
         intent = None if getattr(args, "config", None) else cluster_config(runtime)
-        return asyncio.run(gather_async(runtime, intent, f"namespace {runtime.namespace}", health))
+        return runtime, intent, f"namespace {runtime.namespace}", health
     where = args.netns or [f"pid:{p}" for p in args.netns_pid]
-    return gather(runtime, None, f"netns {','.join(map(str, where))}")
+    return runtime, None, f"netns {','.join(map(str, where))}", None
+
+
+async def watched_evidence(
+    runtime: Runtime,
+    config: TrenchConfig | None,
+    source: str,
+    health: HealthOptions | None,
+    seconds: float,
+) -> Evidence:
+    """``analyze --watch S``: S seconds of events and bird samples, then the snapshot."""
+    from meridio_debug.controller.bundle import Recording
+    from meridio_debug.controller.runtime.reuse import ReusingRuntime
+    from meridio_debug.controller.session import record_all
+
+    async with ReusingRuntime(runtime) as shared:
+        print(f"watching every pod for {seconds:g} s ...", file=sys.stderr, flush=True)
+        start = time.time_ns()
+        events, samples, errors = await record_all(shared, seconds)
+        end = time.time_ns()
+        evidence = await gather_async(shared, config, source, health)
+    print(
+        f"watched {seconds:g} s: {len(events)} events, {len(samples)} bird samples",
+        file=sys.stderr,
+    )
+    recording = Recording(start, end, tuple(events), tuple(samples), tuple(errors))
+    return replace(evidence, recording=recording)
 
 
 def cluster_config(runtime: Any) -> TrenchConfig | None:
@@ -345,6 +383,14 @@ def add_config_arg(p: Any) -> None:
         help="at most B bytes of log per container instance (default 32768)",
     )
     g.add_argument("--no-logs", action="store_true", help="read no container logs")
+    p.add_argument(
+        "--watch",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first record S seconds of netlink events and bird/BFD state in every pod and "
+        "report flaps (MDB7xx); the events go into the bundle",
+    )
     g.add_argument(
         "--since-ns",
         type=int,
@@ -403,6 +449,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "or --from BUNDLE"
         )
     fail_on = _fail_on(args.fail_on)
+    if args.watch and (args.watch < 0 or args.watch > 3600 or args.watch != args.watch):
+        raise UsageError("--watch S: give seconds between 0 and 3600")
+    if args.watch and (args.from_bundle or args.wait):
+        raise UsageError("--watch records live pods: not with --from BUNDLE or --wait")
     if args.wait:
         if args.from_bundle:
             raise UsageError("--wait polls live pods: it does not go with --from BUNDLE")
@@ -478,6 +528,8 @@ def wait_until_settled(
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    if args.watch and (args.watch < 0 or args.watch > 3600 or args.watch != args.watch):
+        raise UsageError("--watch S: give seconds between 0 and 3600")
     if not (args.lab or args.netns or args.netns_pid or cluster_flags(args)):
         raise UsageError(
             "say where the pods are: --lab, --netns NAME, --netns-pid PID or -n NAMESPACE"

@@ -28,6 +28,7 @@ from meridio_debug.controller.model import (
     FdbEntry,
     Link,
     Neighbour,
+    NetEvent,
     Nexthop,
     NfqlbFlow,
     NfqlbShm,
@@ -45,14 +46,17 @@ from meridio_debug.controller.model import (
     Rule,
     SectionState,
     SectionStatus,
+    SessionSample,
     infer_role,
     parse_role,
 )
 from meridio_debug.protos import agent_pb2 as pb
 
 __all__ = [
+    "event_from_proto",
     "nft_state_from_json",
     "pod_result_from_proto",
+    "sample_from_proto",
     "snapshot_from_dict",
     "snapshot_from_proto",
 ]
@@ -131,15 +135,7 @@ def snapshot_from_proto(
             Process(pid=p.pid, name=p.name, cmdline=tuple(p.cmdline)) for p in snap.processes
         ),
         bird_protocols=tuple(_bird_protocol(p) for p in snap.bird.protocols),
-        bfd_sessions=tuple(
-            BfdSession(
-                address=_strip_addr(s.address),
-                state=s.state.strip(),
-                interface=s.interface,
-                protocol=s.protocol,
-            )
-            for s in snap.bird.bfd_sessions
-        ),
+        bfd_sessions=tuple(_bfd(s) for s in snap.bird.bfd_sessions),
         nfqlb_flows=tuple(_nfqlb_flow(f) for f in snap.nfqlb.flows),
         nfqlb_shms=tuple(
             NfqlbShm(
@@ -351,6 +347,15 @@ def _fdb(entry: pb.FdbEntry) -> FdbEntry:
         vlan=entry.vlan,
         state=entry.state.lower(),
         flags=tuple(f.lower() for f in entry.flags),
+    )
+
+
+def _bfd(s: pb.BfdSession) -> BfdSession:
+    return BfdSession(
+        address=_strip_addr(s.address),
+        state=s.state.strip(),
+        interface=s.interface,
+        protocol=s.protocol,
     )
 
 
@@ -640,3 +645,34 @@ def _iifname_prefixes(exprs: Iterable[Any]) -> Iterator[str]:
         for value in values:
             if isinstance(value, str):
                 yield value[:-1] if value.endswith("*") else value
+
+
+# --------------------------------------------------------------------------- over time
+
+
+def event_from_proto(pod: str, event: pb.Event) -> NetEvent:
+    """One watched netlink event as the model (same conversions as a snapshot's)."""
+    which = event.WhichOneof("object")
+    return NetEvent(
+        pod=pod,
+        unix_ns=event.unix_ns,
+        kind=event.kind,
+        action=event.action,
+        summary=event.summary,
+        link=_link(event.link) if which == "link" else None,
+        address=_address(event.address) if which == "address" else None,
+        route=_route(event.route) if which == "route" else None,
+        rule=_rule(event.rule) if which == "rule" else None,
+        neighbour=_neighbour(event.neighbour) if which == "neighbour" else None,
+        overflow=event.overflow,
+    )
+
+
+def sample_from_proto(pod: str, unix_ns: int, snap: pb.Snapshot) -> SessionSample:
+    """bird's protocols and BFD sessions of a (bird-only) snapshot at ``unix_ns``."""
+    return SessionSample(
+        pod=pod,
+        unix_ns=unix_ns,
+        protocols=tuple(_bird_protocol(p) for p in snap.bird.protocols),
+        bfd_sessions=tuple(_bfd(s) for s in snap.bird.bfd_sessions),
+    )

@@ -648,6 +648,47 @@ class KubeState:
     timings: tuple[tuple[str, float], ...] = ()
 
 
+# --------------------------------------------------------------------------- over time
+
+
+@dataclass(frozen=True, slots=True)
+class NetEvent:
+    """One netlink event a pod's agent saw during a watched window (``analyze --watch``)."""
+
+    pod: str
+    unix_ns: int
+    kind: str  # link, address, route, rule, neighbour
+    action: str  # new, del
+    summary: str = ""
+    link: Link | None = None
+    address: Address | None = None
+    route: Route | None = None
+    rule: Rule | None = None
+    neighbour: Neighbour | None = None
+    overflow: bool = False  # the kernel dropped events before this one (ENOBUFS)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSample:
+    """bird's BGP protocols and BFD sessions in one pod at one moment of the window."""
+
+    pod: str
+    unix_ns: int
+    protocols: tuple[BirdProtocol, ...] = ()
+    bfd_sessions: tuple[BfdSession, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """What happened during a watched window: netlink events and periodic bird samples."""
+
+    start_unix_ns: int
+    end_unix_ns: int
+    events: tuple[NetEvent, ...] = ()
+    samples: tuple[SessionSample, ...] = ()
+    errors: tuple[str, ...] = ()  # pods that could not be watched, and why
+
+
 @dataclass(frozen=True, slots=True)
 class TrenchState:
     """Input of ``analyze``: every pod result of one trench plus optional expectations."""
@@ -655,6 +696,7 @@ class TrenchState:
     pods: tuple[PodResult, ...]
     config: TrenchConfig | None = None
     kube: KubeState | None = None  # Kubernetes' view of the pods, when read from a cluster
+    timeline: Timeline | None = None  # events of a watched window (analyze --watch S)
 
     def pod(self, name: str) -> PodResult | None:
         for result in self.pods:

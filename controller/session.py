@@ -8,6 +8,7 @@ still answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 
 from meridio_debug.controller.errors import MeridioDebugError
@@ -60,3 +61,41 @@ async def watch_all(
 
     await asyncio.gather(*(one(p) for p in pods))
     return errors
+
+
+async def record_all(
+    runtime: Runtime, seconds: float, interval: float = 1.0
+) -> tuple[list[tuple[str, pb.Event]], list[tuple[str, int, pb.Snapshot]], list[str]]:
+    """``seconds`` of every pod's netlink events, and bird's state every ``interval``.
+
+    Returns (events, samples, errors): events in arrival order per pod, samples as
+    (pod, unix_ns, bird-only snapshot) for pods whose bird section could be read.
+    """
+    import time
+
+    events: list[tuple[str, pb.Event]] = []
+    samples: list[tuple[str, int, pb.Snapshot]] = []
+    subscribed = asyncio.Event()
+    watching = asyncio.ensure_future(
+        watch_all(
+            runtime,
+            (),
+            seconds,
+            lambda pod, event: events.append((pod, event)),
+            lambda _pods: subscribed.set(),
+        )
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(subscribed.wait(), timeout=min(seconds, 10.0) or 10.0)
+    deadline = time.monotonic() + seconds
+    while not watching.done():
+        now = time.time_ns()
+        for item in await snapshot_all(runtime, ("bird",)):
+            if item.snapshot is not None and item.snapshot.bird.protocols:
+                samples.append((item.pod.name, now, item.snapshot))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        await asyncio.wait({watching}, timeout=min(interval, left))
+    errors = await watching
+    return events, samples, errors

@@ -24,7 +24,16 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meridio_debug.controller.analysis import access, config, health, lbfe, proxy, target, trench
+from meridio_debug.controller.analysis import (
+    access,
+    config,
+    flaps,
+    health,
+    lbfe,
+    proxy,
+    target,
+    trench,
+)
 from meridio_debug.controller.analysis._view import release
 from meridio_debug.controller.analysis.findings import (
     Check,
@@ -56,6 +65,7 @@ CHECKS: tuple[Check, ...] = (
     + trench.CHECKS
     + config.CHECKS
     + health.CHECKS
+    + flaps.CHECKS
 )
 
 # Not in the catalog's rule list: a rule that raised on unexpected data. Reported

@@ -261,3 +261,60 @@ def test_analyze_wait_times_out_with_exit_3_and_the_findings(
     assert _findings(out) == {("MDB112", lab.frontends[0].pod)}
     assert "not settled after 3 s" in err
     assert time.monotonic() - started < 15
+
+
+def test_analyze_watch_reports_the_flaps_of_the_window(
+    lab: LabSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bridge port flaps and lb-fe-a's v4 BGP session drops and comes back while watched:
+    MDB701 on the proxy, MDB703 and MDB702 (VIP egress default withdrawn, back) on the LB;
+    the final state is healthy, and the bundle replays the same flap findings."""
+    from meridio_debug.controller.lab.state import bird_paths, state_dir
+
+    lb, target = lab.frontends[0].pod, lab.targets[0]
+    proxy_ns = lab.netns(lab.nodes[0].proxy)
+    ctl = str(bird_paths(state_dir(lab.prefix), lb)["ctl"])
+    bundle = tmp_path / "watched.tar.gz"
+
+    def breaks() -> None:  # while the main thread watches (the CLI wants the main thread)
+        time.sleep(3)
+        run = subprocess.run
+        run(["ip", "-n", proxy_ns, "link", "set", target.proxy_ifname, "down"], check=True)
+        run(
+            ["birdc", "-s", ctl, "disable", f'"{lab.bgp.protocol4}"'],
+            check=True,
+            capture_output=True,
+        )
+        time.sleep(1.5)
+        run(["ip", "-n", proxy_ns, "link", "set", target.proxy_ifname, "up"], check=True)
+        run(
+            ["birdc", "-s", ctl, "enable", f'"{lab.bgp.protocol4}"'],
+            check=True,
+            capture_output=True,
+        )
+
+    thread = threading.Thread(target=breaks)
+    thread.start()
+    try:
+        rc = cli.main(
+            ["collect", "--lab", "--prefix", lab.prefix, "--watch", "8", "-o", str(bundle)]
+        )
+    finally:
+        thread.join(30)
+    assert rc == 0
+    capsys.readouterr()
+    _rc, out, _ = _cli(["analyze", "--from", str(bundle), "-o", "json"], capsys)
+    flaps = {(f["code"], f["pod"]) for f in json.loads(out)["findings"] if f["code"][:4] == "MDB7"}
+    # the target's end of the veth loses its carrier with the proxy's port: it flaps too
+    assert flaps == {
+        ("MDB701", lab.nodes[0].proxy),
+        ("MDB701", target.pod),
+        ("MDB703", lb),
+        ("MDB702", lb),
+    }
+    by = {(f["code"], f["pod"]): f for f in json.loads(out)["findings"]}
+    port = by[("MDB701", lab.nodes[0].proxy)]["evidence"]
+    assert port["interface"] == target.proxy_ifname and port["up_at_end"] is True
+    by = {f["code"]: f for f in json.loads(out)["findings"] if f["code"][:4] == "MDB7"}
+    assert by["MDB702"]["evidence"]["purpose"] == "VIP egress"
+    assert f"BGP {lab.bgp.protocol4}" == by["MDB703"]["evidence"]["session"]
