@@ -546,9 +546,10 @@ def _mark_map(expr: Mapping[str, Any]) -> tuple[int, tuple[int, ...], int] | Non
         return None
     value = mangle.get("value")
     if not isinstance(value, Mapping) or not isinstance(value.get("map"), Mapping):
-        # A constant mark (meta mark set 5001) is a one-entry "map".
+        # A constant mark (meta mark set 5001) is a one-entry "map". Setting 0 resets the
+        # mark (Meridio's snat-local does it to reflected ICMP errors): no target.
         constant = _as_int(value)
-        return (0, (constant,), 1) if constant is not None else None
+        return (0, (constant,), 1) if constant else None
     nft_map = value["map"]
     family = 0
     modulus = 0

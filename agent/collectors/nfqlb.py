@@ -553,9 +553,10 @@ class NfqlbCollector:
             except OSError as exc:
                 problems.append(f"@{DEFAULT_FLOW_SOCKET}: {exc.strerror or exc}")
         else:
-            problems.append(
-                f"/dev/shm has {', '.join(shms)} but nothing listens on @{DEFAULT_FLOW_SOCKET} "
-                "in the pod's network namespace: nfqlb flowlb is not running"
+            # A stopped nfqlb leaves its shms in the pod's /dev/shm: not running is absent.
+            raise SectionAbsent(
+                f"{NO_NFQLB}: {self._not_found()}; /dev/shm still has {', '.join(shms)} "
+                "(left by an nfqlb that stopped)"
             )
         out.flows.extend(flows)
         for name in pod_shm_names(flows) if in_pod else []:

@@ -30,6 +30,7 @@ from meridio_debug.controller.analysis import (
     flaps,
     health,
     lbfe,
+    nfqlb,
     proxy,
     target,
     trench,
@@ -60,6 +61,7 @@ __all__ = [
 CHECKS: tuple[Check, ...] = (
     access.CHECKS
     + lbfe.CHECKS
+    + nfqlb.CHECKS
     + proxy.CHECKS
     + target.CHECKS
     + trench.CHECKS

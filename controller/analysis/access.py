@@ -24,16 +24,16 @@ _SECTION_HINTS = {
 
 
 _ABSENT_HINT = (
-    "expected when the component does not run in this pod (the lab marks with nftables "
-    "instead of nfqlb); rules that need it were skipped"
+    "expected when the component does not run in this pod (a lab built with --marking "
+    "nft-jhash marks with nftables instead of nfqlb); rules that need it were skipped"
 )
 _ABSENT_HINTS = {
     ("lb-fe", "bird"): "bird must run in the frontend container: if it does, the agent cannot "
     "see it (inject the agent targeting the frontend container to share its PID namespace); "
     "the BGP/BFD checks were skipped",
-    ("lb-fe", "nfqlb"): "real Meridio runs nfqlb in the stateless-lb container (the lab marks "
-    "with nftables instead); with nft queue rules and no nfqlb, the marks are unknown and "
-    "MDB113 was skipped",
+    ("lb-fe", "nfqlb"): "Meridio runs nfqlb in the stateless-lb container; when nftables "
+    "queues the VIP traffic to it, its absence drops that traffic (MDB119); the marks are "
+    "unknown and MDB113 was skipped",
 }
 
 # Components Meridio runs only in some roles: their absence elsewhere is the normal

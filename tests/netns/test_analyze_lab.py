@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +38,10 @@ from meridio_debug.controller.bundle import Evidence, read_bundle, trench_state,
 from meridio_debug.controller.cli_analyze import analyze_evidence, gather_async, lab_evidence_source
 from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.lab import build_spec, down, up
+from meridio_debug.controller.lab.containers import exec_argv
+from meridio_debug.controller.lab.render import nfqlb_commands
 from meridio_debug.controller.lab.spec import LabSpec
-from meridio_debug.controller.lab.state import bird_paths, state_dir
+from meridio_debug.controller.lab.state import bird_paths, read_state, state_dir
 from meridio_debug.controller.model import TrenchConfig
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime.local import LocalRuntime
@@ -95,6 +98,17 @@ class Lab:
         old = run(["ip", "netns", "exec", self.ns(pod), "sysctl", "-n", key]).strip()
         run(["ip", "netns", "exec", self.ns(pod), "sysctl", "-q", "-w", f"{key}={value}"])
         return old
+
+    def flowlb(self, pod: str) -> int:
+        """PID 1 of ``pod``'s stateless-lb container: nfqlb flowlb."""
+        state = read_state(self.prefix)
+        assert state is not None
+        return next(p.pid for p in state.processes if p.pod == pod and p.kind == "nfqlb")
+
+    def nfqlb(self, pod: str, *args: str) -> str:
+        """``nfqlb ARGS`` inside ``pod``'s stateless-lb container, as the stateless-lb runs it."""
+        pid = self.flowlb(pod)
+        return run(exec_argv("nsenter", pid, [os.readlink(f"/proc/{pid}/exe"), *args]))
 
     def birdc(self, pod: str, *args: str) -> str:
         ctl = bird_paths(state_dir(self.prefix), pod)["ctl"]
@@ -332,6 +346,38 @@ def _forget_target(lab: Lab, lbs: Sequence[str], target: str) -> None:
         for family in ("-4", "-6"):
             lab.ip(lb, family, "rule", "del", "fwmark", str(t.fwmark), "lookup", str(t.table))
             lab.ip(lb, family, "route", "flush", "table", str(t.table))
+
+
+SHM = "--shm=tshm-stream-a"
+
+
+def _flow_set(lab: Lab, pod: str, **override: str) -> None:
+    """The lab's ``nfqlb flow-set`` for the trench's flow, with options replaced."""
+    (cmd,) = [c for c in nfqlb_commands(lab.spec) if c[0] == "flow-set"]
+    args = [a for a in cmd if a.split("=")[0].lstrip("-") not in override]
+    lab.nfqlb(pod, *args, *(f"--{k}={v}" for k, v in override.items()))
+
+
+def _kill_flowlb(lab: Lab, pod: str) -> None:
+    """SIGKILL nfqlb flowlb (PID 1 of stateless-lb): the container ends, nft still queues."""
+    pid = lab.flowlb(pod)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _deactivate(lab: Lab, pods: Sequence[str], targets: Sequence[str]) -> None:
+    for pod in pods:
+        for t in targets:
+            lab.nfqlb(pod, "deactivate", f"--index={lab.target(t).identifier - 1}", SHM)
+
+
+def _activate(lab: Lab, pods: Sequence[str], targets: Sequence[str]) -> None:
+    for pod in pods:
+        for t in targets:
+            tgt = lab.target(t)
+            lab.nfqlb(pod, "activate", f"--index={tgt.identifier - 1}", SHM, str(tgt.fwmark))
 
 
 def _proxy_hops(lab: Lab, proxy: str, family: int, hops: Sequence[str]) -> None:
@@ -808,6 +854,53 @@ BREAKS: list[Break] = [
         lambda lab: lab.ip(A2, "link", "set", "nsm-0", "mtu", "1400"),
         lambda lab: lab.ip(A2, "link", "set", "nsm-0", "mtu", "1500"),
         {("MDB405", A2)},
+    ),
+    # --- real nfqlb ----------------------------------------------------------------------
+    Break(
+        "MDB113-nfqlb-target-deactivated",
+        lambda lab: _deactivate(lab, [LBA], [A2]),
+        lambda lab: _activate(lab, [LBA], [A2]),
+        {("MDB113", LBA)},
+    ),
+    Break(
+        "MDB404-nfqlb-target-forgotten-everywhere",
+        lambda lab: (_deactivate(lab, [LBA, LBB], [B2]), _forget_target(lab, [LBA, LBB], B2)),
+        lambda lab: (
+            lab.restore_lb_target(LBA, B2),
+            lab.restore_lb_target(LBB, B2),
+            _activate(lab, [LBA, LBB], [B2]),
+        ),
+        {("MDB404", B2)},
+        why="what the stateless-lb does when a target unregisters (deactivate, rules and "
+        "table gone): consistent LBs, but target-b2 still holds the VIPs",
+    ),
+    Break(
+        "MDB119-nfqlb-killed",
+        lambda lab: _kill_flowlb(lab, LBA),
+        lambda lab: lab.rebuild(),
+        {("MDB119", LBA)},
+    ),
+    Break(
+        "MDB120-nfqlb-flow-deleted",
+        lambda lab: lab.nfqlb(LBB, "flow-delete", "--name=tshm-stream-a-flow-a"),
+        lambda lab: _flow_set(lab, LBB),
+        {("MDB120", LBB), ("MDB601", LBB)},
+        why="both VIPs match no nfqlb flow (MDB120) and the trench's Flow flow-a has no nfqlb "
+        "flow (MDB601, from the lab's CRs)",
+    ),
+    Break(
+        "MDB602-nfqlb-flow-ports-and-protocols-differ",
+        lambda lab: _flow_set(lab, LBA, dports="4000-4001", protocols="tcp"),
+        lambda lab: _flow_set(lab, LBA),
+        {("MDB602", LBA)},
+    ),
+    Break(
+        "MDB121-nfqlb-no-active-target",
+        lambda lab: _deactivate(lab, [LBB], [A1, A2, B1, B2]),
+        lambda lab: _activate(lab, [LBB], [A1, A2, B1, B2]),
+        {("MDB121", LBB), ("MDB113", LBB)},
+        why="the flow's shm has no Active target (MDB121) while the four fwmark rules stay "
+        "(MDB113)",
     ),
     # --- access -------------------------------------------------------------------------
     Break(

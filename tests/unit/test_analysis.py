@@ -58,6 +58,9 @@ CATALOG = {
     "MDB116": Severity.WARNING,
     "MDB117": Severity.WARNING,
     "MDB118": Severity.ERROR,
+    "MDB119": Severity.ERROR,
+    "MDB120": Severity.ERROR,
+    "MDB121": Severity.ERROR,
     "MDB201": Severity.ERROR,
     "MDB202": Severity.ERROR,
     "MDB203": Severity.ERROR,
@@ -912,10 +915,12 @@ def test_every_warning_and_error_code_has_a_mutation() -> None:
     from test_config_checks import CONFIG_CASES
     from test_flaps import COVERED as FLAPS
     from test_health import COVERED
+    from test_nfqlb_checks import NFQLB_CASES
 
     covered = {code for _name, _m, expected in CASES for code, _pod in expected}
     covered |= {code for _name, _m, expected in CONFIG_CASES for code, _pod in expected}
     covered |= COVERED | FLAPS
+    covered |= {code for _name, _m, expected in NFQLB_CASES for code, _pod in expected}
     assert {c for c, s in CATALOG.items() if s >= Severity.WARNING} <= covered
 
 
