@@ -8,7 +8,9 @@ namespaces, the cost of starting N containers against the baseline of how
 the lab started each process before: ``ip netns exec NS PROGRAM`` (the
 network namespace only), N of them in parallel threads as ``up`` did. The
 programs are ``sleep`` in both, so the ratio is the price of the container
-machinery alone.
+machinery alone. And the agents: every Meridio pod's agent started at once
+until all serve, joined as ephemeral containers (the target container's PID
+namespace, own mounts) against the netns-only join of a bare ``--netns``.
 
     .venv/bin/python bench/lab_bench.py [--repeats 3] [--scaled-only|--default-only]
 
@@ -18,6 +20,8 @@ Needs root, bird2, nft; builds its own labs (prefix ``mlb<pid>-``) and removes t
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -28,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from meridio_debug.controller.lab import _system as system
 from meridio_debug.controller.lab import build_spec, containers, down, up
 from meridio_debug.controller.lab.state import state_dir
+from meridio_debug.controller.runtime.local import LocalRuntime
 
 
 def start_plain(netnses: list[str]) -> list[subprocess.Popen[bytes]]:
@@ -59,6 +64,25 @@ def bench_start(prefix: str, count: int) -> tuple[float, float]:
     return t_containers, t_plain
 
 
+def open_all(prefix: str, ephemeral: bool) -> float:
+    """Seconds until an agent serves in every Meridio pod of the lab, all opened at once."""
+    from meridio_debug.controller.cli_lab import lab_runtime
+
+    runtime = lab_runtime(prefix, [])
+    if not ephemeral:
+        runtime = LocalRuntime(runtime.pods())  # the netns only, as before containers
+
+    async def go() -> float:
+        async with contextlib.AsyncExitStack() as stack:
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(stack.enter_async_context(runtime.open(p)) for p in runtime.pods())
+            )
+            return time.perf_counter() - t0
+
+    return asyncio.run(go())
+
+
 def bench_layout(name: str, repeats: int, **sizes: int) -> None:
     prefix = f"mlb{os.getpid() % 1000}-"
     spec = build_spec(prefix=prefix, **sizes)
@@ -74,6 +98,7 @@ def bench_layout(name: str, repeats: int, **sizes: int) -> None:
             downs.append(time.perf_counter() - t0)
         up(spec)
         starts = [bench_start(prefix, n_containers) for _ in range(repeats)]
+        agents = [(open_all(prefix, True), open_all(prefix, False)) for _ in range(repeats)]
     finally:
         down(prefix)
     t_c = statistics.median(s[0] for s in starts)
@@ -86,6 +111,13 @@ def bench_layout(name: str, repeats: int, **sizes: int) -> None:
     print(
         f"  start {n_containers} containers {t_c * 1000:.0f} ms vs baseline "
         f"{n_containers} x ip netns exec {t_p * 1000:.0f} ms: ratio {t_c / t_p:.2f}"
+    )
+    a_e = statistics.median(a[0] for a in agents)
+    a_n = statistics.median(a[1] for a in agents)
+    pods = len(spec.pods) - 1
+    print(
+        f"  {pods} agents serving, as ephemeral containers {a_e * 1000:.0f} ms vs baseline "
+        f"netns only {a_n * 1000:.0f} ms: ratio {a_e / a_n:.2f}"
     )
 
 
