@@ -65,10 +65,12 @@ MAX_AGENTS_PER_POD = 10
 PORT_BASE, PORT_SPAN = 41000, 8000
 
 # Waiting reasons after which a container never runs without someone fixing
-# the image or the pod: fail at once instead of waiting for the timeout.
+# the pod: fail at once instead of waiting for the timeout. Not ErrImagePull /
+# ImagePullBackOff: the kubelet keeps retrying the pull (a registry that was
+# down, a secret added later), so such an agent is still starting, is reused,
+# and fails only at --start-timeout, with PULL_WAITING's hint.
+PULL_WAITING = ("ErrImagePull", "ImagePullBackOff")
 FATAL_WAITING = {
-    "ErrImagePull": "the image cannot be pulled",
-    "ImagePullBackOff": "the image cannot be pulled",
     "InvalidImageName": "the image name is invalid",
     "ErrImageNeverPull": "the image is not on the node and imagePullPolicy is Never",
     "CreateContainerConfigError": "the container config is invalid",
@@ -460,7 +462,19 @@ def status_message(body: str | bytes | None) -> str:
     return text.strip()
 
 
-def rbac_denial(message: str) -> tuple[str, str] | None:
-    """(verb, resource) an RBAC 403 message says is missing, or None."""
+_EMPTY_FORBIDDEN_RE = re.compile(r'^pods "[^"]*" is forbidden: ?$')
+
+
+def rbac_denial(message: str, request: tuple[str, str] | None = None) -> tuple[str, str] | None:
+    """(verb, resource) an RBAC 403 message says is missing, or None.
+
+    Kubernetes 1.35+ refuses a websocket port-forward whose ``create`` on
+    pods/portforward is missing with ``pods "x" is forbidden: `` and no reason;
+    ``request`` (the verb and resource of the refused request) names it then.
+    """
     m = _RBAC_RE.search(message)
-    return (m.group(1), m.group(2)) if m else None
+    if m:
+        return (m.group(1), m.group(2))
+    if request is not None and _EMPTY_FORBIDDEN_RE.match(message.strip() + " "):
+        return request
+    return None

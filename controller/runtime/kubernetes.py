@@ -51,20 +51,22 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import certifi
 import grpc
 import urllib3
+import websocket
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.stream import portforward
+from kubernetes.stream import ws_client
 
 from meridio_debug.controller.client import CHANNEL_OPTIONS, AgentClient
 from meridio_debug.controller.errors import (
@@ -93,6 +95,11 @@ T = TypeVar("T")
 Progress = Callable[[str, str, str], None]  # (pod, state, detail)
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds per API request
+NODE_UNREACHABLE = "the API server cannot reach the pod's node (its kubelet)"
+THROTTLE_RETRIES = 5
+# The API server answers a port-forward upgrade only once the node's kubelet has: a node that
+# does not answer would block the websocket handshake for good (no timeout in the client).
+PORTFORWARD_CONNECT_TIMEOUT = 15.0  # 429s retried (after Retry-After) before the request fails
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -136,17 +143,20 @@ class _Cluster:
     """The loaded client configuration."""
 
     api: Any  # kubernetes.client.ApiClient
-    pf_api: Any  # a second ApiClient for port-forward (see _open_portforward)
+    conf: Any  # its Configuration: each port-forward gets its own ApiClient (_open_portforward)
     namespace: str
     host: str
-    pf_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def load_cluster(opts: KubeOptions) -> _Cluster:
     """Client configuration from the kubeconfig (or in-cluster); UsageError saying what is missing."""
     namespace = opts.namespace
     try:
-        kubeconfig = opts.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        # KUBECONFIG=a:b is merged as kubectl does (first file wins per name and for
+        # current-context): the client's loader merges a path list given as one string.
+        kubeconfig = opts.kubeconfig or os.pathsep.join(
+            p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p
+        )
         default_file = Path.home() / ".kube" / "config"
         if (
             not kubeconfig
@@ -173,10 +183,22 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
             f"cannot load the Kubernetes configuration: {exc} "
             "(--kubeconfig FILE, --context NAME, or run inside a cluster)"
         ) from exc
-    conf.retries = 1
+    # One retry of a failed connection; a 429 (API Priority and Fairness, max-inflight) is
+    # retried after its Retry-After, as client-go does: the server did not process it.
+    conf.retries = urllib3.Retry(
+        total=THROTTLE_RETRIES,
+        connect=1,
+        read=0,
+        status=THROTTLE_RETRIES,
+        status_forcelist=(429,),
+        allowed_methods=None,
+        respect_retry_after_header=True,
+        backoff_factor=0.2,
+        raise_on_status=False,
+    )
     return _Cluster(
         api=k8s_client.ApiClient(conf),
-        pf_api=k8s_client.ApiClient(conf),
+        conf=conf,
         namespace=namespace or "default",
         host=str(conf.host),
     )
@@ -199,7 +221,6 @@ class KubernetesRuntime:
         self._cluster = load_cluster(opts)
         self.namespace = self._cluster.namespace
         self._core = k8s_client.CoreV1Api(self._cluster.api)
-        self._pf_core = k8s_client.CoreV1Api(self._cluster.pf_api)
         self._progress = progress
         self._tls: ClientTls = tls
         self.transport = "direct" if opts.direct else "port-forward"
@@ -224,8 +245,18 @@ class KubernetesRuntime:
     async def _call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def _error(self, exc: Exception, what: str, pod: str | None = None) -> MeridioDebugError:
-        """Our error for a failed API request (see the module docstring)."""
+    def _error(
+        self,
+        exc: Exception,
+        what: str,
+        pod: str | None = None,
+        request: tuple[str, str] | None = None,
+    ) -> MeridioDebugError:
+        """Our error for a failed API request (see the module docstring).
+
+        ``request`` is the (verb, resource) the request needs, for a 403 whose
+        message does not say (a refused port-forward upgrade).
+        """
         where = f"{self.namespace}/{pod}" if pod else f"namespace {self.namespace}"
         if not isinstance(exc, ApiException):
             return RuntimeUnavailable(
@@ -254,13 +285,13 @@ class KubernetesRuntime:
             if "violates PodSecurity" in msg:
                 return InjectionError(
                     f"{where}: Pod Security Admission refuses the agent ({self.opts.profile} "
-                    f"profile): {msg}. Ephemeral containers are checked like any container: "
-                    "the namespace's pod-security.kubernetes.io/enforce level must allow "
-                    "privileged containers (--profile privileged) or the capabilities "
-                    f"{', '.join(spec.NETADMIN_CAPS)} (--profile netadmin); ask an admin to "
-                    "label the namespace or exempt it"
+                    f"profile): {msg}. Admission evaluates the whole pod on every "
+                    "ephemeral-container update, and no level but privileged allows "
+                    f"{', '.join(spec.NETADMIN_CAPS)} or privileged containers: ask an admin to "
+                    "label the namespace pod-security.kubernetes.io/enforce=privileged or to "
+                    "exempt meridio-debug's user in the PodSecurity admission configuration"
                 )
-            denial = spec.rbac_denial(msg)
+            denial = spec.rbac_denial(msg, request)
             if denial:
                 verb, resource = denial
                 return AccessDenied(
@@ -276,6 +307,16 @@ class KubernetesRuntime:
         if status == 422:
             return InjectionError(
                 f"{where}: the API server rejected the agent container ({what}): {msg}"
+            )
+        if status in (500, 502, 503) and "error dialing backend" in msg:
+            return RuntimeUnavailable(
+                f"{where}: {NODE_UNREACHABLE} ({what}): {msg}; check the node "
+                "(kubectl get node) or try the other pods"
+            )
+        if status == 429:
+            return RuntimeUnavailable(
+                f"{where}: the API server is throttling us ({what}), still after "
+                f"{THROTTLE_RETRIES} retries: {msg}; try again later"
             )
         return RuntimeUnavailable(f"{where}: {what} failed: HTTP {status}: {msg}")
 
@@ -601,6 +642,11 @@ class KubernetesRuntime:
         """
         pod = await self.get_pod(name)
         phase = pod.get("status", {}).get("phase")
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            raise RuntimeUnavailable(
+                f"{self.namespace}/{name}: pod is terminating (deleted at "
+                f"{pod['metadata']['deletionTimestamp']}): an agent added now would never start"
+            )
         if phase != "Running":
             raise RuntimeUnavailable(
                 f"{self.namespace}/{name}: pod is {phase}: agents run only in running pods"
@@ -664,6 +710,14 @@ class KubernetesRuntime:
                 self._report(pod, "starting", f"{agent}: {st.reason}")
                 last = st.reason
             if loop.time() > deadline:
+                if st.reason.split(":", 1)[0] in spec.PULL_WAITING:
+                    raise InjectionError(
+                        f"{self.namespace}/{pod}: agent {agent} did not start within "
+                        f"{self.opts.start_timeout:g} s: the image cannot be pulled yet "
+                        f"({st.reason}); check --image {st.image!r} and the pod's "
+                        "imagePullSecrets (ephemeral containers use the pod's); the kubelet "
+                        "keeps retrying, and the next run reuses this agent once it starts"
+                    )
                 raise InjectionError(
                     f"{self.namespace}/{pod}: agent {agent} did not start within "
                     f"{self.opts.start_timeout:g} s (last state: {st.reason}); "
@@ -675,7 +729,7 @@ class KubernetesRuntime:
     def _never_runs(self, pod: str, st: spec.AgentState) -> str:
         head = f"{self.namespace}/{pod}: agent {st.name}"
         reason = st.reason.split(":", 1)[0]
-        if reason in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"):
+        if reason in ("ErrImageNeverPull", "InvalidImageName"):
             return (
                 f"{head}: {spec.FATAL_WAITING[reason]} ({st.reason}); check --image {st.image!r} "
                 "and the pod's imagePullSecrets (ephemeral containers use the pod's)"
@@ -796,23 +850,67 @@ class KubernetesRuntime:
     def _open_portforward(self, pod: str, port: int) -> Any:
         """A PortForward object for one connection to ``port`` of ``pod``.
 
-        ``kubernetes.stream.portforward`` swaps the ApiClient's ``call_api``
-        while it connects, so it gets its own ApiClient and a lock: ordinary
-        requests of other pods never go through the websocket path.
+        The websocket is opened here rather than by ``kubernetes.stream.portforward``,
+        which has no handshake timeout (the API server answers the upgrade only once
+        the node's kubelet has: a node that does not answer would block for good) and
+        swaps the ApiClient's ``call_api`` while it connects (it needed a global lock).
+        Same URL, subprotocol, credentials and TLS settings as the client's own.
         """
-        with self._cluster.pf_lock:
-            return portforward(
-                self._pf_core.connect_get_namespaced_pod_portforward,
-                pod,
-                self.namespace,
-                ports=str(port),
-            )
+        conf = self._cluster.conf
+        url = ws_client.get_websocket_url(  # type: ignore[no-untyped-call]
+            f"{conf.host}/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward",
+            [("ports", str(port))],
+        )
+        if conf.refresh_api_key_hook is not None:
+            conf.refresh_api_key_hook(conf)
+        header = [f"sec-websocket-protocol: {ws_client.V4_CHANNEL_PROTOCOL}"]
+        token = conf.auth_settings().get("BearerToken", {}).get("value")
+        if token:
+            header.append(f"authorization: {token}")
+        ssl_opts: dict[str, Any] = {"cert_reqs": ssl.CERT_NONE}
+        if url.startswith("wss://") and conf.verify_ssl:
+            ssl_opts = {
+                "cert_reqs": ssl.CERT_REQUIRED,
+                "ca_certs": conf.ssl_ca_cert or certifi.where(),
+            }
+            if conf.assert_hostname is not None:
+                ssl_opts["check_hostname"] = conf.assert_hostname
+        if conf.cert_file:
+            ssl_opts["certfile"] = conf.cert_file
+        if conf.key_file:
+            ssl_opts["keyfile"] = conf.key_file
+        if conf.tls_server_name:
+            ssl_opts["server_hostname"] = conf.tls_server_name
+        connect_opt: dict[str, Any] = {"header": header, "timeout": PORTFORWARD_CONNECT_TIMEOUT}
+        if conf.proxy or conf.proxy_headers:
+            connect_opt = ws_client.websocket_proxycare(connect_opt, conf, url, None)  # type: ignore[no-untyped-call]
+        ws = websocket.WebSocket(sslopt=ssl_opts, skip_utf8_validation=False)
+        try:
+            ws.connect(url, **connect_opt)  # type: ignore[no-untyped-call]
+            ws.settimeout(None)
+            return ws_client.PortForward(ws, [port])  # type: ignore[no-untyped-call]
+        except Exception as exc:  # as kubernetes.stream does: one ApiException for all
+            with contextlib.suppress(Exception):
+                ws.close()
+            raise ApiException(status=0, reason=str(exc)) from exc
 
     async def open_portforward(self, pod: str, port: int) -> Any:
         try:
             return await self._call(lambda: self._open_portforward(pod, port))
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._error(exc, f"port-forward to port {port}", pod) from exc
+        except ApiException as exc:
+            if not exc.status and "timed out" in str(exc.reason):
+                raise RuntimeUnavailable(
+                    f"{self.namespace}/{pod}: {NODE_UNREACHABLE} (no answer to the port-forward "
+                    f"within {PORTFORWARD_CONNECT_TIMEOUT:g} s); check the node (kubectl get "
+                    "node) or try the other pods"
+                ) from exc
+            raise self._error(
+                exc, f"port-forward to port {port}", pod, ("create", "pods/portforward")
+            ) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(
+                exc, f"port-forward to port {port}", pod, ("create", "pods/portforward")
+            ) from exc
 
     async def _agent_certificate(self, handle: AgentHandle) -> bytes:
         loop = asyncio.get_running_loop()
@@ -908,7 +1006,7 @@ class PortForwardRelay:
                 pf = await self._runtime.open_portforward(self._pod, self._port)
             except MeridioDebugError as exc:
                 self.last_error = str(exc)
-                if isinstance(exc, AccessDenied | PodNotFound):
+                if isinstance(exc, AccessDenied | PodNotFound) or NODE_UNREACHABLE in str(exc):
                     self.fatal = exc
                 return
             wrapped = pf.socket(self._port)

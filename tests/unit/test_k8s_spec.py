@@ -156,9 +156,13 @@ def test_plan_reuses_running_and_never_reuses_a_terminated_name() -> None:
     assert s.plan(done, key) == s.Plan(base + "-3", True, None)
     states = [a.state for a in s.agents_of(done)]
     assert states == ["terminated", "zombie"]
+    # the kubelet keeps retrying a pull: the agent is still starting and is reused, not replaced
     pull = with_agents([(base, {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off"}})])
-    assert s.agents_of(pull)[0].state == "zombie"
-    assert s.plan(pull, key).name == base + "-2"
+    assert s.agents_of(pull)[0].state == "starting"
+    assert s.plan(pull, key).name == base and not s.plan(pull, key).inject
+    bad = with_agents([(base, {"waiting": {"reason": "InvalidImageName"}})])
+    assert s.agents_of(bad)[0].state == "zombie"
+    assert s.plan(bad, key).name == base + "-2"
     assert s.agent_key("i", "netadmin", "direct", "ca1") != s.agent_key(
         "i", "netadmin", "direct", "ca2"
     )
@@ -182,6 +186,11 @@ def test_rbac_message_names_verb_and_resource() -> None:
     assert s.rbac_denial(msg) == ("patch", "pods/ephemeralcontainers")
     assert s.status_message(json.dumps({"kind": "Status", "message": msg})) == msg
     assert s.rbac_denial("violates PodSecurity") is None
+    # 1.35+: a refused port-forward upgrade says no reason; the request names it
+    empty = 'pods "x" is forbidden: '
+    assert s.rbac_denial(empty) is None
+    assert s.rbac_denial(empty, ("create", "pods/portforward")) == ("create", "pods/portforward")
+    assert s.rbac_denial("pods is forbidden: quota", ("get", "pods")) is None
 
 
 def test_agent_tls_flags_and_the_printed_certificate(
