@@ -1,17 +1,26 @@
 # meridio-debug agent image: injected as an ephemeral container into Meridio pods.
-# Small, with what the collectors need: libpcap (capture filters), iproute2 and
-# nftables (nft -j), bird2's client (birdc, for users; the agent speaks bird's
-# control socket itself), procps.
-FROM python:3.11-slim-bookworm
+# What the agent needs and nothing more: Python, the agent's wheels (pinned in
+# images/agent.constraints), libpcap (capture filters) and nft (nft -j). No shell tools:
+# the agent reads the kernel through netlink and /proc, bird through its control socket.
+# Built by images/build (reproducible: pinned wheels, SOURCE_DATE_EPOCH, rewritten timestamps).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE} AS build
+COPY dist/ /dist/
+RUN python -m venv /opt/meridio-debug \
+ && /opt/meridio-debug/bin/pip install --no-cache-dir --no-compile \
+      -c /dist/agent.constraints "$(ls /dist/meridio_debug-*.whl)[agent]" \
+ && /opt/meridio-debug/bin/pip uninstall -y pip \
+ && find /opt/meridio-debug -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE}
+ARG SOURCE_DATE_EPOCH
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libpcap0.8 iproute2 nftables bird2 procps \
- && rm -rf /var/lib/apt/lists/*
-COPY . /src
-RUN pip install --no-cache-dir "/src[agent]" && rm -rf /src
-# The agent listens on loopback/unix only unless mutual TLS is configured. When the
-# controller injects it as an ephemeral container it sets the args itself (listen port
-# derived from the container name, idle timeout, and for --direct the client CA in an env
-# var: the agent then makes its own key and prints its certificate, see agent/tls.py).
+ && apt-get install -y --no-install-recommends libpcap0.8 nftables \
+ && rm -rf /var/lib/apt/lists/* /var/log/* /var/cache/ldconfig/aux-cache
+COPY --from=build /opt/meridio-debug /opt/meridio-debug
+ENV PATH=/opt/meridio-debug/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+# The controller sets the args when it injects the agent (listen port derived from the
+# container name, idle timeout, and for --direct the client CA in an env var).
 ENTRYPOINT ["meridio-debug-agent"]
 # TCP needs mutual TLS: the controller passes the CA certificate in this variable.
 CMD ["--listen", "tcp:127.0.0.1:50051", "--tls-client-ca-env", "MERIDIO_DEBUG_CLIENT_CA", "--idle-timeout", "900"]
