@@ -1,6 +1,6 @@
 """watch, capture and trace with ``-n``: the commands a user runs against a cluster.
 
-Same stand-in API server and lab as the runtime tests (tests/cluster/conftest.py);
+Same real API server, kubelet and lab as the runtime tests (tests/cluster/conftest.py);
 here the point is that the streaming commands (watch, capture) and the trace
 work through injection + port-forward exactly as they do on the lab, and that
 what they report comes from the pod the user named.
@@ -46,10 +46,10 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float = 60)
 
 
 def test_watch_with_namespace_streams_the_named_pods_changes(cluster: Cluster) -> None:
-    pod = cluster.server.pod_by_lab("red", "proxy-a")
+    pod = cluster.pod_by_lab("red", "proxy-a")
     ns = lab_ns(cluster, "proxy-a")
     proc = cluster.popen(
-        "watch", "-n", "red", pod, "--image", "agent:watch", "--kind", "route",
+        "watch", "-n", cluster.ns["red"], pod, "--image", "agent:watch", "--kind", "route",
         "--duration", "20", "-o", "json",
     )  # fmt: skip
     try:
@@ -82,10 +82,10 @@ def test_watch_with_namespace_streams_the_named_pods_changes(cluster: Cluster) -
 def test_capture_with_namespace_writes_one_pcapng_per_pod_interface(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    lb = cluster.server.pod_by_lab("red", "lb-fe-a")
+    lb = cluster.pod_by_lab("red", "lb-fe-a")
     out = tmp_path / "cap.pcapng"
     proc = cluster.popen(
-        "capture", "-n", "red", lb, "--image", "agent:capture", "-f", "udp port 9999",
+        "capture", "-n", cluster.ns["red"], lb, "--image", "agent:capture", "-f", "udp port 9999",
         "--duration", "30", "-c", "3", "-w", str(out),
     )  # fmt: skip
     fe = cluster.spec.frontends[0]
@@ -115,15 +115,24 @@ def test_capture_with_namespace_writes_one_pcapng_per_pod_interface(
 
 def test_trace_with_namespace_follows_the_flow_and_names_a_broken_hop(cluster: Cluster) -> None:
     """No gateway pod in a cluster: every LB is a possible entry; the target is still exact."""
-    srv = cluster.server
     flow = "tcp 200.100.0.7:40000 -> 20.0.0.1:4000"
-    args = ("trace", "-n", "red", "--image", "agent:trace", "--flow", flow, "-o", "json")
+    args = (
+        "trace",
+        "-n",
+        cluster.ns["red"],
+        "--image",
+        "agent:trace",
+        "--flow",
+        flow,
+        "-o",
+        "json",
+    )
     res = cluster.cli(*args)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     (chosen,) = [p for p in doc["paths"] if p["chosen"]]
     want = predict_target(cluster.spec, "200.100.0.7", proto="tcp", sport=40000, dport=4000)
-    assert srv.lab_name[("red", chosen["target"])] == want
+    assert cluster.lab_of("red", chosen["target"]) == want
     assert doc["first_broken"] is None
     roles = {(h["role"], h["direction"]) for h in chosen["hops"]}
     assert roles >= {("lb-fe", "forward"), ("proxy", "forward"), ("target", "forward")}
@@ -150,13 +159,13 @@ def test_active_trace_with_namespace_probes_from_the_lb(cluster: Cluster) -> Non
     """No gateway pod: an LB sends the probes with the flow's mark; the packets agree."""
     flow = "udp 200.100.0.7:40000 -> 20.0.0.1:4000"
     res = cluster.cli(
-        "trace", "-n", "red", "--image", "agent:trace", "--active", "--probe", "3",
+        "trace", "-n", cluster.ns["red"], "--image", "agent:trace", "--active", "--probe", "3",
         "--flow", flow, "-o", "json",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     active = doc["active"]
-    assert cluster.server.lab_name[("red", active["target"])] == predict_target(
+    assert cluster.lab_of("red", active["target"]) == predict_target(
         cluster.spec, "200.100.0.7", proto="udp", sport=40000, dport=4000
     )
     assert doc["first_broken"] is None
