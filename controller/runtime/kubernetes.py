@@ -96,6 +96,10 @@ Progress = Callable[[str, str, str], None]  # (pod, state, detail)
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds per API request
 NODE_UNREACHABLE = "the API server cannot reach the pod's node (its kubelet)"
+# How the API server words a proxied request (logs, port-forward) its node's kubelet did not answer.
+_KUBELET_UNREACHABLE = re.compile(
+    r"error dialing backend|TLS handshake timeout|/containerLogs/|/portForward/|dial tcp"
+)
 THROTTLE_RETRIES = 5
 # The API server answers a port-forward upgrade only once the node's kubelet has: a node that
 # does not answer would block the websocket handshake for good (no timeout in the client).
@@ -308,7 +312,7 @@ class KubernetesRuntime:
             return InjectionError(
                 f"{where}: the API server rejected the agent container ({what}): {msg}"
             )
-        if status in (500, 502, 503) and "error dialing backend" in msg:
+        if status in (500, 502, 503) and _KUBELET_UNREACHABLE.search(msg):
             return RuntimeUnavailable(
                 f"{where}: {NODE_UNREACHABLE} ({what}): {msg}; check the node "
                 "(kubectl get node) or try the other pods"
