@@ -7,8 +7,9 @@ says goes through the API server the way a kubelet's does:
 - it **watches** the pods bound to its Nodes and writes their status through
   ``pods/status`` (phase, podIP, conditions, ready containers, restarts),
   including ``ephemeralContainerStatuses``: an added ephemeral container is
-  started as the real agent in the pod's network namespace (``nsenter
-  --net``), running -> terminated with its exit code, or for an image listed
+  started as the real agent the way a kubelet does (agent/ephemeral.py: the
+  pod's network namespace, only the target container's PID namespace, a mount
+  namespace of its own), running -> terminated with its exit code, or for an image listed
   in ``bad_images`` the kubelet's ErrImagePull <-> ImagePullBackOff cycle
   until the image is removed from that set (it recovers, as a real pull that
   succeeds later does); images in ``stuck_images`` stay ContainerCreating;
@@ -42,7 +43,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -56,7 +56,11 @@ from aiohttp import WSMsgType, web
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 
+from meridio_debug.controller.lab.containers import find_container
 from tests.cluster.kube import ControlPlane, free_port
+
+# Helm (legacy) container names of the pods made from the lab -> the lab's containers.
+LAB_CONTAINER = {"fe": "frontend", "load-balancer": "stateless-lb"}
 
 CLONE_NEWNET = 0x40000000
 MERGE = "application/merge-patch+json"
@@ -458,15 +462,14 @@ class Kubelet:
             re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
             for a in c.get("args") or []
         ]
-        argv = [
-            shutil.which("nsenter") or "nsenter",
-            f"--net=/run/netns/{netns}",
-            "--",
-            self.python,
-            "-m",
-            "meridio_debug.agent.main",
-            *args,
-        ]
+        # As the kubelet starts an ephemeral container with targetContainerName: the pod's
+        # netns, only the target container's PID namespace, a mount namespace of its own.
+        argv = [self.python, "-m", "meridio_debug.agent.ephemeral", f"--netns=/run/netns/{netns}"]
+        target = c.get("targetContainerName") or ""
+        found = find_container(netns, LAB_CONTAINER.get(target, target)) if target else None
+        if found is not None:
+            argv += [f"--target-pid={found[0]}", f"--shm={found[1]}", f"--container={target}"]
+        argv += ["--", *args]
         with open(self.log_path(key, name), "wb") as log_file:
             proc = subprocess.Popen(
                 argv,

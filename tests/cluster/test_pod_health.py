@@ -16,17 +16,57 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import CLI, Cluster
+from meridio_debug.controller import lab
+from tests.cluster.apiserver import StandInApiServer
+from tests.cluster.conftest import CLI
 
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the lab's namespaces)"),
     pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 not installed"),
 ]
+
+
+@dataclass
+class Cluster:
+    """This module's own bed until it moves to the real API server (tests/cluster/conftest.py)."""
+
+    server: StandInApiServer
+    kubeconfig: Path
+    spec: Any
+    work: Path
+
+    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args, "--kubeconfig", str(self.kubeconfig)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    prefix = f"mdh{os.getpid() % 1000}-"
+    spec = lab.build_spec(prefix)
+    work = tmp_path_factory.mktemp("standin")
+    server = StandInApiServer(work)
+    try:
+        lab.up(spec)
+        server.start()
+        server.add_lab([(p.name, p.role, p.netns) for p in spec.pods], "red")
+        yield Cluster(server, server.kubeconfig(work / "kubeconfig"), spec, work)
+    finally:
+        server.stop()
+        lab.down(prefix)
 
 
 def analyze(cluster: Cluster, *extra: str) -> tuple[int, dict[str, Any], str]:
