@@ -402,6 +402,8 @@ def check_gateways(pod: PodView, trench: TrenchView) -> Iterator[Issue]:
             )
             continue
         for proto in protos:
+            if not proto.is_established:
+                continue  # a session that is down is MDB101; bird shows less of it (BFD)
             diff: dict[str, dict[str, object]] = {}
             if proto.neighbor_as and _as_int(proto.neighbor_as) != gw.remote_asn:
                 diff["remote_asn"] = {"config": gw.remote_asn, "bird": proto.neighbor_as}

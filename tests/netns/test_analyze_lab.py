@@ -927,6 +927,10 @@ def test_every_code_the_lab_can_produce_has_a_break() -> None:
 
     # MDB002: test_unreachable_pod_is_mdb002; MDB003 (info): not in a healthy nfqlb lab.
     not_in_lab = {"MDB002", "MDB003"}
+    # Pod health (MDB5xx) needs Kubernetes: tests/cluster/test_pod_health.py and unit tests.
+    # Configuration and flaps: their lab breaks are in test_beyond_lab.py (MDB602, MDB701-703);
+    # the others are unit-tested on the lab fixture (test_config_checks.py, test_flaps.py).
+    not_in_lab |= {c.code for c in CHECKS if c.code[:4] in ("MDB5", "MDB6", "MDB7")}
     assert {c.code for c in CHECKS} - covered - not_in_lab == set()
 
 

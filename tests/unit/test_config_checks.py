@@ -183,6 +183,11 @@ CONFIG_CASES: list[tuple[str, Mutation, set[tuple[str, str]]]] = [
     ("bird on another ASN", on("lb-fe-a", bird(neighbor_as="65000")), {("MDB621", "lb-fe-a")}),
     ("bird without BFD", on("lb-fe-b", bird(bfd=False)), {("MDB621", "lb-fe-b")}),
     (
+        "a session that is down is MDB101 only",
+        on("lb-fe-a", bird(neighbor_as="65000", bfd=False, state="start", info="Active")),
+        {("MDB101", "lb-fe-a")},
+    ),
+    (
         "bird peers with an undeclared gateway",
         on("lb-fe-a", bird(neighbor_address="169.254.100.151")),
         # MDB102: BFD is configured and no session to that address exists
