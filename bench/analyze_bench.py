@@ -70,12 +70,18 @@ def main() -> int:
     ap.add_argument("--proxies", type=int, default=4)
     ap.add_argument("--targets-per-proxy", type=int, default=10)
     ap.add_argument("--html", metavar="FILE", help="also write the last run's HTML report here")
+    ap.add_argument(
+        "--marking",
+        choices=["nfqlb", "nft-jhash"],
+        default="nfqlb",
+        help="the LBs' load-balancing (nft-jhash: the lab before real nfqlb)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 1
     prefix = f"mdb{os.getpid() % 10000}-"[:8]
-    spec = build_spec(prefix, args.lbs, args.proxies, args.targets_per_proxy)
+    spec = build_spec(prefix, args.lbs, args.proxies, args.targets_per_proxy, marking=args.marking)
     started = time.perf_counter()
     up(spec)
     print(
