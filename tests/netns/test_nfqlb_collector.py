@@ -117,7 +117,7 @@ def test_flow_match_counter_grows_under_traffic(lab: LabSpec) -> None:
 
     before = matches()
     result = traffic(lab.prefix, connections=16)
-    assert result.healthy
+    assert not result.failures
     # every probe's packets pass one LB's nfqlb (at least the SYN or the datagram)
     assert matches() - before >= len(result.results)
 

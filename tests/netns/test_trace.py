@@ -59,7 +59,7 @@ def whole_afterwards(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.mark.parametrize("family", [4, 6])
 def test_healthy_trace_names_the_target_that_answers(lab: Lab, family: int) -> None:
     answered = traffic(lab.spec, connections=24, family=family)
-    assert answered.healthy
+    assert not answered.failures
     flows = []
     for r in answered.results:
         p = r.probe
