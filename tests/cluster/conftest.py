@@ -154,10 +154,42 @@ class Cluster:
                 v for v in rule["verbs"] if not any((v, r) in drop for r in rule["resources"])
             ]
         role["rules"] = [r for r in role["rules"] if r["verbs"]]
-        k8s_client.RbacAuthorizationV1Api(self.plane.admin).replace_namespaced_role(
-            SA, self.ns.get(namespace, namespace), role
-        )
-        time.sleep(0.3)  # the authorizer's RBAC informer
+        real = self.ns.get(namespace, namespace)
+        k8s_client.RbacAuthorizationV1Api(self.plane.admin).replace_namespaced_role(SA, real, role)
+        # until the authorizer (its RBAC informer) sees the new Role: a SubjectAccessReview
+        # of each granted and each dropped pair answers as the product's requests will
+        want = {
+            (v, r): (v, r) not in drop
+            for rule in next(d for d in RBAC if d["kind"] == "Role")["rules"]
+            for r in rule["resources"]
+            for v in rule["verbs"]
+        }
+        authz = k8s_client.AuthorizationV1Api(self.plane.admin)
+        user = f"system:serviceaccount:{self.ns['red']}:{SA}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen = {}
+            for verb, res in want:
+                resource, _, sub = res.partition("/")
+                review = authz.create_subject_access_review(
+                    {
+                        "spec": {
+                            "user": user,
+                            "groups": ["system:serviceaccounts", "system:authenticated"],
+                            "resourceAttributes": {
+                                "namespace": real,
+                                "verb": verb,
+                                "resource": resource,
+                                "subresource": sub,
+                            },
+                        }
+                    }
+                )
+                seen[(verb, res)] = bool(review.status.allowed)
+            if seen == want:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"RBAC did not converge: {seen} != {want}")
 
     def delete_pod(self, namespace: str, name: str, grace: int | None = 0) -> None:
         self.core.delete_namespaced_pod(
