@@ -138,8 +138,6 @@ def tls_config(
     client_ca: str | None, client_ca_env: str | None, cert: str | None, key: str | None
 ) -> TlsConfig | None:
     """Mutual TLS from the --tls-* flags; None without a client CA. ListenError saying what is wrong."""
-    from meridio_debug.agent import tls
-
     if client_ca and client_ca_env:
         raise ListenError("give the client CA once: --tls-client-ca or --tls-client-ca-env")
     if bool(cert) != bool(key):
@@ -162,6 +160,9 @@ def tls_config(
         if cert:
             raise ListenError("--tls-cert without a client CA: mutual TLS needs --tls-client-ca")
         return None
+    # Only here: cryptography costs ~30% of a start, and a unix-socket agent has no TLS.
+    from meridio_debug.agent import tls
+
     tls.check_ca(ca_pem, where)
     if cert and key:
         try:
