@@ -160,7 +160,8 @@ def tls_config(
         if cert:
             raise ListenError("--tls-cert without a client CA: mutual TLS needs --tls-client-ca")
         return None
-    # Only here: cryptography costs ~30% of a start, and a unix-socket agent has no TLS.
+    # Only here: cryptography is ~9 MiB of RSS and a share of the start, and a
+    # unix-socket agent has no TLS (bench/agent_start_bench.py).
     from meridio_debug.agent import tls
 
     tls.check_ca(ca_pem, where)

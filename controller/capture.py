@@ -190,7 +190,12 @@ class Merger:
             packets: list[Packet] = [
                 (ts, ifids[ifx], FLAGS[ptype & 7], data[a:b], orig)
                 for ts, ifx, ptype, a, b, orig in zip(
-                    batch.ts_ns, batch.ifindex, batch.pkttype, starts, ends, batch.origlen,
+                    batch.ts_ns,
+                    batch.ifindex,
+                    batch.pkttype,
+                    starts,
+                    ends,
+                    batch.origlen,
                     strict=True,
                 )
             ]
