@@ -101,7 +101,8 @@ def main() -> int:
         findings = 0
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.repeats):
-                runtime, config, source = lab_evidence_source(prefix, [])
+                t, (runtime, config, source) = timed(lambda: lab_evidence_source(prefix, []))
+                add("lab spec + runtime (per run)", t)
                 t, evidence = timed(lambda: asyncio.run(gather_async(runtime, config, source)))  # noqa: B023
                 add("gather (agents + snapshots)", t)
                 t, state = timed(lambda: trench_state(evidence))  # noqa: B023
@@ -120,7 +121,10 @@ def main() -> int:
                 add("bundle read", t)
                 size = path.stat().st_size
 
-        print(f"\nmedians of {args.repeats} runs:")
+        print(
+            f"\nmedians of {args.repeats} runs (load average {os.getloadavg()[0]:.1f}, "
+            f"{os.cpu_count()} cores):"
+        )
         snap_ms, analyze_ms = median_ms(snap_cli), median_ms(analyze_cli)
         print(f"  {'snapshot CLI (baseline)':<30} {snap_ms:8.0f} ms")
         print(
