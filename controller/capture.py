@@ -34,8 +34,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
-from operator import itemgetter
 from typing import Any, BinaryIO, TextIO
 
 from meridio_debug.controller.cli_args import MAX_STREAM_S, int_range, seconds
@@ -183,22 +181,14 @@ class Merger:
             for index in set(batch.ifindex):
                 self.interface(st, index)
             ifids, data = st.ifids, batch.data
-            # One comprehension over the columns (offsets summed in C): the per-packet
-            # loop with appends was the controller's largest CPU cost per captured packet.
-            ends = list(accumulate(batch.caplen))
-            starts = [0, *ends[:-1]]
-            packets: list[Packet] = [
-                (ts, ifids[ifx], FLAGS[ptype & 7], data[a:b], orig)
-                for ts, ifx, ptype, a, b, orig in zip(
-                    batch.ts_ns,
-                    batch.ifindex,
-                    batch.pkttype,
-                    starts,
-                    ends,
-                    batch.origlen,
-                    strict=True,
-                )
-            ]
+            packets: list[Packet] = []
+            append = packets.append
+            off = 0
+            for ts, ifx, ptype, cap, orig in zip(
+                batch.ts_ns, batch.ifindex, batch.pkttype, batch.caplen, batch.origlen, strict=True
+            ):
+                append((ts, ifids[ifx], FLAGS[ptype & 7], data[off : off + cap], orig))
+                off += cap
             st.pending.extend(packets)
             st.pending_bytes += len(data)
             st.received += len(packets)
@@ -237,8 +227,8 @@ class Merger:
                 self._on_full()
 
 
-# A C key for the sorts (a Python function per packet cost more than the sort itself).
-_ts = itemgetter(0)
+def _ts(p: Packet) -> int:
+    return p[0]
 
 
 def _count_upto(packets: list[Packet], mark: int) -> int:
