@@ -52,7 +52,8 @@ the JSON an "active" object:
    path: [{pod, role, direction, in_iface, out_iface, t_in_us, t_out_us, latency_us,
            dwell_us, seen, lost, ok, reason, code, evidence: packets|state|null, degraded}],
    sightings: [{pod, iface, dir: in|out, flooded, t_us, ts_ns, packet}] (one round trip),
-   rtt_us, packets: {sent, forward, return, delivered, answered},
+   rtt_us, packets: {sent, forward, return, delivered, answered, collided (TCP probes
+   that met an earlier probe's open handshake: not a loss)},
    lost_at: {pod, direction, reason, code} | null  (where packets disappeared),
    first_broken, evidence, verdict, degraded, agrees_with_static, static_target,
    static_first_broken, return_lbs, static_return_lbs, notes,

@@ -529,6 +529,7 @@ def correlate(
 ) -> ActiveResult:
     """Follow every packet of the flow; the path taken, per-hop latency, the first loss."""
     probes = probe_run.probes if probe_run is not None else None
+    sightings = list(sightings)
     all_trails = trails(flow, sightings, roles, probes)
     fwd = [t for t in all_trails if t.direction == "forward"]
     ret = [t for t in all_trails if t.direction == "return"]
@@ -549,6 +550,7 @@ def correlate(
             target = first_pass.pod
     answered_probes = {t.probe for t in ret if t.probe >= 0 and _return_delivered(t)}
     replied_probes = {t.probe for t in ret if t.probe >= 0}
+    collided = _collided(flow, sightings, roles, delivered, replied_probes)
 
     forward_end = {t.probe: t.end for t in delivered if t.probe >= 0}
     tallies: dict[tuple[str, Direction], _Tally] = defaultdict(_Tally)
@@ -586,7 +588,7 @@ def correlate(
     # ways): the flow is whole, whatever the kernel state on its hops says about others.
     if probes is not None:
         sent_ok = [p for p in probes if p.ok]
-        all_through = bool(sent_ok) and len(answered_probes) >= len(sent_ok)
+        all_through = bool(answered_probes) and len(answered_probes) >= len(sent_ok) - len(collided)
     else:
         all_through = (
             bool(fwd)
@@ -598,8 +600,18 @@ def correlate(
     # A target that got a request and sent no reply: the loss is in that target;
     # packets cannot say which way, the target's kernel state does.
     silent_target, silent_lost = "", 0
+    if collided:
+        notes.append(
+            f"probe(s) {', '.join(str(i + 1) for i in sorted(collided))} reached the target while "
+            "the handshake of an earlier probe of the same 5-tuple was still open (the "
+            "client's RST had not arrived): the target cannot answer such a SYN; not counted"
+        )
     if probes is not None:
-        silent = [t for t in delivered if t.probe >= 0 and t.probe not in replied_probes]
+        silent = [
+            t
+            for t in delivered
+            if t.probe >= 0 and t.probe not in replied_probes and t.probe not in collided
+        ]
         if silent and silent[0].end is not None:
             silent_target, silent_lost = silent[0].end.pod, len(silent)
     elif delivered and not ret and target:
@@ -755,6 +767,7 @@ def correlate(
         "delivered": len(delivered),
         "answered": len(answered_probes) if probes is not None else len(ret),
         "sent": sent,
+        "collided": len(collided),
     }
     return ActiveResult(
         flow=flow,
@@ -775,6 +788,45 @@ def correlate(
         static_back=tuple(static_back),
         lbs_back=tuple(lbs_back),
     )
+
+
+def _collided(
+    flow: Flow,
+    sightings: Sequence[Sighting],
+    roles: Mapping[str, str],
+    delivered: Sequence[Trail],
+    replied: set[int],
+) -> set[int]:
+    """TCP probes that met an earlier probe's handshake still open in the target.
+
+    Every probe SYN has the flow's 5-tuple; the first one's SYN-ACK is reset by
+    the client's kernel (no socket). A next SYN that reaches the target before
+    that RST meets the open request socket, and the kernel answers it with at
+    most a rate-limited ACK for the *earlier* SYN (``tcp_check_req``) -- silence
+    that is no loss. Seen from the captures: no RST of the flow reached the
+    target between the earlier replied probe's arrival and this one's.
+    """
+    if flow.proto != "tcp":
+        return set()
+    resets = sorted(
+        s.ts_ns
+        for s in sightings
+        if roles.get(s.pod) == "target"
+        and not s.outbound
+        and s.held
+        and s.packet.proto == 6
+        and s.packet.tcp_flags & 0x04
+        and _direction(flow, s.packet) == "forward"
+    )
+    arrivals = {t.probe: t.end.t_in_ns for t in delivered if t.probe >= 0 and t.end is not None}
+    out: set[int] = set()
+    for k, t_k in arrivals.items():
+        if k in replied:
+            continue
+        earlier = [t_j for j, t_j in arrivals.items() if t_j < t_k and j in replied]
+        if earlier and not any(max(earlier) < r < t_k for r in resets):
+            out.add(k)
+    return out
 
 
 def _static_back(static_hops: Sequence[Hop]) -> list[str]:

@@ -22,6 +22,7 @@ from meridio_debug.controller.trace.active import (
     PACKET_HOST,
     PACKET_OTHERHOST,
     PACKET_OUTGOING,
+    Packet,
     ProbeMark,
     ProbeRun,
     Sighting,
@@ -478,3 +479,27 @@ def test_replies_through_one_of_static_candidates_agree() -> None:
     assert uncertain.paths[0].maybe_broken is not None
     result = correlate(FLOWS[6], sightings(6, back=back), roles, uncertain, probe_run(6))
     assert result.first_broken is None and result.agrees_with_static
+
+
+def test_a_tcp_probe_that_meets_an_open_handshake_is_not_a_loss() -> None:
+    """Probe 2's SYN reached the target before the client's RST of probe 1's SYN-ACK: the
+    target's silence is TCP (an open request socket), not a loss; with the RST in between
+    the silence is a loss again."""
+    flow = FLOWS[4]
+    only_first_reply = [
+        s for s in sightings(4) if _direction_of(s) == "forward" or s.ts_ns < 1_000_000
+    ]
+    result = correlate(flow, only_first_reply, ROLES, static(4), probe_run(4))
+    assert result.first_broken is None and result.packets["collided"] == 1
+    assert result.packets["answered"] == 1
+    assert any("handshake of an earlier probe" in n for n in result.notes)
+    rst = Packet(4, flow.src, flow.dst, 6, flow.sport, flow.dport, tcp_flags=0x04)
+    reset = Sighting("target-a1", "nsm-0", 500_000, PACKET_HOST, rst)
+    result = correlate(flow, [*only_first_reply, reset], ROLES, static(4), probe_run(4))
+    assert result.packets["collided"] == 0
+    assert result.first_broken is not None
+    assert (result.first_broken.pod, result.first_broken.direction) == ("target-a1", "return")
+
+
+def _direction_of(s: Sighting) -> str:
+    return "forward" if s.packet.src == FLOWS[4].src else "return"
