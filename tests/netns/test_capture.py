@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from meridio_debug.agent import capture
 from meridio_debug.controller.errors import AgentCallError
 from meridio_debug.controller.runtime.local import LocalRuntime
 from meridio_debug.protos import agent_pb2 as pb
@@ -284,8 +285,13 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def flood(ns: str, seconds: float, port: int) -> int:
-    """Raw Ethernet/IPv4/UDP frames as fast as Python goes, from ``ns`` on va; returns how many sent."""
+def flood(ns: str, frames: int, port: int, seconds: float = 30.0) -> int:
+    """At least ``frames`` raw Ethernet/IPv4/UDP frames as fast as Python goes, from ``ns`` on va.
+
+    Counted, not timed: on a loaded machine a timed flood may send fewer frames than the
+    agent's ring and queue hold, and then nothing is dropped. ``seconds`` only bounds a
+    sender that cannot keep up at all. Returns how many were sent.
+    """
     code = f"""
 import socket, struct, time
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -293,7 +299,7 @@ s.bind(("va", 0))
 ip = bytes.fromhex("4500003200004000401100000ae700010ae70002")
 frame = b"\\x02" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x01\\x08\\x00" + ip + struct.pack("!HHHH", 1234, {port}, 30, 0) + b"A" * 22
 n, end = 0, time.monotonic() + {seconds}
-while time.monotonic() < end:
+while n < {frames} and time.monotonic() < end:
     for _ in range(1000):
         s.send(frame)
     n += 1000
@@ -321,7 +327,10 @@ def test_stalled_client_bounded_memory_exact_drops_and_resume(pair: tuple[str, s
             start = await anext(stream)
             assert start.HasField("start")
             # The client stops reading while ~1 M frames/s try to get through.
-            sent = await asyncio.to_thread(flood, a, 2.5, port)
+            # More frames than the ring (RING_BYTES) and the queue together can hold
+            # at 64 bytes each, so some must be dropped whatever the machine's speed.
+            holdable = (capture.RING_BYTES + capture.QUEUE_BYTES) // 64
+            sent = await asyncio.to_thread(flood, a, holdable + 200_000, port)
             hwm_mb = int(agent_status(pid)["VmHWM"].split()[0]) / 1024
             assert hwm_mb < 150, f"agent peak RSS {hwm_mb:.0f} MB"
             received = 0
