@@ -38,7 +38,7 @@ from pathlib import Path
 
 import grpc
 
-from meridio_debug.controller.tls import create_ca
+from meridio_debug.controller.runtime.tls import create_ca
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 

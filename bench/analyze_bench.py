@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from meridio_debug.controller.analysis import Severity, analyze
-from meridio_debug.controller.bundle import read_bundle, trench_state, write_bundle
-from meridio_debug.controller.cli_analyze import gather_async, lab_evidence_source, make_report
 from meridio_debug.controller.lab import build_spec, down, up
 from meridio_debug.controller.report import render
+from meridio_debug.controller.services.analyze import gather_async, lab_evidence_source, make_report
+from meridio_debug.controller.services.bundle import read_bundle, trench_state, write_bundle
 
 CLI = str(Path(sys.executable).with_name("meridio-debug"))
 

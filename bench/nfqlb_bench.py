@@ -32,8 +32,8 @@ from meridio_debug.controller.lab import build_spec, down, predict_target, traff
 from meridio_debug.controller.lab.spec import LabSpec
 from meridio_debug.controller.runtime.local import LocalRuntime
 from meridio_debug.controller.runtime.reuse import ReusingRuntime
+from meridio_debug.controller.services.trace import lab_trace_source, trace_async
 from meridio_debug.controller.trace import parse_flow
-from meridio_debug.controller.trace_session import lab_trace_source, trace_async
 
 
 def up_down(make: Callable[[], LabSpec], repeats: int) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Packet dissection by scapy (controller/packets.py) against tcpdump on the same frames.
+"""Packet dissection by scapy (controller/packets/dissect.py) against tcpdump on the same frames.
 
 Why: ``capture --print`` and the active trace dissect packets with scapy, which
 is imported on the first frame and dissects each frame in Python. This prints
@@ -25,7 +25,7 @@ CHILD = """
 import sys, time
 frames = [bytes.fromhex(line) for line in sys.stdin.read().split()]
 start = time.perf_counter()
-from meridio_debug.controller import packets
+from meridio_debug.controller.packets import dissect as packets
 packets.summarize(frames[0])
 first = time.perf_counter() - start
 start = time.perf_counter()

@@ -31,14 +31,14 @@ from typing import Any
 from meridio_debug.controller.lab import build_spec, down, predict_target, up
 from meridio_debug.controller.runtime.local import LocalRuntime
 from meridio_debug.controller.runtime.reuse import ReusingRuntime
-from meridio_debug.controller.session import snapshot_all
-from meridio_debug.controller.trace import parse_flow
-from meridio_debug.controller.trace_active import ActiveOptions, active_trace_async
-from meridio_debug.controller.trace_session import (
+from meridio_debug.controller.services.active_trace import ActiveOptions, active_trace_async
+from meridio_debug.controller.services.snapshot import snapshot_all
+from meridio_debug.controller.services.trace import (
     TRACE_SECTIONS,
     lab_trace_source,
     trace_async,
 )
+from meridio_debug.controller.trace import parse_flow
 
 LIMIT_MS = 1000.0
 

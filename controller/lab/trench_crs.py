@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from meridio_debug.controller.lab.spec import LabSpec
-from meridio_debug.controller.meridio_config import to_crs
 from meridio_debug.controller.model import (
     CfgAttractor,
     CfgConduit,
@@ -24,6 +23,7 @@ from meridio_debug.controller.model import (
     CfgVip,
     MeridioConfig,
 )
+from meridio_debug.controller.model.meridio_config import to_crs
 
 # Meridio's default (pkg/controllers/trench/configmap.go); the lab's nfqlb init uses it too.
 DEFAULT_MAX_TARGETS = 100

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from meridio_debug.controller.client import AgentClient
+from meridio_debug.controller.wire.client import AgentClient
 
 ROLES = ("gateway", "lb-fe", "proxy", "target", "unknown")
 

@@ -27,7 +27,7 @@ For each pod, ``open``:
    listens on 127.0.0.1 in the pod, RBAC ``pods/portforward`` is the gate): a
    private unix socket is relayed to ``kubernetes.stream.portforward``, one
    websocket per connection, as ``kubectl port-forward`` does; or **directly**
-   to the pod IP. Both use mutual TLS (controller/tls.py): the pod's other
+   to the pod IP. Both use mutual TLS (controller/runtime/tls.py): the pod's other
    containers share its loopback, so the agent accepts only our client
    certificate, and we pin the certificate it printed to its log.
 
@@ -68,7 +68,6 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.stream import ws_client
 
-from meridio_debug.controller.client import CHANNEL_OPTIONS, AgentClient
 from meridio_debug.controller.errors import (
     AccessDenied,
     AgentCallError,
@@ -80,14 +79,15 @@ from meridio_debug.controller.errors import (
 )
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime import k8s_spec as spec
-from meridio_debug.controller.runtime.workdirs import sweep
-from meridio_debug.controller.tls import (
+from meridio_debug.controller.runtime.tls import (
     AGENT_TLS_NAME,
     DEFAULT_TLS_DIR,
     ClientTls,
     agent_certificate,
     load_or_create,
 )
+from meridio_debug.controller.runtime.workdirs import sweep
+from meridio_debug.controller.wire.client import CHANNEL_OPTIONS, AgentClient
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +512,10 @@ class KubernetesRuntime:
         the configuration checks then simply do not run, and the reason is returned.
         """
         from meridio_debug.controller.errors import ConfigError
-        from meridio_debug.controller.meridio_config import config_from_configmap, config_from_crs
+        from meridio_debug.controller.model.meridio_config import (
+            config_from_configmap,
+            config_from_crs,
+        )
 
         custom = k8s_client.CustomObjectsApi(self._cluster.api)
         docs: list[dict[str, Any]] = []

@@ -36,7 +36,6 @@ from typing import Any
 
 import grpc
 
-from meridio_debug.controller.client import CHANNEL_OPTIONS, AgentClient
 from meridio_debug.controller.errors import (
     AgentCallError,
     PodNotFound,
@@ -45,6 +44,7 @@ from meridio_debug.controller.errors import (
 )
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime.workdirs import sweep
+from meridio_debug.controller.wire.client import CHANNEL_OPTIONS, AgentClient
 
 NETNS_DIR = Path("/run/netns")
 LAUNCHER_MODULE = "meridio_debug.agent.launcher"

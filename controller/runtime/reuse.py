@@ -20,8 +20,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.wire.client import AgentClient
 
 
 class ReusingRuntime:

@@ -2,8 +2,8 @@
 
 Pure, like analysis: snapshots (the domain model) and the kernels' FIB
 answers in, the path out -- no gRPC, no clock, no I/O. The I/O layer that
-gathers both is controller/trace_session.py; the command is ``meridio-debug
-trace`` (controller/cli_trace.py). Public entry points::
+gathers both is controller/services/trace.py; the command is ``meridio-debug
+trace`` (controller/cli/trace.py). Public entry points::
 
     from meridio_debug.controller.trace import parse_flow, plan, trace
 
@@ -14,7 +14,7 @@ trace`` (controller/cli_trace.py). Public entry points::
 
 The active trace's pure half (controller/trace/active.py) follows captured
 packets across pods: ``correlate(flow, sightings, roles, static_result,
-probe_run)`` -> ``ActiveResult``; its I/O is controller/trace_active.py.
+probe_run)`` -> ``ActiveResult``; its I/O is controller/services/active_trace.py.
 """
 
 from meridio_debug.controller.trace.core import mark_choice, plan, trace

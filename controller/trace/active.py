@@ -7,7 +7,7 @@ active trace captures in every pod at once while probes (or the user's
 traffic) flow, then follows each packet from pod to pod. This module is the
 pure part -- frames and probe markers in, the path actually taken and the
 first hop where packets disappear out -- so it is unit-tested on recorded
-packets; controller/trace_active.py does the I/O (captures, SendProbes).
+packets; controller/services/active_trace.py does the I/O (captures, SendProbes).
 
 How a packet is recognised at every hop: by its identity, the 5-tuple plus
 what no hop changes -- the IPv4 id, the TCP sequence number, the ICMP echo
@@ -47,7 +47,7 @@ from typing import Any, Final, Literal, cast
 
 from meridio_debug.controller.analysis._view import trench_view
 from meridio_debug.controller.model import TrenchState
-from meridio_debug.controller.packets import Packet
+from meridio_debug.controller.packets.dissect import Packet
 from meridio_debug.controller.trace.core import fwmark_rule, mark_choice
 from meridio_debug.controller.trace.flow import Flow
 from meridio_debug.controller.trace.types import Broken, Direction, Hop, TraceResult

@@ -12,7 +12,7 @@ say what the kernel cannot (which target owns a next hop, bridge ports,
 neighbour MACs, the mark a flow gets) and explain a refusal (a missing rule
 vs. an empty table) with the analysis' finding codes.
 
-Two pure steps, so the I/O layer (controller/trace_session.py) stays thin::
+Two pure steps, so the I/O layer (controller/services/trace.py) stays thin::
 
     queries = plan(state, flow)            # pod -> RouteQuery...
     answers = <ask each pod's agent>       # pod -> {query id: RouteAnswer}

@@ -2,7 +2,7 @@
 
 Why separate dataclasses (not the probe protobufs): the trace core is pure and
 must be testable with hand-built answers; the I/O layer
-(controller/trace_session.py) converts ``probe_pb2.RouteResult`` into
+(controller/services/trace.py) converts ``probe_pb2.RouteResult`` into
 ``RouteAnswer`` at its boundary, exactly as convert.py does for snapshots.
 
 The JSON contract of ``trace -o json`` is ``TraceResult.to_dict()``: an

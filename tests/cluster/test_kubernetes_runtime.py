@@ -28,8 +28,13 @@ from meridio_debug.controller.errors import (
 )
 from meridio_debug.controller.runtime import k8s_spec
 from meridio_debug.controller.runtime.kubernetes import KubeOptions, KubernetesRuntime
-from meridio_debug.controller.session import snapshot_all
-from meridio_debug.controller.tls import agent_certificate, create_ca, issue_client, load_or_create
+from meridio_debug.controller.runtime.tls import (
+    agent_certificate,
+    create_ca,
+    issue_client,
+    load_or_create,
+)
+from meridio_debug.controller.services.snapshot import snapshot_all
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 from tests.cluster.conftest import SA, Cluster

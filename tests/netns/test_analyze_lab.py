@@ -34,9 +34,6 @@ from warm import WarmRuntime
 
 from meridio_debug.controller import cli
 from meridio_debug.controller.analysis import AnalysisResult, Severity
-from meridio_debug.controller.bundle import Evidence, read_bundle, trench_state, write_bundle
-from meridio_debug.controller.cli_analyze import analyze_evidence, gather_async, lab_evidence_source
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.lab import build_spec, down, up
 from meridio_debug.controller.lab.containers import exec_argv
 from meridio_debug.controller.lab.render import nfqlb_commands
@@ -45,6 +42,18 @@ from meridio_debug.controller.lab.state import bird_paths, read_state, state_dir
 from meridio_debug.controller.model import TrenchConfig
 from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.runtime.local import LocalRuntime
+from meridio_debug.controller.services.analyze import (
+    analyze_evidence,
+    gather_async,
+    lab_evidence_source,
+)
+from meridio_debug.controller.services.bundle import (
+    Evidence,
+    read_bundle,
+    trench_state,
+    write_bundle,
+)
+from meridio_debug.controller.wire.client import AgentClient
 
 pytestmark = [
     pytest.mark.netns,

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from meridio_debug.controller.tls import create_ca, issue_client
+from meridio_debug.controller.runtime.tls import create_ca, issue_client
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 from meridio_debug.protos import probe_pb2 as ppb

@@ -23,8 +23,8 @@ import pytest
 from trace_lab import BREAKS, FLOWS, Lab, drop_proxy_nexthop, running_lab
 
 from meridio_debug.controller import cli
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.lab import traffic
+from meridio_debug.controller.wire.client import AgentClient
 from meridio_debug.protos import probe_pb2 as ppb
 from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 

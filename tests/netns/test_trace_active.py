@@ -33,9 +33,9 @@ from meridio_debug.controller import cli
 from meridio_debug.controller.lab import predict_target, traffic
 from meridio_debug.controller.lab.traffic import plan_probes
 from meridio_debug.controller.runtime.local import LocalRuntime
+from meridio_debug.controller.services.active_trace import ActiveOptions, active_trace_async
+from meridio_debug.controller.services.trace import lab_trace_source
 from meridio_debug.controller.trace import parse_flow
-from meridio_debug.controller.trace_active import ActiveOptions, active_trace_async
-from meridio_debug.controller.trace_session import lab_trace_source
 from meridio_debug.protos import probe_pb2 as ppb
 from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 

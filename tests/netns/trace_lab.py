@@ -32,9 +32,13 @@ from meridio_debug.controller.lab import build_spec, down, up
 from meridio_debug.controller.lab.spec import LabSpec
 from meridio_debug.controller.lab.state import bird_paths, state_dir
 from meridio_debug.controller.runtime.local import LocalRuntime
+from meridio_debug.controller.services.active_trace import (
+    ActiveOptions,
+    ActiveRun,
+    active_trace_async,
+)
+from meridio_debug.controller.services.trace import lab_trace_source, trace_async
 from meridio_debug.controller.trace import TraceResult, parse_flow
-from meridio_debug.controller.trace_active import ActiveOptions, ActiveRun, active_trace_async
-from meridio_debug.controller.trace_session import lab_trace_source, trace_async
 
 
 def run(argv: list[str]) -> str:

@@ -13,9 +13,9 @@ import threading
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.runtime.reuse import ReusingRuntime
+from meridio_debug.controller.wire.client import AgentClient
 
 T = TypeVar("T")
 

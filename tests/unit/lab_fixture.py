@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from meridio_debug.controller.convert import nft_state_from_json
 from meridio_debug.controller.lab.spec import DEFAULT_PREFIX, LabSpec, Pod, build_spec
 from meridio_debug.controller.lab.trench_crs import lab_config
 from meridio_debug.controller.model import (
@@ -42,6 +41,7 @@ from meridio_debug.controller.model import (
     TrenchConfig,
     TrenchState,
 )
+from meridio_debug.controller.wire.convert import nft_state_from_json
 
 SECTIONS = (
     "links",

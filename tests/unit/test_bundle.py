@@ -21,17 +21,17 @@ from google.protobuf import struct_pb2
 
 from meridio_debug.controller import cli
 from meridio_debug.controller.analysis import analyze
-from meridio_debug.controller.bundle import (
+from meridio_debug.controller.errors import BundleError
+from meridio_debug.controller.model import TrenchConfig
+from meridio_debug.controller.report.snapshot import PodSnapshot
+from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.services.bundle import (
     FORMAT_VERSION,
     Evidence,
     read_bundle,
     trench_state,
     write_bundle,
 )
-from meridio_debug.controller.errors import BundleError
-from meridio_debug.controller.model import TrenchConfig
-from meridio_debug.controller.output import PodSnapshot
-from meridio_debug.controller.runtime import PodRef
 from meridio_debug.protos import agent_pb2 as pb
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meridio_debug.controller import packets
-from meridio_debug.controller.pcapng import (
+from meridio_debug.controller.packets import dissect as packets
+from meridio_debug.controller.packets.pcapng import (
     EPB_TYPE,
     IDB_TYPE,
     ISB_TYPE,

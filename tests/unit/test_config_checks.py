@@ -17,15 +17,9 @@ from lab_fixture import build_lab, change, with_pod
 
 from meridio_debug.controller.analysis import Severity, analyze
 from meridio_debug.controller.analysis.config import port_ranges
-from meridio_debug.controller.bundle import _config_from_dict, _config_to_dict
 from meridio_debug.controller.errors import ConfigError
 from meridio_debug.controller.lab.spec import build_spec
 from meridio_debug.controller.lab.trench_crs import lab_config, lab_crs_yaml
-from meridio_debug.controller.meridio_config import (
-    config_from_configmap,
-    config_from_yaml,
-    read_config_file,
-)
 from meridio_debug.controller.model import (
     CfgVip,
     MeridioConfig,
@@ -35,6 +29,12 @@ from meridio_debug.controller.model import (
     SectionStatus,
     TrenchState,
 )
+from meridio_debug.controller.model.meridio_config import (
+    config_from_configmap,
+    config_from_yaml,
+    read_config_file,
+)
+from meridio_debug.controller.services.bundle import _config_from_dict, _config_to_dict
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "meridio" / "e2e"
 SPEC = build_spec()

@@ -15,14 +15,14 @@ from google.protobuf import json_format
 from lab_fixture import build_lab, lb_nft_json
 
 from meridio_debug.controller.analysis import Severity, analyze
-from meridio_debug.controller.convert import (
+from meridio_debug.controller.lab.spec import build_spec
+from meridio_debug.controller.model import infer_role
+from meridio_debug.controller.wire.convert import (
     nft_state_from_json,
     pod_result_from_proto,
     snapshot_from_dict,
     snapshot_from_proto,
 )
-from meridio_debug.controller.lab.spec import build_spec
-from meridio_debug.controller.model import infer_role
 from meridio_debug.protos import agent_pb2 as pb
 
 # `nft -j list ruleset` of lab-examples/lb.nft, as printed on this kernel (nft 1.0.6).
@@ -176,7 +176,7 @@ def test_rule_transport_selectors_are_kept_and_not_a_plain_source_rule() -> None
 
 
 def test_goto_rule_prints_its_target_and_the_table_uses_the_same_text() -> None:
-    from meridio_debug.controller.output import rule_text
+    from meridio_debug.controller.report.snapshot import rule_text
 
     rule = pb.Rule(family=2, priority=50, fwmark=7, fwmask=0xFFFFFFFF, has_fwmark=True,
                    action="goto", goto=32766, suppress_prefixlen=-1)  # fmt: skip

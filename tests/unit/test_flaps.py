@@ -14,7 +14,8 @@ from pathlib import Path
 from lab_fixture import build_lab, snap
 
 from meridio_debug.controller.analysis import Severity, analyze
-from meridio_debug.controller.bundle import (
+from meridio_debug.controller.model import TrenchState
+from meridio_debug.controller.services.bundle import (
     Evidence,
     Recording,
     read_bundle,
@@ -22,7 +23,6 @@ from meridio_debug.controller.bundle import (
     trench_state,
     write_bundle,
 )
-from meridio_debug.controller.model import TrenchState
 from meridio_debug.protos import agent_pb2 as pb
 
 BASE = build_lab()

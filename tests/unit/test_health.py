@@ -20,9 +20,9 @@ from lab_fixture import build_lab, change, with_pod
 
 from meridio_debug.controller.analysis import Severity, analyze
 from meridio_debug.controller.analysis.health import summary_lines
-from meridio_debug.controller.bundle import Evidence, read_bundle, write_bundle
 from meridio_debug.controller.model import KubeState, PodKind, ReadProblem, TrenchState
 from meridio_debug.controller.runtime import k8s_health
+from meridio_debug.controller.services.bundle import Evidence, read_bundle, write_bundle
 
 NOW = 1_764_000_000.0  # the analysis' "now" (KubeState.read_unix)
 

@@ -10,7 +10,12 @@ import pytest
 from meridio_debug.agent.errors import ListenError
 from meridio_debug.agent.main import tls_config
 from meridio_debug.controller.runtime import k8s_spec as s
-from meridio_debug.controller.tls import agent_certificate, create_ca, fingerprint, issue_client
+from meridio_debug.controller.runtime.tls import (
+    agent_certificate,
+    create_ca,
+    fingerprint,
+    issue_client,
+)
 
 
 def pod(

@@ -276,7 +276,7 @@ def test_a_broken_candidate_makes_the_verdict_uncertain_all_broken_make_it_broke
     assert (one.first_broken.pod, one.first_broken.direction) == ("lb-fe-b", "return")
     assert one.first_broken.code == "MDB103" and one.verdict == "uncertain"
     assert one.first_broken.reason.startswith("if the kernel picks lb-fe-b:")
-    from meridio_debug.controller.trace.render import render_html, render_table
+    from meridio_debug.controller.report.trace import render_html, render_table
 
     assert "verdict  MAY BREAK (uncertain) at lb-fe-b (return) [MDB103]" in render_table(one)
     assert 'class="verdict degraded">MAY BREAK' in render_html(one)
@@ -334,7 +334,7 @@ def test_the_multipath_rule(flow: str, policy: int | None, exact: bool) -> None:
 
 
 def test_table_and_html_say_candidates_and_degraded(healthy: TrenchState) -> None:
-    from meridio_debug.controller.trace.render import render_html, render_table
+    from meridio_debug.controller.report.trace import render_html, render_table
 
     result = run(healthy, "udp [200:100::7]:40000 -> [2000::1]:4001")
     text = "one of lb-fe-a, lb-fe-b: the kernel hashes this reply with a per-boot seed"

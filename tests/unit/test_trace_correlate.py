@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from meridio_debug.agent.probe import build_packet, marks_for
-from meridio_debug.controller.packets import decode
+from meridio_debug.controller.packets.dissect import decode
 from meridio_debug.controller.trace import parse_flow
 from meridio_debug.controller.trace.active import (
     PACKET_HOST,

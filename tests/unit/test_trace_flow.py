@@ -9,9 +9,9 @@ import pytest
 
 from meridio_debug.controller.lab import build_spec, predict_target
 from meridio_debug.controller.model import NftMarkMap
+from meridio_debug.controller.report.trace import render_html, render_svg, render_table
 from meridio_debug.controller.trace import Flow, FlowError, Hop, TracePath, TraceResult, parse_flow
 from meridio_debug.controller.trace.hashing import computable, mark_for
-from meridio_debug.controller.trace.render import render_html, render_svg, render_table
 from meridio_debug.controller.trace.types import Broken
 
 

@@ -19,8 +19,8 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from meridio_debug.controller.convert import rule_from_proto
 from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.wire.convert import rule_from_proto
 from meridio_debug.protos import agent_pb2 as pb
 
 SECTION_KEYS = (

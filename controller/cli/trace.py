@@ -5,7 +5,7 @@ naming the expected form, exit 2), pick the pods (the lab includes its
 gateway, whose ECMP picks the entry LB), run the trace session and print.
 
 With ``--active`` the same command also captures in every pod at once while
-probes (``--probe``) or the user's own traffic flow (controller/trace_active.py)
+probes (``--probe``) or the user's own traffic flow (controller/services/active_trace.py)
 and reports the path the packets actually took.
 
 Exit codes: 0 the path is whole both ways (also when degraded: a hop on it
@@ -125,9 +125,9 @@ def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], No
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from meridio_debug.controller.report.trace import render_html, render_table
+    from meridio_debug.controller.services.trace import lab_trace_source, trace_runtime
     from meridio_debug.controller.trace import FlowError, parse_flow
-    from meridio_debug.controller.trace.render import render_html, render_table
-    from meridio_debug.controller.trace_session import lab_trace_source, trace_runtime
 
     try:
         flows = [parse_flow(text) for text in args.flow]
@@ -144,7 +144,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.lab and not args.netns and not args.netns_pid:
         runtime, config = lab_trace_source(args.prefix, args.pods)
     else:
-        from meridio_debug.controller.cli import make_runtime
+        from meridio_debug.controller.cli.main import make_runtime
 
         runtime, config = make_runtime(args), None
     if args.active:
@@ -163,13 +163,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _active(args: argparse.Namespace, runtime: Any, flow: Any, config: Any) -> int:
-    from meridio_debug.controller.trace.render import (
+    from meridio_debug.controller.report.trace import (
         render_active_html,
         render_active_table,
         render_html,
         render_table,
     )
-    from meridio_debug.controller.trace_active import ActiveOptions, active_trace
+    from meridio_debug.controller.services.active_trace import ActiveOptions, active_trace
 
     def log(text: str) -> None:
         print(f"meridio-debug: {text}", file=sys.stderr, flush=True)

@@ -17,11 +17,11 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from meridio_debug.controller.convert import pod_result_from_proto
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import Nexthop, PodResult, TrenchConfig, TrenchState
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.trace import Flow, RouteAnswer, RouteQuery, TraceResult, plan, trace
+from meridio_debug.controller.wire.convert import pod_result_from_proto
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
 
@@ -157,7 +157,7 @@ def trace_runtime(
 
 def lab_trace_source(prefix: str, names: Sequence[str] = ()) -> tuple[Runtime, TrenchConfig]:
     """The lab's pods *with* the gateway (its ECMP picks the entry LB) and the lab's VIPs."""
-    from meridio_debug.controller.cli_lab import lab_pods, lab_targets
+    from meridio_debug.controller.cli.lab import lab_pods, lab_targets
     from meridio_debug.controller.lab import load_spec
     from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meridio_debug.controller.cli_args import MAX_STREAM_S, seconds
+from meridio_debug.controller.cli.arguments import MAX_STREAM_S, seconds
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
 
 log = logging.getLogger("meridio_debug")
@@ -44,7 +44,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lab", action="store_true", help="the pods of the local lab (meridio-debug lab up)"
     )
-    from meridio_debug.controller.cli_lab import lab_prefix
+    from meridio_debug.controller.cli.lab import lab_prefix
 
     g.add_argument(
         "--prefix", default="mdl-", type=lab_prefix, help="lab namespace prefix (default mdl-)"
@@ -64,7 +64,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
         metavar="PID",
         help="the network namespace of a process (repeatable)",
     )
-    from meridio_debug.controller import cli_kube
+    from meridio_debug.controller.cli import kube as cli_kube
 
     cli_kube.add_cluster_args(p)
     p.add_argument(
@@ -111,7 +111,7 @@ def build_parser() -> ArgumentParser:
     )
     add_target_args(p)
     add_output_arg(p)
-    from meridio_debug.controller.output import SECTION_KEYS
+    from meridio_debug.controller.report.snapshot import SECTION_KEYS
 
     p.add_argument(
         "--section",
@@ -145,23 +145,23 @@ def build_parser() -> ArgumentParser:
     )
     p.set_defaults(func=cmd_watch)
 
-    from meridio_debug.controller import capture
+    from meridio_debug.controller.services import capture
 
     capture.add_parser(sub, add_target_args)
 
-    from meridio_debug.controller import cli_lab
+    from meridio_debug.controller.cli import lab as cli_lab
 
     cli_lab.add_parser(sub)
-    from meridio_debug.controller import cli_kube
+    from meridio_debug.controller.cli import kube as cli_kube
 
     cli_kube.add_parser(sub)
-    from meridio_debug.controller import cli_analyze
+    from meridio_debug.controller.services import analyze as cli_analyze
 
     cli_analyze.add_parser(sub)
-    from meridio_debug.controller import cli_trace
+    from meridio_debug.controller.cli import trace as cli_trace
 
     cli_trace.add_parser(sub, add_target_args)
-    from meridio_debug.controller import cli_e2e
+    from meridio_debug.controller.cli import e2e as cli_e2e
 
     cli_e2e.add_parser(sub)
     return parser
@@ -176,7 +176,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 def make_runtime(args: argparse.Namespace) -> Any:
     """The runtime for the chosen target flags (exactly one kind)."""
-    from meridio_debug.controller import cli_kube
+    from meridio_debug.controller.cli import kube as cli_kube
     from meridio_debug.controller.runtime.local import LocalRuntime, netns_path
 
     cluster = cli_kube.wants_cluster(args)
@@ -191,7 +191,7 @@ def make_runtime(args: argparse.Namespace) -> Any:
     if args.pods and not args.lab:
         raise UsageError("pod names go with --lab; use --netns NAME for namespaces")
     if args.lab:
-        from meridio_debug.controller.cli_lab import lab_runtime
+        from meridio_debug.controller.cli.lab import lab_runtime
 
         return lab_runtime(args.prefix, args.pods)
     # A missing namespace is one line and exit 1 for every command, before any agent starts
@@ -205,8 +205,8 @@ def make_runtime(args: argparse.Namespace) -> Any:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from meridio_debug.controller import output
-    from meridio_debug.controller.session import snapshot_all
+    from meridio_debug.controller.report import snapshot as output
+    from meridio_debug.controller.services.snapshot import snapshot_all
 
     runtime = make_runtime(args)
     items = asyncio.run(snapshot_all(runtime, args.section))
@@ -223,8 +223,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from meridio_debug.controller import output
-    from meridio_debug.controller.session import watch_all
+    from meridio_debug.controller.report import snapshot as output
+    from meridio_debug.controller.services.snapshot import watch_all
 
     runtime = make_runtime(args)
 

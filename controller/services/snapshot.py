@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 from meridio_debug.controller.errors import MeridioDebugError
-from meridio_debug.controller.output import PodSnapshot
+from meridio_debug.controller.report.snapshot import PodSnapshot
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.protos import agent_pb2 as pb
 

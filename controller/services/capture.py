@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
-from meridio_debug.controller.cli_args import MAX_STREAM_S, int_range, seconds
-from meridio_debug.controller.client import AgentClient
+from meridio_debug.controller.cli.arguments import MAX_STREAM_S, int_range, seconds
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
-from meridio_debug.controller.packets import summarize
-from meridio_debug.controller.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
+from meridio_debug.controller.packets.dissect import summarize
+from meridio_debug.controller.packets.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
 from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.wire.client import AgentClient
 from meridio_debug.protos import agent_pb2 as pb
 
 MAX_SNAPLEN = 262144  # the agent's own bound
@@ -527,7 +527,7 @@ def options_from(args: argparse.Namespace) -> Options:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from meridio_debug.controller.cli import make_runtime
+    from meridio_debug.controller.cli.main import make_runtime
 
     options = options_from(args)
     runtime = make_runtime(args)

@@ -44,9 +44,7 @@ from typing import Any, Final
 
 from google.protobuf import json_format
 
-from meridio_debug.controller import convert, output
 from meridio_debug.controller.errors import BundleError, ConfigError
-from meridio_debug.controller.meridio_config import config_from_crs, to_crs
 from meridio_debug.controller.model import (
     ContainerHealth,
     KubeState,
@@ -57,8 +55,11 @@ from meridio_debug.controller.model import (
     TrenchConfig,
     TrenchState,
 )
-from meridio_debug.controller.output import PodSnapshot
+from meridio_debug.controller.model.meridio_config import config_from_crs, to_crs
+from meridio_debug.controller.report import snapshot as output
+from meridio_debug.controller.report.snapshot import PodSnapshot
 from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.wire import convert
 from meridio_debug.protos import agent_pb2 as pb
 
 BUNDLE_KIND: Final = "meridio-debug/bundle"

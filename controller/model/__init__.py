@@ -482,7 +482,7 @@ class PodResult:
 # --------------------------------------------------------------------------- intent
 
 # What the operator asked for, as Meridio's CRs (api/v1/*_types.go) say it. Read from the CRs
-# or the ConfigMap ``meridio-configuration-<trench>`` (controller/meridio_config.py), or written
+# or the ConfigMap ``meridio-configuration-<trench>`` (controller/model/meridio_config.py), or written
 # from the lab's spec (controller/lab/trench_crs.py). Only the fields some check compares.
 
 

@@ -30,12 +30,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from meridio_debug.controller.client import AgentClient
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
-from meridio_debug.controller.packets import decode, load_in_background
-from meridio_debug.controller.pcapng import Interface, Writer, flags_for
+from meridio_debug.controller.packets.dissect import decode, load_in_background
+from meridio_debug.controller.packets.pcapng import Interface, Writer, flags_for
 from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.services.trace import trace_async
 from meridio_debug.controller.trace import Flow, TraceResult
 from meridio_debug.controller.trace.active import (
     ActiveResult,
@@ -48,7 +48,7 @@ from meridio_debug.controller.trace.active import (
     correlate,
     probe_orders,
 )
-from meridio_debug.controller.trace_session import trace_async
+from meridio_debug.controller.wire.client import AgentClient
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
 

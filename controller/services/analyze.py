@@ -33,10 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from meridio_debug.controller.analysis import CHECKS, AnalysisResult, Severity, analyze
-from meridio_debug.controller.bundle import Evidence, read_bundle, trench_state, write_bundle
 from meridio_debug.controller.errors import MeridioDebugError, UsageError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
 from meridio_debug.controller.runtime import Runtime
+from meridio_debug.controller.services.bundle import (
+    Evidence,
+    read_bundle,
+    trench_state,
+    write_bundle,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_FINDINGS = 0, 1, 3
 
@@ -78,7 +83,7 @@ async def gather_async(
     A runtime that can read pod status (Kubernetes) also gives the pods' health and log
     tails, read while the snapshots are taken.
     """
-    from meridio_debug.controller.session import snapshot_all
+    from meridio_debug.controller.services.snapshot import snapshot_all
 
     created = time.time_ns()
     read_health = getattr(runtime, "read_health", None)
@@ -112,7 +117,7 @@ def analyze_evidence(evidence: Evidence, suppress: Iterable[str] = ()) -> Analys
 
 def lab_evidence_source(prefix: str, names: Sequence[str]) -> tuple[Runtime, TrenchConfig, str]:
     """Runtime over the lab's Meridio pods plus what the lab contract says the trench is."""
-    from meridio_debug.controller.cli_lab import lab_runtime
+    from meridio_debug.controller.cli.lab import lab_runtime
     from meridio_debug.controller.lab import load_spec
 
     runtime = lab_runtime(prefix, names)
@@ -140,7 +145,7 @@ def evidence_from_args(args: argparse.Namespace) -> Evidence:
     evidence = _evidence(args)
     config_file = getattr(args, "config", None)
     if config_file:
-        from meridio_debug.controller.meridio_config import read_config_file
+        from meridio_debug.controller.model.meridio_config import read_config_file
 
         meridio = read_config_file(config_file)
         base = evidence.config or TrenchConfig(name=meridio.trench)
@@ -169,7 +174,7 @@ def live_source(
     args: argparse.Namespace,
 ) -> tuple[Runtime, TrenchConfig | None, str, HealthOptions | None]:
     """The runtime for the target flags, the trench's configuration and a source label."""
-    from meridio_debug.controller.cli import make_runtime
+    from meridio_debug.controller.cli.main import make_runtime
 
     if args.lab and not args.netns and not args.netns_pid:
         runtime, config, source = lab_evidence_source(args.prefix, args.pods)
@@ -195,9 +200,9 @@ async def watched_evidence(
     seconds: float,
 ) -> Evidence:
     """``analyze --watch S``: S seconds of events and bird samples, then the snapshot."""
-    from meridio_debug.controller.bundle import Recording
     from meridio_debug.controller.runtime.reuse import ReusingRuntime
-    from meridio_debug.controller.session import record_all
+    from meridio_debug.controller.services.bundle import Recording
+    from meridio_debug.controller.services.snapshot import record_all
 
     async with ReusingRuntime(runtime) as shared:
         print(f"watching every pod for {seconds:g} s ...", file=sys.stderr, flush=True)
@@ -239,7 +244,7 @@ def cluster_config(runtime: Any) -> TrenchConfig | None:
 
 def cluster_flags(args: argparse.Namespace) -> bool:
     """Whether the Kubernetes runtime was asked for (-n, --context, ...; see cli_kube)."""
-    from meridio_debug.controller.cli_kube import wants_cluster
+    from meridio_debug.controller.cli.kube import wants_cluster
 
     return wants_cluster(args)
 
@@ -281,7 +286,7 @@ def make_report(
 
 
 def add_parser(sub: Any) -> None:
-    from meridio_debug.controller.cli import add_target_args
+    from meridio_debug.controller.cli.main import add_target_args
     from meridio_debug.controller.report import FORMATS
 
     p = sub.add_parser(

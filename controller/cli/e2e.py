@@ -55,7 +55,7 @@ _EXEC_VARS = (
 
 
 def add_parser(sub: Any) -> None:
-    from meridio_debug.controller import cli_kube
+    from meridio_debug.controller.cli import kube as cli_kube
 
     p = sub.add_parser(
         "e2e-hook",
@@ -100,20 +100,20 @@ def _output_id(args: argparse.Namespace) -> str:
 
 def _gather(args: argparse.Namespace) -> Any:
     """Every pod's snapshot, bounded by --timeout; a failure is an empty evidence + why."""
-    from meridio_debug.controller.bundle import Evidence
-    from meridio_debug.controller.cli_analyze import (
+    from meridio_debug.controller.services.analyze import (
         HealthOptions,
         cluster_config,
         gather_async,
         lab_evidence_source,
     )
+    from meridio_debug.controller.services.bundle import Evidence
 
     config: TrenchConfig | None = None
     try:
         if args.lab:
             runtime, config, source = lab_evidence_source(args.prefix, [])
         else:
-            from meridio_debug.controller.cli_kube import cluster_runtime
+            from meridio_debug.controller.cli.kube import cluster_runtime
 
             if not args.namespace and os.environ.get("EXEC_NAMESPACE"):
                 args.namespace = os.environ["EXEC_NAMESPACE"]
@@ -165,9 +165,9 @@ def cmd_e2e_hook(args: argparse.Namespace) -> int:
 
 def _write(args: argparse.Namespace, evidence: Any, files: dict[str, Path], started: float) -> int:
     from meridio_debug.controller.analysis import analyze
-    from meridio_debug.controller.bundle import read_bundle, trench_state, write_bundle
-    from meridio_debug.controller.cli_analyze import make_report
     from meridio_debug.controller.report import render
+    from meridio_debug.controller.services.analyze import make_report
+    from meridio_debug.controller.services.bundle import read_bundle, trench_state, write_bundle
 
     written: list[str] = []
     env = {k: os.environ[k] for k in ("EXEC_NAMESPACE", *_EXEC_VARS) if k in os.environ}

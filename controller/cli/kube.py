@@ -75,12 +75,12 @@ def wants_cluster(args: argparse.Namespace) -> bool:
 
 def cluster_runtime(args: argparse.Namespace, progress: bool = True) -> Any:
     """A KubernetesRuntime for the parsed flags, with a progress display on stderr."""
-    from meridio_debug.controller.progress import Progress
+    from meridio_debug.controller.cli.progress import Progress
     from meridio_debug.controller.runtime.kubernetes import KubeOptions, KubernetesRuntime
 
     if args.start_timeout <= 0 or args.idle_timeout < 0:
         raise UsageError("--start-timeout must be > 0 and --idle-timeout >= 0")
-    from meridio_debug.controller import tls as tls_mod
+    from meridio_debug.controller.runtime import tls as tls_mod
 
     # Every agent requires mutual TLS (port-forwarded too: the pod's containers share loopback).
     tls = tls_mod.load_or_create(Path(args.tls_dir) if args.tls_dir else tls_mod.DEFAULT_TLS_DIR)
