@@ -66,7 +66,7 @@ def bench_start(prefix: str, count: int) -> tuple[float, float]:
 
 def open_all(prefix: str, ephemeral: bool) -> float:
     """Seconds until an agent serves in every Meridio pod of the lab, all opened at once."""
-    from meridio_debug.controller.cli.lab import lab_runtime
+    from meridio_debug.controller.runtime.lab import lab_runtime
 
     runtime = lab_runtime(prefix, [])
     if not ephemeral:

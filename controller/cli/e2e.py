@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meridio_debug.controller.cli.kube import add_cluster_args
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig
 
@@ -55,7 +56,6 @@ _EXEC_VARS = (
 
 
 def add_parser(sub: Any) -> None:
-    from meridio_debug.controller.cli import kube as cli_kube
 
     p = sub.add_parser(
         "e2e-hook",
@@ -83,7 +83,7 @@ def add_parser(sub: Any) -> None:
         default=120.0,
         help="bound for collecting the evidence, seconds (default 120)",
     )
-    cli_kube.add_cluster_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=cmd_e2e_hook, netns=[], netns_pid=[], pods=[])
 
 

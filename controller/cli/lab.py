@@ -1,9 +1,8 @@
 """``meridio-debug lab ...``: build, inspect, exercise and remove the local lab.
 
 The lab (controller/lab, contract in lab.md) is the demo and the test bed; this
-module is only its command line: argument parsing and printing. It also maps
-``--lab [POD...]`` of the other commands to a local runtime over the running
-lab's pods, with their roles.
+module is only its command line: argument parsing and printing (``--lab`` of the
+other commands is runtime/lab.py).
 """
 
 from __future__ import annotations
@@ -12,68 +11,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
+from meridio_debug.controller.cli.arguments import lab_prefix
 from meridio_debug.controller.errors import LabError, UsageError
-from meridio_debug.controller.runtime import PodRef
-from meridio_debug.controller.runtime.local import EphemeralTarget, LocalRuntime, select_pods
-
-
-def lab_pods(prefix: str) -> list[PodRef]:
-    """The running lab's pods (gateway included), with roles; LabError when no lab is up."""
-    from meridio_debug.controller.lab import load_spec
-
-    spec = load_spec(prefix)
-    if spec is None:
-        raise LabError(f"no lab with prefix {prefix!r} is up: run `meridio-debug lab up` first")
-    return [PodRef(name=p.name, role=p.role, location=p.netns, runtime="lab") for p in spec.pods]
-
-
-def lab_targets(prefix: str) -> dict[str, EphemeralTarget]:
-    """Pod name -> the container its agent joins, as an ephemeral container would.
-
-    The same container a cluster's agent targets (lab/containers.AGENT_TARGET,
-    runtime/k8s_spec.target_container): ``frontend`` in an LB/FE pod, so the
-    agent sees bird's processes and not nfqlb's, as in Meridio.
-    """
-    from meridio_debug.controller.lab import containers
-    from meridio_debug.controller.lab.state import read_state, state_dir
-
-    state = read_state(prefix)
-    if state is None:
-        return {}
-    directory = state_dir(prefix)
-    pids = {(r.pod, r.container): r.pid for r in state.processes}
-    out: dict[str, EphemeralTarget] = {}
-    for pod in state.spec.pods:
-        name = containers.AGENT_TARGET[pod.role]
-        pid = pids.get((pod.name, name))
-        if pid is not None:
-            out[pod.name] = EphemeralTarget(
-                container=name,
-                pid=pid,
-                shm=str(containers.shm_dir(directory, pod.name)),
-                pod_containers=containers.CONTAINERS[pod.role],
-            )
-    return out
-
-
-def lab_runtime(prefix: str, names: Sequence[str]) -> LocalRuntime:
-    """A local runtime over the named lab pods (all Meridio pods when none are named)."""
-    pods = lab_pods(prefix)
-    chosen = select_pods(pods, names) if names else [p for p in pods if p.role != "gateway"]
-    return LocalRuntime(chosen, targets=lab_targets(prefix))
-
-
-def lab_prefix(text: str) -> str:
-    """argparse type: a valid lab prefix, else a usage error (exit 2) before anything runs."""
-    from meridio_debug.controller.lab.spec import check_prefix
-
-    try:
-        return check_prefix(text)
-    except LabError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(sub: Any) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from meridio_debug.controller.cli.arguments import add_target_args
 from meridio_debug.controller.errors import UsageError
 
 EXIT_OK, EXIT_BROKEN = 0, 3
@@ -67,7 +67,7 @@ static's candidates, and the packets' verdict is one of static's ways.
 exit codes: 0 path whole (or degraded), 1 error, 2 usage, 3 path broken (or uncertain)"""
 
 
-def add_parser(sub: Any, add_target_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "trace",
         help="trace a flow hop by hop through LB, proxy and target, both directions",
@@ -144,7 +144,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.lab and not args.netns and not args.netns_pid:
         runtime, config = lab_trace_source(args.prefix, args.pods)
     else:
-        from meridio_debug.controller.cli.main import make_runtime
+        from meridio_debug.controller.cli.arguments import make_runtime
 
         runtime, config = make_runtime(args), None
     if args.active:

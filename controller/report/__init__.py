@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Final
 
+from meridio_debug.controller.report import htmlpage, jsondoc, junit, table
 from meridio_debug.controller.report._model import Report, check_runs, failing
 
 FORMATS: Final = ("table", "json", "junit", "html")
@@ -46,19 +47,11 @@ def format_for_path(path: str) -> str | None:
 def render(fmt: str, report: Report, *, color: bool = False) -> str:
     """``report`` as ``fmt`` text (ValueError for an unknown format)."""
     if fmt == "table":
-        from meridio_debug.controller.report import table
-
         return table.render(report, color=color)
     if fmt == "json":
-        from meridio_debug.controller.report import jsondoc
-
         return jsondoc.render(report)
     if fmt == "junit":
-        from meridio_debug.controller.report import junit
-
         return junit.render(report)
     if fmt == "html":
-        from meridio_debug.controller.report import htmlpage
-
         return htmlpage.render(report)
     raise ValueError(f"unknown report format {fmt!r} (choose {', '.join(FORMATS)})")

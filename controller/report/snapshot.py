@@ -11,11 +11,13 @@ nft's own JSON schema (integers stay integers).
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -120,8 +122,6 @@ def to_json(doc: Any) -> str:
 
 
 def to_yaml(doc: Any) -> str:
-    import yaml
-
     return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
 
 
@@ -317,8 +317,6 @@ def _nft_lines(doc: Mapping[str, Any]) -> list[str]:
 
 def event_to_line(pod: str, event: pb.Event) -> str:
     """One line per watch event: wall time, pod, kind, action, ip-monitor-style summary."""
-    import datetime
-
     ts = datetime.datetime.fromtimestamp(event.unix_ns / 1e9, tz=datetime.UTC)
     overflow = " [events were lost before this one]" if event.overflow else ""
     return f"{ts:%H:%M:%S.%f} {pod:<14} {event.kind:<9} {event.action:<3} {event.summary}{overflow}"

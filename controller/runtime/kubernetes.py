@@ -53,6 +53,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,13 +72,16 @@ from kubernetes.stream import ws_client
 from meridio_debug.controller.errors import (
     AccessDenied,
     AgentCallError,
+    ConfigError,
     InjectionError,
     MeridioDebugError,
     PodNotFound,
     RuntimeUnavailable,
     UsageError,
 )
-from meridio_debug.controller.runtime import PodRef
+from meridio_debug.controller.model import ContainerHealth, KubeState, ReadProblem
+from meridio_debug.controller.model.meridio_config import config_from_configmap, config_from_crs
+from meridio_debug.controller.runtime import PodRef, k8s_health
 from meridio_debug.controller.runtime import k8s_spec as spec
 from meridio_debug.controller.runtime.tls import (
     AGENT_TLS_NAME,
@@ -360,8 +364,6 @@ class KubernetesRuntime:
         self, exc: Exception, what: str, verb: str, resource: str, optional: bool = True
     ) -> Any:
         """A 403 as a ReadProblem (the finding MDB542 says which verb is missing); else raise."""
-        from meridio_debug.controller.model import ReadProblem
-
         if isinstance(exc, ApiException) and exc.status == 403:
             msg = spec.status_message(exc.body) or str(exc.reason or "")
             denial = spec.rbac_denial(msg)
@@ -420,11 +422,6 @@ class KubernetesRuntime:
         Meridio pods and the trench's NSP/IPAM/NSE from the namespace; NSM and Spire
         pods cluster-wide when RBAC allows (else a ReadProblem naming the verb).
         """
-        import time
-
-        from meridio_debug.controller.model import ContainerHealth, KubeState, ReadProblem
-        from meridio_debug.controller.runtime import k8s_health
-
         started = time.monotonic()
         meridio = self.meridio_pods()
         roles = {p.name: p.role for p in meridio}
@@ -511,12 +508,6 @@ class KubernetesRuntime:
         ``meridio-configuration-<trench>``. Never raises for a missing or forbidden source:
         the configuration checks then simply do not run, and the reason is returned.
         """
-        from meridio_debug.controller.errors import ConfigError
-        from meridio_debug.controller.model.meridio_config import (
-            config_from_configmap,
-            config_from_crs,
-        )
-
         custom = k8s_client.CustomObjectsApi(self._cluster.api)
         docs: list[dict[str, Any]] = []
         why = ""

@@ -27,14 +27,15 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
 from meridio_debug.controller.packets.dissect import decode, load_in_background
 from meridio_debug.controller.packets.pcapng import Interface, Writer, flags_for
 from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.runtime.reuse import ReusingRuntime
 from meridio_debug.controller.services.trace import trace_async
 from meridio_debug.controller.trace import Flow, TraceResult
 from meridio_debug.controller.trace.active import (
@@ -48,7 +49,6 @@ from meridio_debug.controller.trace.active import (
     correlate,
     probe_orders,
 )
-from meridio_debug.controller.wire.client import AgentClient
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
 
@@ -104,32 +104,6 @@ class ActiveRun:
     errors: tuple[str, ...]
     captures: tuple[dict[str, object], ...]
     timings_ms: dict[str, float]
-
-
-class SharedRuntime:
-    """Opens each pod's agent once for the whole run (static trace, captures, probes)."""
-
-    def __init__(self, inner: Runtime) -> None:
-        self.inner = inner
-        self.stack = contextlib.AsyncExitStack()
-        self._clients: dict[str, AgentClient] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def pods(self) -> list[PodRef]:
-        return self.inner.pods()
-
-    @contextlib.asynccontextmanager
-    async def open(self, pod: PodRef) -> AsyncIterator[AgentClient]:
-        lock = self._locks.setdefault(pod.name, asyncio.Lock())
-        async with lock:
-            client = self._clients.get(pod.name)
-            if client is None:
-                client = await self.stack.enter_async_context(self.inner.open(pod))
-                self._clients[pod.name] = client
-        yield client
-
-    async def aclose(self) -> None:
-        await self.stack.aclose()
 
 
 async def _capture(
@@ -250,7 +224,7 @@ async def active_trace_async(
         timings[name] = round((time.perf_counter() - t_start) * 1000.0, 1)
 
     load_in_background()  # scapy, for decoding the captures, while the static trace runs
-    shared = SharedRuntime(runtime)
+    shared = ReusingRuntime(runtime)
     states: list[PodCapture] = []
     tasks: list[asyncio.Task[None]] = []
     handlers: list[signal.Signals] = []
@@ -389,13 +363,11 @@ async def active_trace_async(
 
 
 def _with_note(result: ActiveResult, note: str) -> ActiveResult:
-    from dataclasses import replace
-
     return replace(result, notes=(*result.notes, note))
 
 
 async def _stop(
-    shared: SharedRuntime, states: list[PodCapture], tasks: list[asyncio.Task[None]]
+    shared: ReusingRuntime, states: list[PodCapture], tasks: list[asyncio.Task[None]]
 ) -> None:
     """StopCapture in every pod that runs one; wait for the final counters, then cut off."""
     pending = [t for t in tasks if not t.done()]

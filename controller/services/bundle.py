@@ -39,6 +39,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final
 
@@ -264,8 +265,6 @@ def _dump(doc: Any) -> bytes:
 
 
 def _tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("meridio-debug")
     except PackageNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 from meridio_debug.controller.errors import MeridioDebugError
@@ -71,8 +72,6 @@ async def record_all(
     Returns (events, samples, errors): events in arrival order per pod, samples as
     (pod, unix_ns, bird-only snapshot) for pods whose bird section could be read.
     """
-    import time
-
     events: list[tuple[str, pb.Event]] = []
     samples: list[tuple[str, int, pb.Snapshot]] = []
     subscribed = asyncio.Event()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.model import Nexthop, PodResult, TrenchConfig, TrenchState
 from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
 from meridio_debug.controller.trace import Flow, RouteAnswer, RouteQuery, TraceResult, plan, trace
 from meridio_debug.controller.wire.convert import pod_result_from_proto
 from meridio_debug.protos import agent_pb2 as pb
@@ -157,9 +158,10 @@ def trace_runtime(
 
 def lab_trace_source(prefix: str, names: Sequence[str] = ()) -> tuple[Runtime, TrenchConfig]:
     """The lab's pods *with* the gateway (its ECMP picks the entry LB) and the lab's VIPs."""
-    from meridio_debug.controller.cli.lab import lab_pods, lab_targets
-    from meridio_debug.controller.lab import load_spec
-    from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
+    # imported here: the lab package: only with --lab (startup of other commands)
+    # imported here: the lab package: only with --lab (startup of other commands)
+    from meridio_debug.controller.lab import load_spec  # noqa: PLC0415
+    from meridio_debug.controller.runtime.lab import lab_pods, lab_targets  # noqa: PLC0415
 
     pods = lab_pods(prefix)
     runtime = LocalRuntime(select_pods(pods, names) if names else pods, targets=lab_targets(prefix))
