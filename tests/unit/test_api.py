@@ -46,3 +46,11 @@ def test_importing_the_package_imports_neither_kubernetes_nor_grpc() -> None:
     ).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "False"  # gathering needs no kubernetes client either
+
+
+def test_the_readme_example_imports_only_exported_names() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(block)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert imported and imported <= set(api.__all__)
