@@ -1,7 +1,7 @@
 """The cluster side of the command line: ``-n NAMESPACE`` and friends, ``inject`` and ``agents``.
 
 Every command that takes ``--lab`` also takes the cluster flags added here
-(through cli.add_target_args), and ``make_runtime`` hands them to
+(through cli/arguments.add_target_args), and ``make_runtime`` hands them to
 ``cluster_runtime``: the same snapshot/watch/analyze code then runs against a
 Kubernetes runtime (runtime/kubernetes.py) instead of a local one. ``inject``
 and ``agents`` exist only for clusters: prepare agents ahead of time (e.g.

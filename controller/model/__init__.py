@@ -3,7 +3,7 @@
 Why a separate model instead of the protobuf messages: the analysis (and later
 the trace) must be pure and testable without gRPC, and must not care how a
 snapshot travelled (live RPC, saved JSON bundle, hand-built test fixture).
-``convert.py`` is the only place that turns a ``pb.Snapshot`` into these
+``wire/convert.py`` is the only place that turns a ``pb.Snapshot`` into these
 classes; everything downstream sees frozen dataclasses with tuples, so results
 are hashable, comparable and safe to share.
 

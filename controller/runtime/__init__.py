@@ -1,13 +1,14 @@
 """Runtimes: where agents run and how the controller reaches them.
 
-One interface, several implementations, the same session/analysis code above
+One interface, several implementations, the same services above
 it (like httpx's transports, or Inspektor Gadget's local and gRPC runtimes):
 
 - ``local``: network namespaces on this host (``--netns``, ``--netns-pid``) and
-  the lab (``--lab``): the agent is started inside the namespace as a child
-  process and reached over a unix socket.
-- ``kubernetes`` (later): ephemeral containers in real pods, reached through
-  the API server's port-forward or directly with mutual TLS.
+  the lab (``--lab``, ``lab.py``): the agent is started inside the namespace as a
+  child process and reached over a unix socket.
+- ``kubernetes``: ephemeral containers in real pods, reached through the API
+  server's port-forward or directly with mutual TLS (``tls.py``).
+- ``reuse``: wraps either, so one run asks each pod's agent many questions.
 
 A runtime resolves what the user named into ``PodRef`` objects and opens an
 ``AgentClient`` per pod. Opening one pod may fail (a finding, MDB002) without

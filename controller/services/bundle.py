@@ -6,7 +6,7 @@ must be reproducible later, on another machine, by a newer meridio-debug.
 So ``collect`` writes a versioned tar.gz and ``analyze --from`` replays it
 through exactly the code a live run uses (Hubble's ``--input-file``)::
 
-    snapshot dict --(json_format.ParseDict)--> pb.Snapshot --(convert)--> model --> analyze
+    snapshot dict --(json_format.ParseDict)--> pb.Snapshot --(wire/convert)--> model --> analyze
 
 Layout (format version 1)::
 

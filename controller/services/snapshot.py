@@ -1,4 +1,4 @@
-"""Sessions: run one job against every pod of a runtime at once.
+"""Snapshot and watch every pod of a runtime at once (``snapshot``, ``watch``, gather).
 
 Partial failure is data (Inspektor Gadget's combined per-node results): a pod
 whose agent cannot be started or reached yields an error entry, the other pods

@@ -1,7 +1,7 @@
 """The controller's single conversion boundary: agent protobuf (or its JSON) -> domain model.
 
 Why one boundary: analysis, trace and reports work on plain frozen dataclasses
-(model.py) and must never see protobuf. Live RPC answers and saved bundles
+(controller/model) and must never see protobuf. Live RPC answers and saved bundles
 (``MessageToDict(snap, preserving_proto_field_name=True)``) go through the same
 code: a dict is parsed back into ``pb.Snapshot`` first, so a bundle replays
 exactly like the live run (Hubble's ``--input-file`` idea).
