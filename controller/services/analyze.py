@@ -86,7 +86,6 @@ def analyze_evidence(evidence: Evidence, suppress: Iterable[str] = ()) -> Analys
 def lab_evidence_source(prefix: str, names: Sequence[str]) -> tuple[Runtime, TrenchConfig, str]:
     """Runtime over the lab's Meridio pods plus what the lab contract says the trench is."""
     # imported here: the lab package: only with --lab (startup of other commands)
-    # imported here: the lab package: only with --lab (startup of other commands)
     from meridio_debug.controller.lab import load_spec  # noqa: PLC0415
     from meridio_debug.controller.runtime.lab import lab_runtime  # noqa: PLC0415
 

@@ -159,7 +159,6 @@ def trace_runtime(
 def lab_trace_source(prefix: str, names: Sequence[str] = ()) -> tuple[Runtime, TrenchConfig]:
     """The lab's pods *with* the gateway (its ECMP picks the entry LB) and the lab's VIPs."""
     # imported here: the lab package: only with --lab (startup of other commands)
-    # imported here: the lab package: only with --lab (startup of other commands)
     from meridio_debug.controller.lab import load_spec  # noqa: PLC0415
     from meridio_debug.controller.runtime.lab import lab_pods, lab_targets  # noqa: PLC0415
 
