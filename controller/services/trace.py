@@ -18,13 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from meridio_debug.controller.errors import MeridioDebugError
-from meridio_debug.controller.model import Nexthop, PodResult, TrenchConfig, TrenchState
+from meridio_debug.controller.model import PodResult, TrenchConfig, TrenchState
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.runtime.local import LocalRuntime, select_pods
 from meridio_debug.controller.trace import Flow, RouteAnswer, RouteQuery, TraceResult, plan, trace
-from meridio_debug.controller.wire.convert import pod_result_from_proto
+from meridio_debug.controller.wire.convert import (
+    pod_result_from_proto,
+    route_answer_from_proto,
+    route_query_to_proto,
+)
 from meridio_debug.protos import agent_pb2 as pb
-from meridio_debug.protos import probe_pb2 as ppb
 
 # What the trace reads; sockets and processes are left out (the sockets
 # section alone costs ~10 ms per pod). sysctls: fib_multipath_hash_policy
@@ -41,41 +44,6 @@ TRACE_SECTIONS = (
     "nfqlb",
     "sysctls",
 )
-
-
-def to_query(q: RouteQuery) -> ppb.RouteQuery:
-    return ppb.RouteQuery(
-        id=q.id,
-        dst=q.dst,
-        src=q.src,
-        iif=q.iif,
-        oif=q.oif,
-        mark=q.mark,
-        ipproto=q.ipproto,
-        sport=q.sport,
-        dport=q.dport,
-    )
-
-
-def to_answer(r: ppb.RouteResult) -> RouteAnswer:
-    return RouteAnswer(
-        ok=r.ok,
-        errno=r.errno,
-        error=r.error,
-        table=r.table,
-        type=r.type,
-        gateway=r.gateway,
-        dev=r.dev,
-        prefsrc=r.prefsrc,
-        route_dst=r.route_dst,
-        protocol=r.protocol,
-        metric=r.metric,
-        nexthops=tuple(
-            Nexthop(gateway=h.gateway, dev=h.dev, weight=h.weight, flags=tuple(h.flags))
-            for h in r.nexthops
-        ),
-        flags=tuple(r.flags),
-    )
 
 
 @dataclass(frozen=True)
@@ -106,9 +74,10 @@ async def trace_async(
                 done.set_result(pod_result_from_proto(pod.name, pod.role, snap))
                 queries = (await planned).get(pod.name, [])
                 if queries:
-                    results = await client.route_get([to_query(q) for q in queries])
+                    results = await client.route_get([route_query_to_proto(q) for q in queries])
                     answers[pod.name] = {
-                        q.id: to_answer(r) for q, r in zip(queries, results, strict=False)
+                        q.id: route_answer_from_proto(r)
+                        for q, r in zip(queries, results, strict=False)
                     }
         except MeridioDebugError as exc:
             errors.append(str(exc))

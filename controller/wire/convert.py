@@ -1,4 +1,4 @@
-"""The controller's single conversion boundary: agent protobuf (or its JSON) -> domain model.
+"""The controller's single conversion boundary: agent protobuf (or its JSON) <-> domain model.
 
 Why one boundary: analysis, trace and reports work on plain frozen dataclasses
 (controller/model) and must never see protobuf. Live RPC answers and saved bundles
@@ -50,7 +50,9 @@ from meridio_debug.controller.model import (
     infer_role,
     parse_role,
 )
+from meridio_debug.controller.trace import RouteAnswer, RouteQuery
 from meridio_debug.protos import agent_pb2 as pb
+from meridio_debug.protos import probe_pb2 as ppb
 
 __all__ = [
     "event_from_proto",
@@ -676,4 +678,41 @@ def sample_from_proto(pod: str, unix_ns: int, snap: pb.Snapshot) -> SessionSampl
         unix_ns=unix_ns,
         protocols=tuple(_bird_protocol(p) for p in snap.bird.protocols),
         bfd_sessions=tuple(_bfd(s) for s in snap.bird.bfd_sessions),
+    )
+
+
+def route_query_to_proto(q: RouteQuery) -> ppb.RouteQuery:
+    """A planned FIB question as the Probe.RouteGet request item."""
+    return ppb.RouteQuery(
+        id=q.id,
+        dst=q.dst,
+        src=q.src,
+        iif=q.iif,
+        oif=q.oif,
+        mark=q.mark,
+        ipproto=q.ipproto,
+        sport=q.sport,
+        dport=q.dport,
+    )
+
+
+def route_answer_from_proto(r: ppb.RouteResult) -> RouteAnswer:
+    """The kernel's answer to one RouteGet item, for the trace core."""
+    return RouteAnswer(
+        ok=r.ok,
+        errno=r.errno,
+        error=r.error,
+        table=r.table,
+        type=r.type,
+        gateway=r.gateway,
+        dev=r.dev,
+        prefsrc=r.prefsrc,
+        route_dst=r.route_dst,
+        protocol=r.protocol,
+        metric=r.metric,
+        nexthops=tuple(
+            Nexthop(gateway=h.gateway, dev=h.dev, weight=h.weight, flags=tuple(h.flags))
+            for h in r.nexthops
+        ),
+        flags=tuple(r.flags),
     )
