@@ -11,7 +11,10 @@ Fixture API (other test files of this tier build on it):
   that watches pods of its Nodes, writes their status, runs agents added as
   ephemeral containers in the lab's namespaces, and serves portForward /
   containerLogs to the API server. ``bad_images`` / ``stuck_images`` steer
-  image pulls; ``add_dead_node`` makes a Node whose kubelet never answers.
+  image pulls; ``add_dead_node`` makes a Node whose kubelet never answers. It
+  restarts a lab container whose PID 1 dies (exit code, CrashLoopBackOff with
+  ``backoff``, previous logs; ``expire_backoffs``), probes the FE's readiness
+  from bird, and schedules pods without a node by their ``nodeSelector``.
 - ``cluster`` (module): one lab (controller/lab.py) and three namespaces
   named for the module: ``red`` (operator-named Meridio pods, Pod Security
   privileged), ``blue`` (Helm-named pods, enforce level baseline set after the

@@ -414,13 +414,15 @@ class ControlPlane:
                 k8s_client.RbacAuthorizationV1Api(dyn_api).create_namespaced_role_binding(ns, body)
             elif kind == "ClusterRole":
                 k8s_client.RbacAuthorizationV1Api(dyn_api).create_cluster_role(body)
+            elif kind == "ClusterRoleBinding":
+                k8s_client.RbacAuthorizationV1Api(dyn_api).create_cluster_role_binding(body)
             elif kind == "ServiceAccount":
                 self.core().create_namespaced_service_account(ns, body)
             elif kind == "Namespace":
                 self.core().create_namespace(body)
             else:
                 group, _, version = doc["apiVersion"].rpartition("/")
-                plural = kind.lower() + "s"
+                plural = {"Trench": "trenches"}.get(kind, kind.lower() + "s")
                 k8s_client.CustomObjectsApi(dyn_api).create_namespaced_custom_object(
                     group, version, ns, plural, body
                 )

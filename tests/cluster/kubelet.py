@@ -13,6 +13,23 @@ says goes through the API server the way a kubelet's does:
   in ``bad_images`` the kubelet's ErrImagePull <-> ImagePullBackOff cycle
   until the image is removed from that set (it recovers, as a real pull that
   succeeds later does); images in ``stuck_images`` stay ContainerCreating;
+- **the containers' lives** (one supervisor thread): each container of a pod
+  made from the lab is tied to the lab container behind it (its PID 1). When
+  that process dies the container is reported terminated with its real exit
+  code (the kernel's proc connector, ``Exits``: PID 1 is not our child, as it
+  is containerd's shim's), ``CrashLoopBackOff`` for the kubelet's back-off
+  (10 s doubling, ``backoff``), then started again the same way the lab started
+  it (``restartCount`` + 1, ``lastState``). Each instance's log is kept apart,
+  and ``containerLogs`` picks current or ``previous`` as the kubelet's
+  validateContainerLogStatus does. Readiness: an FE container (``frontend``,
+  Helm's ``fe``) is ready while its bird has an Established BGP session to a
+  gateway (``NBR-*``), probed every second; the others while they run. A
+  container whose image is in ``bad_images`` cycles ErrImagePull <->
+  ImagePullBackOff, and a pod with a container that never ran stays Pending
+  (the kubelet's getPhase);
+- **the scheduler's one job here**: a pod without ``nodeName`` is bound
+  (``pods/binding``) to one of our Nodes its ``nodeSelector`` fits, or gets
+  ``PodScheduled=False``/``Unschedulable`` with kube-scheduler's message;
 - **graceful deletion**: a pod with a deletionTimestamp has its containers
   stopped and is then deleted with grace period 0 (the object stays while a
   finaliser holds it, as on a real cluster);
@@ -45,10 +62,14 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +77,15 @@ from aiohttp import WSMsgType, web
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 
-from meridio_debug.controller.lab.containers import find_container
+from meridio_debug.controller.lab.containers import (
+    MARKER_ENV,
+    ContainerSpec,
+    alive_and_ours,
+    find_container,
+)
+from meridio_debug.controller.lab.containers import log_path as lab_log_path
+from meridio_debug.controller.lab.containers import start as start_containers
+from meridio_debug.controller.lab.state import bird_paths
 from tests.cluster.kube import ControlPlane, free_port
 
 # Helm (legacy) container names of the pods made from the lab -> the lab's containers.
@@ -64,6 +93,142 @@ LAB_CONTAINER = {"fe": "frontend", "load-balancer": "stateless-lb"}
 
 CLONE_NEWNET = 0x40000000
 MERGE = "application/merge-patch+json"
+# The kubelet's crash back-off (10 s doubling to 5 min); tests may shorten it (Kubelet.backoff).
+BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+PULL_RETRY_S = 0.3
+PROBE_PERIOD_S = 1.0
+
+
+@dataclass
+class Ctr:
+    """One container of a pod as this kubelet runs it (and the lab container behind it)."""
+
+    name: str
+    image: str
+    cid: str  # containerID of the current (or last) instance
+    state: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)  # lastState
+    ready: bool = False
+    ever_ran: bool = False
+    started: str = ""
+    restarts: int = 0
+    crashes: int = 0
+    due: float = 0.0  # monotonic time of the next restart or pull attempt
+    gone_since: float = 0.0
+    lab: ContainerSpec | None = None  # how to start it again; None: no process behind it
+    directory: Path | None = None  # the lab's state directory
+    pid: int = 0
+    log: Path | None = None  # the lab container's log file (appended by every instance)
+    offset: int = 0  # where the current instance's lines start in it
+    instances: dict[str, Path] = field(default_factory=dict)  # containerID -> finished log
+    probe: Path | None = None  # readiness: bird's control socket (the FE)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": f"{self.image}@sha256:{'0' * 64}" if self.ever_ran else "",
+            "ready": self.ready,
+            "started": "running" in self.state,
+            "restartCount": self.restarts,
+            "state": self.state,
+        }
+        if self.ever_ran:
+            out["containerID"] = self.cid
+        if self.last:
+            out["lastState"] = self.last
+        return out
+
+
+@dataclass
+class PodRecord:
+    uid: str
+    started: str
+    ctrs: list[Ctr]
+    inits: list[dict[str, Any]]
+    published: str = ""
+    adopted: bool = False  # the lab's containers behind ours found (once the netns is known)
+
+
+def _pull_error(ctr: Ctr) -> str:
+    return (
+        f'failed to pull and unpack image "{ctr.image}": failed to resolve reference '
+        f'"{ctr.image}": not found'
+    )
+
+
+def bird_established(ctl: Path) -> bool:
+    """The FE's readiness: bird has an Established BGP session to a gateway (``NBR-*``)."""
+    try:
+        out = subprocess.run(
+            ["birdc", "-s", str(ctl), "show", "protocols"],
+            capture_output=True,
+            text=True,
+            timeout=3,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.startswith("NBR-") and "Established" in line for line in out.splitlines())
+
+
+class Exits:
+    """Exit statuses of processes that are not our children (the kernel's proc connector).
+
+    A container's PID 1 here is a child of init, not of the kubelet (lab/containers.py);
+    containerd's shim is a subreaper for that. The netlink proc connector reports every
+    exit with its wait status, so the exit code a kubelet reports is the real one.
+    """
+
+    def __init__(self) -> None:
+        self._watched: set[int] = set()
+        self._codes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 11)  # CONNECTOR
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        self._sock.bind((0, 1))  # CN_IDX_PROC
+        op = struct.pack("=I", 1)  # PROC_CN_MCAST_LISTEN
+        cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(op), 0) + op
+        self._sock.send(struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn)  # NLMSG_DONE
+        self._sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="kubelet-exits", daemon=True)
+        self._thread.start()
+
+    def watch(self, pid: int) -> None:
+        with self._lock:
+            self._watched.add(pid)
+            self._codes.pop(pid, None)
+
+    def code(self, pid: int) -> int | None:
+        with self._lock:
+            return self._codes.get(pid)
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # ENOBUFS: events were lost; the supervisor waits, then says 255
+                continue
+            off = 0
+            while off + 16 <= len(data):
+                length = struct.unpack_from("=I", data, off)[0]
+                what = struct.unpack_from("=I", data, off + 36)[0] if length >= 52 else 0
+                if what == 0x80000000 and length >= 68:  # PROC_EVENT_EXIT
+                    pid, tgid, status = struct.unpack_from("=iiI", data, off + 52)
+                    if pid == tgid:
+                        with self._lock:
+                            if tgid in self._watched:
+                                self._codes[tgid] = status
+                off += max((length + 3) & ~3, 16)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
 
 
 def now() -> str:
@@ -122,6 +287,11 @@ class Kubelet:
         self.netns: dict[tuple[str, str], str] = {}
         self.bad_images: set[str] = set()
         self.stuck_images: set[str] = set()
+        self.backoff: tuple[float, ...] = BACKOFF_S
+        self.exits = Exits()
+        self._ctrs: dict[tuple[str, str], PodRecord] = {}
+        self._scheduled: set[str] = set()  # uids the scheduler has seen
+        self._supervisor: threading.Thread | None = None
         self.procs: dict[tuple[str, str, str], subprocess.Popen[bytes]] = {}
         self.port = free_port()
         self._core = k8s_client.CoreV1Api(plane.admin)
@@ -208,6 +378,8 @@ class Kubelet:
         ready.wait(10)
         self._watch_thread = threading.Thread(target=self._watch_pods, name="kubelet-watch")
         self._watch_thread.start()
+        self._supervisor = threading.Thread(target=self._supervise, name="kubelet-supervisor")
+        self._supervisor.start()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -233,7 +405,7 @@ class Kubelet:
                 await asyncio.gather(*rest, return_exceptions=True)
                 for w in self._writers:
                     w.transport.abort()
-                await asyncio.sleep(0)  # let the transports close
+                await asyncio.sleep(0.1)  # let the transports close
 
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(10)
@@ -242,6 +414,9 @@ class Kubelet:
             self._thread.join(10)
         if self._watch_thread is not None:
             self._watch_thread.join(15)
+        if self._supervisor is not None:
+            self._supervisor.join(15)
+        self.exits.close()
         for s in self._dead:
             s.close()
 
@@ -283,6 +458,20 @@ class Kubelet:
                 self._stopping.wait(0.2)
 
     def _seen(self, pod: dict[str, Any]) -> None:
+        meta = pod.get("metadata", {})
+        if (
+            not pod.get("spec", {}).get("nodeName")
+            and not meta.get("deletionTimestamp")
+            and meta.get("uid") not in self._scheduled
+            and self._loop is not None
+        ):
+            self._scheduled.add(meta.get("uid"))
+            self._loop.call_soon_threadsafe(
+                lambda: self._spawn(
+                    asyncio.get_running_loop(), self._to_thread(self._schedule, pod)
+                )
+            )
+            return
         if pod.get("spec", {}).get("nodeName") not in self.nodes or self._loop is None:
             return
         self._loop.call_soon_threadsafe(self._sync, pod)
@@ -291,6 +480,7 @@ class Kubelet:
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
         with self._lock:
             self._pods.pop(key, None)
+            self._ctrs.pop(key, None)
             procs = [(k, p) for k, p in self.procs.items() if k[:2] == key]
         for k, proc in procs:
             _stop(proc)
@@ -337,17 +527,95 @@ class Kubelet:
             )
 
     def _start_pod(self, pod: dict[str, Any]) -> None:
+        """The pod's containers as records the supervisor keeps in line with what runs."""
         meta, spec = pod["metadata"], pod["spec"]
         key = (meta["namespace"], meta["name"])
-        ip = self._ips[key]
         t = meta.get("creationTimestamp") or now()
-        conds = [
-            {"type": c, "status": "True", "lastTransitionTime": t}
-            for c in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady")
+        ctrs = []
+        for c in spec["containers"]:
+            ctr = Ctr(c["name"], c["image"], f"containerd://{meta['uid'][:8]}-{c['name']}")
+            if c["image"] in self.bad_images:
+                ctr.state = {"waiting": {"reason": "ErrImagePull", "message": _pull_error(ctr)}}
+                ctr.due = time.monotonic() + PULL_RETRY_S
+            else:
+                ctr.state = {"running": {"startedAt": t}}
+                ctr.started, ctr.ever_ran, ctr.ready = t, True, True
+            ctrs.append(ctr)
+        inits = [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": f"{c['image']}@sha256:{'0' * 64}",
+                "containerID": f"containerd://{meta['uid'][:8]}-{c['name']}",
+                "ready": True,
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "reason": "Completed",
+                        "startedAt": t,
+                        "finishedAt": t,
+                    }
+                },
+            }
+            for c in spec.get("initContainers") or []
         ]
+        with self._lock:
+            if key not in self._pods:
+                return
+            self._ctrs[key] = PodRecord(meta["uid"], t, ctrs, inits)
+        self._publish(key)
+
+    def _adopt(self, ctr: Ctr, netns: str) -> None:
+        """Tie a container to the lab container behind it: its PID 1, how to start it again."""
+        found = find_container(netns, LAB_CONTAINER.get(ctr.name, ctr.name))
+        if found is None:
+            return
+        pid, shm = found
+        directory, lab_pod = shm.parent.parent, shm.name
+        lab_name = LAB_CONTAINER.get(ctr.name, ctr.name)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            env_raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return
+        env = dict(item.decode(errors="replace").split("=", 1) for item in env_raw if b"=" in item)
+        env.pop(MARKER_ENV, None)
+        args = tuple(a.decode(errors="replace") for a in argv)
+        ctr.lab = ContainerSpec(lab_pod, lab_name, netns, "idle", args[0], args, env)
+        ctr.directory = directory
+        ctr.pid = pid
+        ctr.log = lab_log_path(directory, lab_pod, lab_name)
+        self.exits.watch(pid)
+        if ctr.name in ("frontend", "fe"):
+            ctr.probe = bird_paths(directory, lab_pod)["ctl"]
+
+    def _publish(self, key: tuple[str, str]) -> None:
+        """PATCH pods/status when what the records say differs from what was last written."""
+        with self._lock:
+            rec = self._ctrs.get(key)
+            if rec is None:
+                return
+            statuses = [c.status() for c in rec.ctrs]
+            unready = [c.name for c in rec.ctrs if not c.ready]
+            # the kubelet's getPhase: a container that never ran keeps the pod Pending
+            phase = "Running" if all(c.ever_ran for c in rec.ctrs) else "Pending"
+            ip = self._ips[key]
+        t = rec.started
+        ready = "False" if unready else "True"
+        conds: list[dict[str, Any]] = [
+            {"type": c, "status": "True", "lastTransitionTime": t}
+            for c in ("PodReadyToStartContainers", "Initialized")
+        ]
+        for c in ("Ready", "ContainersReady"):
+            cond: dict[str, Any] = {"type": c, "status": ready, "lastTransitionTime": t}
+            if unready:
+                cond["reason"] = "ContainersNotReady"
+                cond["message"] = f"containers with unready status: [{' '.join(unready)}]"
+            conds.append(cond)
         conds.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": t})
         status: dict[str, Any] = {
-            "phase": "Running",
+            "phase": phase,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
             "podIP": ip,
@@ -355,41 +623,208 @@ class Kubelet:
             "startTime": t,
             "qosClass": "BestEffort",
             "conditions": conds,
-            "containerStatuses": [
-                {
-                    "name": c["name"],
-                    "image": c["image"],
-                    "imageID": f"{c['image']}@sha256:{'0' * 64}",
-                    "containerID": f"containerd://{meta['uid'][:8]}-{c['name']}",
-                    "ready": True,
-                    "started": True,
-                    "restartCount": 0,
-                    "state": {"running": {"startedAt": t}},
-                }
-                for c in spec["containers"]
-            ],
+            "containerStatuses": statuses,
         }
-        if spec.get("initContainers"):
-            status["initContainerStatuses"] = [
-                {
-                    "name": c["name"],
-                    "image": c["image"],
-                    "imageID": f"{c['image']}@sha256:{'0' * 64}",
-                    "containerID": f"containerd://{meta['uid'][:8]}-{c['name']}",
-                    "ready": True,
-                    "restartCount": 0,
-                    "state": {
-                        "terminated": {
-                            "exitCode": 0,
-                            "reason": "Completed",
-                            "startedAt": t,
-                            "finishedAt": t,
-                        }
-                    },
-                }
-                for c in spec["initContainers"]
-            ]
+        if rec.inits:
+            status["initContainerStatuses"] = rec.inits
+        body = json.dumps(status, sort_keys=True)
+        if body == rec.published:
+            return
+        rec.published = body
         self._patch_status(key, status)
+
+    # --- the containers' lives (one supervisor thread) -----------------------------------------
+
+    def _supervise(self) -> None:
+        """Crashes, restarts with back-off, image pulls and readiness probes, every 0.2 s."""
+        last_probe = 0.0
+        while not self._stopping.wait(0.2):
+            probes: dict[Path, bool] = {}
+            probe_now = time.monotonic() - last_probe >= PROBE_PERIOD_S
+            if probe_now:
+                last_probe = time.monotonic()
+            with self._lock:
+                keys = list(self._ctrs)
+            for key in keys:
+                with self._lock:
+                    rec = self._ctrs.get(key)
+                if rec is None:
+                    continue
+                netns = self.netns.get(key)
+                if not rec.adopted and netns is not None:
+                    rec.adopted = True
+                    for ctr in rec.ctrs:
+                        self._adopt(ctr, netns)
+                for ctr in rec.ctrs:
+                    try:
+                        self._step(key, rec, ctr, probes if probe_now else None)
+                    except Exception:  # one container's trouble must not stop the others
+                        if self._stopping.is_set():
+                            return
+                        with open(self.work / "kubelet.log", "a") as log:
+                            log.write(f"{key} {ctr.name}: {traceback.format_exc()}\n")
+                self._publish(key)
+
+    def _step(
+        self, key: tuple[str, str], rec: PodRecord, ctr: Ctr, probes: dict[Path, bool] | None
+    ) -> None:
+        mono = time.monotonic()
+        waiting = ctr.state.get("waiting", {}).get("reason", "")
+        if "running" in ctr.state:
+            if ctr.lab is not None and not self._alive(ctr):
+                code = self.exits.code(ctr.pid)
+                ctr.gone_since = ctr.gone_since or mono
+                if code is None and mono - ctr.gone_since < 2:
+                    return  # the exit event is on its way
+                self._crashed(key, rec, ctr, 255 if code is None else code)
+                return
+            if ctr.probe is not None and probes is not None:
+                if ctr.probe not in probes:
+                    probes[ctr.probe] = bird_established(ctr.probe)
+                ctr.ready = probes[ctr.probe]
+            elif ctr.probe is None:
+                ctr.ready = True
+        elif waiting == "CrashLoopBackOff" and mono >= ctr.due:
+            self._restart(key, ctr)
+        elif waiting in ("ErrImagePull", "ImagePullBackOff") and mono >= ctr.due:
+            if ctr.image not in self.bad_images:
+                ctr.state = {"running": {"startedAt": now()}}
+                ctr.started, ctr.ever_ran, ctr.ready = now(), True, ctr.probe is None
+            elif waiting == "ErrImagePull":
+                msg = f'Back-off pulling image "{ctr.image}"'
+                ctr.state = {"waiting": {"reason": "ImagePullBackOff", "message": msg}}
+                ctr.due = mono + 2 * PULL_RETRY_S
+            else:
+                ctr.state = {"waiting": {"reason": "ErrImagePull", "message": _pull_error(ctr)}}
+                ctr.due = mono + PULL_RETRY_S
+
+    def _alive(self, ctr: Ctr) -> bool:
+        assert ctr.lab is not None and ctr.directory is not None
+        key = f"{ctr.directory}/{ctr.lab.pod}/{ctr.lab.name}"
+        return alive_and_ours(ctr.pid, ctr.directory, key)
+
+    def _crashed(self, key: tuple[str, str], rec: PodRecord, ctr: Ctr, status: int) -> None:
+        """PID 1 is gone: keep this instance's log, report it terminated, back off."""
+        signo = status & 0x7F
+        code = 128 + signo if signo else status >> 8
+        saved = self.work / f"{key[0]}_{key[1]}_{ctr.name}.{ctr.restarts}.log"
+        data = b""
+        if ctr.log is not None and ctr.log.exists():
+            data = ctr.log.read_bytes()[ctr.offset :]
+        saved.write_bytes(data)
+        ctr.instances[ctr.cid] = saved
+        ctr.last = {
+            "terminated": {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "startedAt": ctr.started,
+                "finishedAt": now(),
+                "containerID": ctr.cid,
+            }
+        }
+        delay = self.backoff[min(ctr.crashes, len(self.backoff) - 1)]
+        ctr.crashes += 1
+        ctr.ready, ctr.gone_since = False, 0.0
+        ctr.due = time.monotonic() + delay
+        ctr.state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {delay:g}s restarting failed container={ctr.name} "
+                f"pod={key[1]}_{key[0]}({rec.uid})",
+            }
+        }
+
+    def _restart(self, key: tuple[str, str], ctr: Ctr) -> None:
+        """The back-off is over: start the container again (only while its pod is there)."""
+        assert ctr.lab is not None and ctr.directory is not None
+        try:
+            pod = self._core.read_namespaced_pod(key[1], key[0])
+        except k8s_client.ApiException:
+            return
+        if pod.metadata.deletion_timestamp or not Path(f"/run/netns/{ctr.lab.netns}").exists():
+            return
+        # The lab's pod may stand behind several of our pods (one per namespace): the first
+        # to restart it starts it, the others find it running.
+        ctr.offset = ctr.log.stat().st_size if ctr.log is not None and ctr.log.exists() else 0
+        found = find_container(ctr.lab.netns, ctr.lab.name)
+        if found is not None and found[0] != ctr.pid:
+            pid = found[0]
+        else:
+            (pid,) = start_containers([ctr.lab], ctr.directory, self.python)
+        self.exits.watch(pid)
+        ctr.pid = pid
+        ctr.restarts += 1
+        ctr.cid = f"containerd://{pod.metadata.uid[:8]}-{ctr.name}-{ctr.restarts}"
+        ctr.started = now()
+        ctr.state = {"running": {"startedAt": ctr.started}}
+        ctr.ready = ctr.probe is None
+
+    def expire_backoffs(self) -> None:
+        """Every container waiting in CrashLoopBackOff restarts now (the test's hand on time)."""
+        with self._lock:
+            for rec in self._ctrs.values():
+                for ctr in rec.ctrs:
+                    ctr.due = 0.0
+
+    def _container_log(self, key: tuple[str, str], name: str, previous: bool) -> bytes | str | None:
+        """The log the kubelet's validateContainerLogStatus picks (bytes), an error, or None."""
+        with self._lock:
+            rec = self._ctrs.get(key)
+            ctr = next((c for c in rec.ctrs if c.name == name), None) if rec else None
+        if ctr is None:
+            return None
+        last = ctr.last.get("terminated")
+        if previous:
+            if not last:
+                return f'previous terminated container "{name}" in pod "{key[1]}" not found'
+            return ctr.instances[last["containerID"]].read_bytes()
+        if "running" in ctr.state:
+            if ctr.log is None or not ctr.log.exists():
+                return b""
+            return ctr.log.read_bytes()[ctr.offset :]
+        if last:
+            return ctr.instances[last["containerID"]].read_bytes()
+        reason = ctr.state.get("waiting", {}).get("reason", "")
+        why = {
+            "ErrImagePull": "image can't be pulled",
+            "ImagePullBackOff": "trying and failing to pull image",
+        }.get(reason, reason)
+        return f'container "{name}" in pod "{key[1]}" is waiting to start: {why}'
+
+    # --- the scheduler's one job here ------------------------------------------------------------
+
+    def _schedule(self, pod: dict[str, Any]) -> None:
+        """Bind a pod without a node to a Node its nodeSelector matches, or say why none fits."""
+        meta = pod["metadata"]
+        want = pod["spec"].get("nodeSelector") or {}
+        nodes = self._core.list_node().items
+        fits = [
+            n.metadata.name
+            for n in nodes
+            if n.metadata.name in self.nodes
+            and all((n.metadata.labels or {}).get(k) == v for k, v in want.items())
+        ]
+        if fits:
+            body = {"metadata": {"name": meta["name"]}, "target": {"kind": "Node", "name": fits[0]}}
+            with contextlib.suppress(k8s_client.ApiException):
+                self._core.create_namespaced_binding(
+                    meta["namespace"], body, _preload_content=False
+                )
+            return
+        n = len(nodes)
+        msg = (
+            f"0/{n} nodes are available: {n} node(s) didn't match Pod's node affinity/selector. "
+            f"preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."
+        )
+        cond = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": msg,
+            "lastProbeTime": None,
+            "lastTransitionTime": now(),
+        }
+        self._patch_status((meta["namespace"], meta["name"]), {"conditions": [cond]})
 
     def _set_ephemeral(self, key: tuple[str, str], name: str, image: str, state: Any) -> None:
         with self._lock:
@@ -533,18 +968,18 @@ class Kubelet:
     async def _logs(self, request: web.Request) -> web.StreamResponse:
         key = (request.match_info["ns"], request.match_info["name"])
         container = request.match_info["container"]
+        previous = request.query.get("previous") in ("true", "1")
+        found = await self._to_thread(self._container_log, key, container, previous)
+        if isinstance(found, str):
+            return web.Response(status=400, text=found)
+        if isinstance(found, bytes):
+            return web.Response(body=self._cut(found, request), content_type="text/plain")
         path = self.log_path(key, container)
         if not path.exists():
             return web.Response(
                 status=404, text=f'container "{container}" in pod "{key[1]}" has no log'
             )
-        data = path.read_bytes()
-        tail = request.query.get("tailLines")
-        if tail:
-            data = b"".join(data.splitlines(keepends=True)[-int(tail) :])
-        limit = int(request.query.get("limitBytes", "0") or 0)
-        if limit:
-            data = data[:limit]
+        data = self._cut(path.read_bytes(), request)
         follow = request.query.get("follow") in ("true", "1")
         if not follow:
             return web.Response(body=data, content_type="text/plain")
@@ -562,6 +997,14 @@ class Kubelet:
                 pos += len(more)
                 await resp.write(more)
         return resp
+
+    @staticmethod
+    def _cut(data: bytes, request: web.Request) -> bytes:
+        tail = request.query.get("tailLines")
+        if tail:
+            data = b"".join(data.splitlines(keepends=True)[-int(tail) :])
+        limit = int(request.query.get("limitBytes", "0") or 0)
+        return data[:limit] if limit else data
 
     async def _portforward(self, request: web.Request) -> web.StreamResponse:
         key = (request.match_info["ns"], request.match_info["name"])

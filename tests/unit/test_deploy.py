@@ -18,6 +18,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MODELS = {
     "ServiceAccount": client.V1ServiceAccount,
     "Role": client.V1Role,
+    "ClusterRole": client.V1ClusterRole,
     "RoleBinding": client.V1RoleBinding,
     "Job": client.V1Job,
     "PersistentVolumeClaim": client.V1PersistentVolumeClaim,
@@ -48,12 +49,13 @@ def test_manifest_deserialises_into_the_client_model(name: str, doc: dict[str, A
 
 def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    files = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    # rbac-optional.yaml is optional on purpose (README, section RBAC)
+    files = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml", "rbac-optional.yaml"}
     assert set(kust["resources"]) == files
 
 
 def test_role_grants_the_runtime_verbs_and_binds_the_job_account() -> None:
-    docs = {d["kind"]: d for _n, d in manifests()}
+    docs = {d["kind"]: d for n, d in manifests() if n != "rbac-optional.yaml"}
     role = client.V1Role.from_dict(docs["Role"])
     granted = {(v, r) for rule in role.rules for r in rule.resources for v in rule.verbs}
     assert granted == {
