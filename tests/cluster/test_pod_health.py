@@ -39,7 +39,7 @@ from meridio_debug.controller.meridio_config import to_crs
 from tests.cluster.conftest import CLI, RBAC, SA, Cluster
 from tests.cluster.kube import REPO
 from tests.cluster.kubelet import BACKOFF_S, wait_for
-from tests.cluster.pods import meridio_pod
+from tests.cluster.pods import REG, meridio_pod
 
 pytestmark = [
     pytest.mark.cluster,
@@ -143,7 +143,7 @@ def test_failures_are_named_on_their_pods(bed: Cluster) -> None:
     lb = bed.pod_by_lab("red", "lb-fe-a")
     crash = bed.pod_by_lab("red", "target-a1")
     again = bed.pod_by_lab("red", "target-b1")
-    bad_image = f"{meridio_pod(red, 'x', 'target', '')['spec']['containers'][0]['image']}-nope"
+    bad_image = f"{REG}/example-target:no-such-tag"
     img = meridio_pod(red, "target-b9", "target", f"{bed.spec.prefix}node-b")
     img["spec"]["containers"][0]["image"] = bad_image
     unschedulable = meridio_pod(red, "target-a9", "target", "")
