@@ -3,8 +3,8 @@
 Why a module without the client: everything here decides something from a
 pod's JSON (camelCase, as the API server sends it) and returns plain data, so
 it is testable in unit tests on recorded objects and shared by the runtime
-(runtime/kubernetes.py, the only module that imports ``kubernetes``), the
-``agents`` command and the tests' stand-in API server.
+(runtime/kubernetes.py, the only module that imports ``kubernetes``) and the
+``agents`` command.
 
 Decisions, with the reason next to each:
 

@@ -35,7 +35,7 @@ from kubernetes import client as k8s_client
 from meridio_debug.controller.lab.containers import find_container
 from meridio_debug.controller.lab.state import bird_paths, state_dir
 from meridio_debug.controller.lab.trench_crs import lab_config
-from meridio_debug.controller.meridio_config import to_crs
+from meridio_debug.controller.model.meridio_config import to_crs
 from tests.cluster.conftest import CLI, RBAC, SA, Cluster
 from tests.cluster.kube import REPO
 from tests.cluster.kubelet import BACKOFF_S, wait_for
