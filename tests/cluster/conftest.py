@@ -64,6 +64,11 @@ def pytest_report_header() -> str:
     return f"kube-apiserver: {out.stdout.strip()} ({bins})"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The server version again at the end: pytest hides the header under ``-q`` (CI's run)."""
+    terminalreporter.write_line(pytest_report_header())
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     bins = find_binaries()
