@@ -262,38 +262,41 @@ def check_crashloop(trench: TrenchView) -> Iterator[Issue]:
             )
 
 
-@trench_check("MDB531", Severity.ERROR, "container image cannot be pulled", roles=())
-def check_image_pull(trench: TrenchView) -> Iterator[Issue]:
-    """ErrImagePull / ImagePullBackOff / InvalidImageName."""
+def _waiting_containers(trench: TrenchView, reasons: frozenset[str], hint: str) -> Iterator[Issue]:
+    """One issue per container waiting with one of ``reasons`` (its message as the kubelet said)."""
     for _kube_state, pod in _pods(trench):
         for c in pod.containers:
-            if c.reason not in _PULL_REASONS:
+            if c.reason not in reasons:
                 continue
             yield Issue(
                 pod=pod.name,
                 summary=f"container {c.name} of {pod.name}: {c.reason}"
                 + (f" ({c.message})" if c.message else ""),
                 evidence={**_where(pod), **_container(c)},
-                hint="check the image name and tag, the registry's reachability from the node "
-                "and the pod's imagePullSecrets",
+                hint=hint,
             )
+
+
+@trench_check("MDB531", Severity.ERROR, "container image cannot be pulled", roles=())
+def check_image_pull(trench: TrenchView) -> Iterator[Issue]:
+    """ErrImagePull / ImagePullBackOff / InvalidImageName."""
+    return _waiting_containers(
+        trench,
+        _PULL_REASONS,
+        "check the image name and tag, the registry's reachability from the node "
+        "and the pod's imagePullSecrets",
+    )
 
 
 @trench_check("MDB532", Severity.ERROR, "container cannot be created (configuration)", roles=())
 def check_config_error(trench: TrenchView) -> Iterator[Issue]:
     """CreateContainerConfigError and friends: a missing ConfigMap/Secret/key, a bad mount."""
-    for _kube_state, pod in _pods(trench):
-        for c in pod.containers:
-            if c.reason not in _CONFIG_REASONS:
-                continue
-            yield Issue(
-                pod=pod.name,
-                summary=f"container {c.name} of {pod.name}: {c.reason}"
-                + (f" ({c.message})" if c.message else ""),
-                evidence={**_where(pod), **_container(c)},
-                hint="the message names the missing ConfigMap, Secret or key (for Meridio: the "
-                "trench's ConfigMap meridio-configuration-<trench>); kubectl describe pod",
-            )
+    return _waiting_containers(
+        trench,
+        _CONFIG_REASONS,
+        "the message names the missing ConfigMap, Secret or key (for Meridio: the "
+        "trench's ConfigMap meridio-configuration-<trench>); kubectl describe pod",
+    )
 
 
 # --------------------------------------------------------------------------- dependencies
