@@ -19,8 +19,9 @@ For each pod, ``open``:
    RBAC ``patch pods``; best effort: the deterministic names in the pod spec
    are the source of truth, the annotation is for humans and ``agents``);
    pod labels are never touched;
-3. **waits** until the container runs (failing at once on image-pull and
-   other permanent waiting reasons), then connects and waits until GetInfo
+3. **waits** until the container runs, watching the pod as kubectl does
+   (polling when RBAC refuses ``watch``; failing at once on permanent
+   waiting reasons), then connects and waits until GetInfo
    answers. A reused agent that exits at that very moment (its idle timeout)
    is replaced once;
 4. **connects** through the API server's port-forward (default; the agent
@@ -53,6 +54,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -242,6 +244,7 @@ class KubernetesRuntime:
             max_workers=32, thread_name_prefix="meridio-debug-k8s"
         )
         self._pods: list[spec.MeridioPod] | None = None
+        self._watch_refused = False  # a 403 on a pod watch: wait for agents by polling
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -683,46 +686,134 @@ class KubernetesRuntime:
         return AgentHandle(name, plan.name, port, plan.inject, pod.get("status", {}).get("podIP"))
 
     async def _wait_running(self, pod: str, agent: str) -> dict[str, Any]:
-        """Poll the pod until the agent container runs; InjectionError when it never will."""
+        """Wait until the agent container runs; InjectionError when it never will.
+
+        Watches the pod as kubectl does (one GET, then a watch from its
+        resourceVersion, bounded by what is left of ``--start-timeout``); a
+        watch that is refused (a Role without ``watch pods``) or fails falls back
+        to polling, silently: the wait is the same, only slower to notice.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.start_timeout
+        last = [""]
+        raw = await self.get_pod(pod)
+        watching = not self._watch_refused
         delay = 0.05
-        last = ""
         while True:
-            raw = await self.get_pod(pod)
-            states = {a.name: a for a in spec.agents_of(raw)}
-            st = states.get(agent)
-            if st is None:
-                raise InjectionError(
-                    f"{self.namespace}/{pod}: agent {agent} is not in the pod spec after the "
-                    "PATCH (an admission webhook may have removed it)"
-                )
-            if st.state == "running":
-                self._report(pod, "running", agent)
-                containers = raw.get("spec", {}).get("ephemeralContainers") or []
-                found: dict[str, Any] = next(c for c in containers if c.get("name") == agent)
+            found = self._agent_running(pod, agent, raw, last)
+            if found is not None:
                 return found
-            if st.state in ("terminated", "zombie"):
-                raise InjectionError(self._never_runs(pod, st))
-            if st.reason != last:
-                self._report(pod, "starting", f"{agent}: {st.reason}")
-                last = st.reason
             if loop.time() > deadline:
-                if st.reason.split(":", 1)[0] in spec.PULL_WAITING:
-                    raise InjectionError(
-                        f"{self.namespace}/{pod}: agent {agent} did not start within "
-                        f"{self.opts.start_timeout:g} s: the image cannot be pulled yet "
-                        f"({st.reason}); check --image {st.image!r} and the pod's "
-                        "imagePullSecrets (ephemeral containers use the pod's); the kubelet "
-                        "keeps retrying, and the next run reuses this agent once it starts"
-                    )
-                raise InjectionError(
-                    f"{self.namespace}/{pod}: agent {agent} did not start within "
-                    f"{self.opts.start_timeout:g} s (last state: {st.reason}); "
-                    "--start-timeout waits longer (a first image pull can be slow)"
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+                raise InjectionError(self._start_timeout(pod, agent, raw))
+            if watching:
+                try:
+                    seen = await self._watch_pod(pod, agent, raw, last, deadline)
+                except _WatchFailed as exc:
+                    log.debug("%s/%s: watch failed, polling instead: %s", self.namespace, pod, exc)
+                    watching = False
+                else:
+                    if seen is not None:
+                        raw = seen
+                        continue
+                    # deleted, expired resourceVersion or the stream ended: read the pod again
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            raw = await self.get_pod(pod)
+
+    def _agent_running(
+        self, pod: str, agent: str, raw: dict[str, Any], last: list[str]
+    ) -> dict[str, Any] | None:
+        """The agent's container spec once it runs; None while it starts (progress reported)."""
+        st = {a.name: a for a in spec.agents_of(raw)}.get(agent)
+        if st is None:
+            raise InjectionError(
+                f"{self.namespace}/{pod}: agent {agent} is not in the pod spec after the "
+                "PATCH (an admission webhook may have removed it)"
+            )
+        if st.state == "running":
+            self._report(pod, "running", agent)
+            containers = raw.get("spec", {}).get("ephemeralContainers") or []
+            found: dict[str, Any] = next(c for c in containers if c.get("name") == agent)
+            return found
+        if st.state in ("terminated", "zombie"):
+            raise InjectionError(self._never_runs(pod, st))
+        if st.reason != last[0]:
+            self._report(pod, "starting", f"{agent}: {st.reason}")
+            last[0] = st.reason
+        return None
+
+    def _start_timeout(self, pod: str, agent: str, raw: dict[str, Any]) -> str:
+        st = {a.name: a for a in spec.agents_of(raw)}[agent]
+        if st.reason.split(":", 1)[0] in spec.PULL_WAITING:
+            return (
+                f"{self.namespace}/{pod}: agent {agent} did not start within "
+                f"{self.opts.start_timeout:g} s: the image cannot be pulled yet "
+                f"({st.reason}); check --image {st.image!r} and the pod's "
+                "imagePullSecrets (ephemeral containers use the pod's); the kubelet "
+                "keeps retrying, and the next run reuses this agent once it starts"
+            )
+        return (
+            f"{self.namespace}/{pod}: agent {agent} did not start within "
+            f"{self.opts.start_timeout:g} s (last state: {st.reason}); "
+            "--start-timeout waits longer (a first image pull can be slow)"
+        )
+
+    async def _watch_pod(
+        self, pod: str, agent: str, raw: dict[str, Any], last: list[str], deadline: float
+    ) -> dict[str, Any] | None:
+        """Follow the pod's changes from ``raw`` until the agent runs, stops or time is up.
+
+        Returns the pod as last seen when the deadline passes, None when the
+        stream ends early (the caller reads the pod again). The reading thread is
+        the watch's own (never one of ``_call``'s), and the response is shut down
+        from here when done, so that thread ends at once and never holds up exit.
+        """
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        watch = _PodWatch(
+            loop,
+            lambda: self._core.list_namespaced_pod(
+                self.namespace,
+                field_selector=f"metadata.name={pod}",
+                watch=True,
+                resource_version=raw.get("metadata", {}).get("resourceVersion"),
+                allow_watch_bookmarks=False,
+                timeout_seconds=max(1, int(left + 0.999)),
+                _preload_content=False,
+                _request_timeout=(REQUEST_TIMEOUT[0], left + REQUEST_TIMEOUT[1]),
+            ),
+        )
+        try:
+            seen = raw
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return seen
+                try:
+                    event = await asyncio.wait_for(watch.events.get(), left)
+                except TimeoutError:
+                    return seen
+                if isinstance(event, BaseException):
+                    if isinstance(event, ApiException) and event.status == 403:
+                        self._watch_refused = True  # the Role lacks watch: every pod polls
+                    raise _WatchFailed(str(event)) from event
+                if event is None:
+                    return None
+                kind = event.get("type")
+                obj = event.get("object")
+                if kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
+                    seen = obj
+                    if self._agent_running(pod, agent, seen, last) is not None:
+                        return seen
+                elif kind == "ERROR":
+                    if isinstance(obj, dict) and obj.get("code") == 410:
+                        return None  # resourceVersion too old: read again, watch again
+                    raise _WatchFailed(spec.status_message(json.dumps(obj)) or str(obj))
+                elif kind == "DELETED":
+                    return None  # the GET says the pod is gone, as when polling
+        finally:
+            watch.close()
 
     def _never_runs(self, pod: str, st: spec.AgentState) -> str:
         head = f"{self.namespace}/{pod}: agent {st.name}"
@@ -1044,6 +1135,76 @@ class PortForwardRelay:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _WatchFailed(Exception):
+    """A pod watch that cannot go on (refused, broken): the wait polls instead."""
+
+
+class _PodWatch:
+    """One pod watch read by its own daemon thread, events handed to the event loop.
+
+    ``events`` gets each decoded event, then None at the end of the stream, or
+    the exception that ended it. ``close`` (event loop side) shuts the response
+    down, which wakes the thread blocked in a read, so it ends at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, open_: Callable[[], Any]) -> None:
+        self.events: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+        self._loop = loop
+        self._open = open_
+        self._lock = threading.Lock()
+        self._resp: Any = None
+        self._closed = False
+        threading.Thread(target=self._run, name="meridio-debug-watch", daemon=True).start()
+
+    def _put(self, item: dict[str, Any] | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            resp = self._open()
+            with self._lock:
+                self._resp = resp
+                closed = self._closed
+            if closed:
+                _shutdown(resp)
+                return
+            buf = b""
+            for chunk in resp.stream(None, decode_content=False):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._put(json.loads(line))
+            self._put(None)
+        except Exception as exc:  # handed to the waiter, which falls back to polling
+            if not self._closed:
+                self._put(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            resp = self._resp
+        if resp is not None:
+            _shutdown(resp)
+
+
+def _shutdown(resp: Any) -> None:
+    """End a streamed response now, also for a thread blocked reading it."""
+    with contextlib.suppress(Exception):
+        shutdown = getattr(resp, "shutdown", None)  # urllib3 >= 2.3
+        if shutdown is not None:
+            shutdown()
+        else:
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        resp.close()  # closes the connection, so the pool never reuses it mid-stream
+    with contextlib.suppress(Exception):
+        resp.release_conn()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -61,6 +61,7 @@ def test_role_grants_the_runtime_verbs_and_binds_the_job_account() -> None:
     assert granted == {
         ("get", "pods"),
         ("list", "pods"),
+        ("watch", "pods"),
         ("patch", "pods"),
         ("patch", "pods/ephemeralcontainers"),
         ("get", "pods/portforward"),
