@@ -21,19 +21,10 @@ from typing import Protocol
 from meridio_debug.agent.errors import SectionAbsent
 from meridio_debug.protos import agent_pb2 as pb
 
-SECTIONS: tuple[str, ...] = (
-    "links",
-    "addresses",
-    "rules",
-    "routes",
-    "neighbours",
-    "fdb",
-    "sysctls",
-    "nftables",
-    "sockets",
-    "processes",
-    "bird",
-    "nfqlb",
+# The sections are the Snapshot message's fields after `sections`, in proto order:
+# protos/agent.proto is their one definition.
+SECTIONS: tuple[str, ...] = tuple(
+    f.name for f in pb.Snapshot.DESCRIPTOR.fields if f.number > pb.Snapshot.SECTIONS_FIELD_NUMBER
 )
 
 

@@ -25,19 +25,10 @@ from meridio_debug.controller.runtime import PodRef
 from meridio_debug.controller.wire.convert import rule_from_proto
 from meridio_debug.protos import agent_pb2 as pb
 
-SECTION_KEYS = (
-    "links",
-    "addresses",
-    "rules",
-    "routes",
-    "neighbours",
-    "fdb",
-    "sysctls",
-    "nftables",
-    "sockets",
-    "processes",
-    "bird",
-    "nfqlb",
+# The sections are the Snapshot message's fields after `sections`, in proto order:
+# protos/agent.proto is their one definition.
+SECTION_KEYS: tuple[str, ...] = tuple(
+    f.name for f in pb.Snapshot.DESCRIPTOR.fields if f.number > pb.Snapshot.SECTIONS_FIELD_NUMBER
 )
 
 
