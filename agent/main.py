@@ -41,6 +41,15 @@ log = logging.getLogger("meridio_debug.agent")
 
 MAX_REQUEST_BYTES = 1 << 20  # our largest request (4096 route queries) is far smaller
 MAX_CONCURRENT_RPCS = 64
+# Capture batches are 0.1-4 MiB: with HTTP/2's default 16 KiB frames and 8 KiB reads,
+# gRPC's threads woke hundreds of times per batch (bench/capture_bench.py under perf:
+# a quarter of the capture's CPU). The controller sets the same (wire/client.py).
+TRANSPORT_OPTIONS = [
+    ("grpc.http2.max_frame_size", 1 << 20),
+    ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 1 << 16),
+    ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
+]
 TRIM_AFTER_S = 2.0  # idle this long after activity: give freed memory back
 
 
@@ -206,6 +215,7 @@ async def serve(address: ListenAddress, idle_timeout: float, tls: TlsConfig | No
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
+            *TRANSPORT_OPTIONS,
         ],
     )
     pb_grpc.add_AgentServicer_to_server(service, server)

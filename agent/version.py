@@ -5,4 +5,4 @@ no longer talk to this agent (a removed RPC or a changed meaning of a field).
 """
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PacketBatch frames as packed records (meta), not five repeated fields

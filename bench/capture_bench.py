@@ -236,7 +236,7 @@ async def stall(exe: str, rate: int, seconds: float) -> None:
         await client.stop_capture(start.start.capture_id)
         final = None
         async for chunk in stream:
-            received += len(chunk.batch.ts_ns)
+            received += len(chunk.batch.meta) // 24
             if chunk.HasField("stats") and chunk.stats.final:
                 final = chunk.stats
         assert final is not None

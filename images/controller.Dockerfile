@@ -2,10 +2,18 @@
 # Built by images/build (reproducible: pinned wheels, SOURCE_DATE_EPOCH, rewritten timestamps).
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS build
+ARG SOURCE_DATE_EPOCH
 COPY dist/ /dist/
-RUN python -m venv /opt/meridio-debug \
+# The wheel is built here so the capture's C extensions fit this image's Python; the
+# compiler stays in this stage. The import check fails the build if they did not compile.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && mkdir /src && tar -xf /dist/src.tar -C /src \
+ && python -m pip wheel --no-cache-dir --no-deps -w /dist /src \
+ && python -m venv /opt/meridio-debug \
  && /opt/meridio-debug/bin/pip install --no-cache-dir --no-compile \
       -c /dist/controller.constraints "$(ls /dist/meridio_debug-*.whl)[controller]" \
+ && /opt/meridio-debug/bin/python -c "import meridio_debug.controller.packets._epb" \
  && /opt/meridio-debug/bin/pip uninstall -y pip \
  && find /opt/meridio-debug -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -1321,6 +1321,7 @@ class CaptureStart(_message.Message):
     DURATION_S_FIELD_NUMBER: _builtins.int
     MAX_PACKETS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     """for StopCapture"""
     snaplen: _builtins.int
@@ -1328,6 +1329,8 @@ class CaptureStart(_message.Message):
     """effective limits"""
     max_packets: _builtins.int
     max_bytes: _builtins.int
+    protocol_version: _builtins.int
+    """the agent's PROTOCOL_VERSION (batches changed in 2)"""
     @_builtins.property
     def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureInterface]:
         """the pod's interfaces when the capture started"""
@@ -1346,10 +1349,11 @@ class CaptureStart(_message.Message):
         duration_s: _builtins.float = ...,
         max_packets: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        protocol_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "duration_s", b"duration_s", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "points", b"points", "snaplen", b"snaplen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "duration_s", b"duration_s", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "points", b"points", "protocol_version", b"protocol_version", "snaplen", b"snaplen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1357,37 +1361,26 @@ Global___CaptureStart: _TypeAlias = CaptureStart  # noqa: Y015
 
 @_typing.final
 class PacketBatch(_message.Message):
-    """Frames of one batch: data is the concatenation of the captured bytes; the
-    repeated fields have one entry per frame, in ring order.
+    """Frames of one batch: data is the concatenation of the captured bytes; meta
+    has one 24-byte little-endian record per frame, in ring order:
+      int64 ts_ns (kernel receive time, unix ns), uint32 ifindex, uint32 caplen,
+      uint32 origlen, uint8 sll_pkttype (0 host, 1 broadcast, 2 multicast,
+      3 otherhost, 4 outgoing), 3 bytes of padding.
+    Packed, not repeated fields: neither side makes a Python object per packet
+    (agent/blocks.py, controller/packets/merge.py; PROTOCOL_VERSION 2).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
-    TS_NS_FIELD_NUMBER: _builtins.int
-    IFINDEX_FIELD_NUMBER: _builtins.int
-    PKTTYPE_FIELD_NUMBER: _builtins.int
-    CAPLEN_FIELD_NUMBER: _builtins.int
-    ORIGLEN_FIELD_NUMBER: _builtins.int
     NEW_INTERFACES_FIELD_NUMBER: _builtins.int
     WATERMARK_NS_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     watermark_ns: _builtins.int
     """every packet with ts_ns < this has been sent"""
-    @_builtins.property
-    def ts_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """kernel receive time, unix ns"""
-
-    @_builtins.property
-    def ifindex(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def pkttype(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """sll_pkttype: 0 host, 1 broadcast, 2 multicast, 3 otherhost, 4 outgoing"""
-
-    @_builtins.property
-    def caplen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def origlen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    meta: _builtins.bytes
+    """per-frame records, see above"""
     @_builtins.property
     def new_interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureInterface]:
         """interfaces first seen in this batch"""
@@ -1396,17 +1389,13 @@ class PacketBatch(_message.Message):
         self,
         *,
         data: _builtins.bytes = ...,
-        ts_ns: _abc.Iterable[_builtins.int] | None = ...,
-        ifindex: _abc.Iterable[_builtins.int] | None = ...,
-        pkttype: _abc.Iterable[_builtins.int] | None = ...,
-        caplen: _abc.Iterable[_builtins.int] | None = ...,
-        origlen: _abc.Iterable[_builtins.int] | None = ...,
         new_interfaces: _abc.Iterable[Global___CaptureInterface] | None = ...,
         watermark_ns: _builtins.int = ...,
+        meta: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caplen", b"caplen", "data", b"data", "ifindex", b"ifindex", "new_interfaces", b"new_interfaces", "origlen", b"origlen", "pkttype", b"pkttype", "ts_ns", b"ts_ns", "watermark_ns", b"watermark_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "meta", b"meta", "new_interfaces", b"new_interfaces", "watermark_ns", b"watermark_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from meridio_debug.controller.errors import MeridioDebugError
+from meridio_debug.controller.errors import AgentCallError, MeridioDebugError
 from meridio_debug.controller.model import TrenchConfig, TrenchState
 from meridio_debug.controller.packets.dissect import decode, load_in_background
+from meridio_debug.controller.packets.merge import iter_frames
 from meridio_debug.controller.packets.pcapng import Interface, Writer, flags_for
 from meridio_debug.controller.runtime import PodRef, Runtime
 from meridio_debug.controller.runtime.reuse import ReusingRuntime
@@ -49,6 +50,7 @@ from meridio_debug.controller.trace.active import (
     correlate,
     probe_orders,
 )
+from meridio_debug.controller.wire.client import PROTOCOL_VERSION
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import probe_pb2 as ppb
 
@@ -120,6 +122,12 @@ async def _capture(
             async for chunk in client.capture(request):
                 kind = chunk.WhichOneof("kind")
                 if kind == "start":
+                    if chunk.start.protocol_version != PROTOCOL_VERSION:
+                        raise AgentCallError(
+                            f"{st.pod.name}: the agent speaks capture protocol "
+                            f"{chunk.start.protocol_version}, this controller {PROTOCOL_VERSION}; "
+                            "use the agent image of the controller's version (--image)"
+                        )
                     st.capture_id = chunk.start.capture_id
                     for iface in chunk.start.interfaces:
                         st.names[iface.index] = (iface.name, iface.linktype)
@@ -127,7 +135,7 @@ async def _capture(
                     on_start()
                 elif kind == "batch":
                     _add_batch(st, chunk.batch, keep_frames)
-                    if chunk.batch.ts_ns:
+                    if chunk.batch.meta:
                         on_packets()
                 elif kind == "stats":
                     st.stats = chunk.stats
@@ -141,12 +149,7 @@ async def _capture(
 def _add_batch(st: PodCapture, batch: pb.PacketBatch, keep_frames: bool) -> None:
     for iface in batch.new_interfaces:
         st.names[iface.index] = (iface.name, iface.linktype)
-    data, off = batch.data, 0
-    for ts, ifx, ptype, cap, orig in zip(
-        batch.ts_ns, batch.ifindex, batch.pkttype, batch.caplen, batch.origlen, strict=True
-    ):
-        frame = data[off : off + cap]
-        off += cap
+    for ts, ifx, ptype, frame, orig in iter_frames(batch.data, batch.meta):
         name, linktype = st.names.get(ifx, (f"if{ifx}", 1))
         packet = decode(frame, linktype)
         if packet is not None:

@@ -11,6 +11,11 @@ Why it is built this way:
   older can still come. A single stream is written as it arrives, and a
   stalled stream cannot hold memory hostage: past ``MERGE_BYTES`` pending,
   everything is released.
+- A batch is never split into Python objects per packet: it stays the agent's
+  two byte strings plus sorted records (a ``Run``), and the merge and the EPBs
+  are made by controller/packets/merge.py (C). That keeps ``capture -w`` within
+  a small multiple of tcpdump's CPU per packet (bench/capture_bench.py). Only
+  ``--print`` decodes packets one by one, as it must.
 - Stopping is cooperative: on Ctrl-C/SIGTERM, or when --count/--max-bytes is
   reached, each agent is asked to StopCapture, sends what its ring still holds
   and its final counters, and the file is closed with interface statistics
@@ -33,11 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from meridio_debug.controller.errors import MeridioDebugError
+from meridio_debug.controller.errors import AgentCallError, MeridioDebugError
+from meridio_debug.controller.packets import merge
 from meridio_debug.controller.packets.dissect import summarize
-from meridio_debug.controller.packets.pcapng import PKTTYPE_FLAGS, Interface, Packet, Writer
+from meridio_debug.controller.packets.pcapng import PKTTYPE_FLAGS, Interface, Writer
 from meridio_debug.controller.runtime import PodRef, Runtime
-from meridio_debug.controller.wire.client import AgentClient
+from meridio_debug.controller.wire.client import PROTOCOL_VERSION, AgentClient
 from meridio_debug.protos import agent_pb2 as pb
 
 MAX_SNAPLEN = 262144  # the agent's own bound
@@ -55,7 +61,8 @@ class Sink:
     def add_interface(self, iface: Interface) -> int:
         raise NotImplementedError
 
-    def write(self, packets: list[Packet], limit: int = 0) -> int:
+    def write(self, runs: Sequence[merge.Run], mark: int, limit: int = 0) -> int:
+        """Write the runs' packets up to ``mark`` in time order (advancing each run)."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -79,8 +86,8 @@ class PcapngSink(Sink):
     def add_interface(self, iface: Interface) -> int:
         return self.writer.add_interface(iface)
 
-    def write(self, packets: list[Packet], limit: int = 0) -> int:
-        n = self.writer.write(packets, limit)
+    def write(self, runs: Sequence[merge.Run], mark: int, limit: int = 0) -> int:
+        n = self.writer.write_runs(runs, mark, limit)
         self.packets, self.full = self.writer.packets, self.writer.full
         return n
 
@@ -109,11 +116,14 @@ class Printer(Sink):
         self._ifaces.append(iface)
         return len(self._ifaces) - 1
 
-    def write(self, packets: list[Packet], limit: int = 0) -> int:
+    def write(self, runs: Sequence[merge.Run], mark: int, limit: int = 0) -> int:
         lines: list[str] = []
-        for ts, ifid, flags, frame, _orig in packets:
-            if limit and self.packets + len(lines) >= limit:
+        packets = merge.packets_in_order(runs, mark)
+        while not (limit and self.packets + len(lines) >= limit):
+            packet = next(packets, None)
+            if packet is None:
                 break
+            ts, ifid, flags, frame, _orig = packet
             iface = self._ifaces[ifid]
             direction = "In " if flags & 3 == 1 else "Out" if flags & 3 == 2 else "   "
             clock = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
@@ -145,7 +155,7 @@ class PodState:
     final: bool = False
     error: str = ""
     live: bool = False
-    pending: list[Packet] = field(default_factory=list)
+    pending: list[merge.Run] = field(default_factory=list)
     pending_bytes: int = 0
     watermark: int = 0
     received: int = 0
@@ -173,69 +183,38 @@ class Merger:
     def add_batch(self, st: PodState, batch: pb.PacketBatch) -> None:
         for iface in batch.new_interfaces:
             st.names[iface.index] = (iface.name, iface.linktype)
-        if batch.ts_ns:
-            for index in set(batch.ifindex):
+        if batch.meta:
+            for index in merge.ifindexes(batch.meta):
                 self.interface(st, index)
-            ifids, data = st.ifids, batch.data
-            packets: list[Packet] = []
-            append = packets.append
-            off = 0
-            for ts, ifx, ptype, cap, orig in zip(
-                batch.ts_ns, batch.ifindex, batch.pkttype, batch.caplen, batch.origlen, strict=True
-            ):
-                append((ts, ifids[ifx], FLAGS[ptype & 7], data[off : off + cap], orig))
-                off += cap
-            st.pending.extend(packets)
-            st.pending_bytes += len(data)
-            st.received += len(packets)
+            run = merge.Run(batch.data, merge.prepare(batch.data, batch.meta, st.ifids, FLAGS))
+            st.pending.append(run)
+            st.pending_bytes += len(batch.data)
+            st.received += run.count
         st.watermark = max(st.watermark, batch.watermark_ns)
         self.release()
 
     def release(self, everything: bool = False) -> None:
         live = [s for s in self.states if s.live]
-        out: list[Packet]
         if everything or len(live) <= 1 or sum(s.pending_bytes for s in self.states) > MERGE_BYTES:
-            out = [p for s in self.states for p in s.pending]
-            for s in self.states:
-                s.pending, s.pending_bytes = [], 0
-            if len(self.states) > 1:
-                out.sort(key=_ts)
+            mark = merge.EVERYTHING
         else:
             mark = min(s.watermark for s in live)
-            out = []
-            for s in self.states:
-                if not s.pending:
-                    continue
-                s.pending.sort(key=_ts)
-                cut = _count_upto(s.pending, mark)
-                if cut:
-                    out.extend(s.pending[:cut])
-                    del s.pending[:cut]
-                    s.pending_bytes = sum(len(p[3]) for p in s.pending)
-            out.sort(key=_ts)
-        if out and not self.sink.full:
+        # Runs in (pod, arrival) order: ties in time keep that order in the file.
+        runs = [r for s in self.states for r in s.pending]
+        if runs and not self.sink.full:
             try:
-                self.sink.write(out, self.limit)
+                self.sink.write(runs, mark, self.limit)
                 self.sink.flush()
             except BrokenPipeError:  # the reader (wireshark, head) is gone: stop
                 self.sink.full = True
             if self.sink.full or (self.limit and self.sink.packets >= self.limit):
                 self._on_full()
-
-
-def _ts(p: Packet) -> int:
-    return p[0]
-
-
-def _count_upto(packets: list[Packet], mark: int) -> int:
-    lo, hi = 0, len(packets)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if packets[mid][0] <= mark:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+        over = self.sink.full or bool(self.limit and self.sink.packets >= self.limit)
+        for s in self.states:
+            if s.pending:
+                # Nothing more is written once the sink is full or the count reached.
+                s.pending = [] if over else [r for r in s.pending if not r.done]
+                s.pending_bytes = sum(len(r.data) for r in s.pending)  # whole runs: a bound
 
 
 def _description(pod: PodRef) -> str:
@@ -340,6 +319,12 @@ class Capture:
             self.merger.release()
 
     def _on_start(self, st: PodState, start: pb.CaptureStart) -> None:
+        if start.protocol_version != PROTOCOL_VERSION:
+            raise AgentCallError(
+                f"{st.pod.name}: the agent speaks capture protocol {start.protocol_version}, "
+                f"this controller {PROTOCOL_VERSION}; use the agent image of the controller's "
+                "version (--image), or let the old agent's idle timeout end it"
+            )
         st.capture_id = start.capture_id
         st.snaplen = start.snaplen
         st.live = True

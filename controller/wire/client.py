@@ -17,9 +17,20 @@ from meridio_debug.protos import agent_pb2_grpc as pb_grpc
 from meridio_debug.protos import probe_pb2 as ppb
 from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 
+# The agent protocol this controller speaks (agent/version.py has the agent's; they
+# ship together). The capture checks it in CaptureStart: protocol 2 packed the
+# frames' metadata into PacketBatch.meta, which a protocol-1 agent does not send.
+PROTOCOL_VERSION = 2
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    # Capture batches are 0.1-4 MiB: big HTTP/2 frames and reads, not 16 KiB / 8 KiB ones
+    # (the agent sets the same, agent/main.py TRANSPORT_OPTIONS, which says why).
+    ("grpc.http2.max_frame_size", 1 << 20),
+    ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 1 << 16),
+    ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
 ]
 
 
