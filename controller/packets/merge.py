@@ -30,6 +30,7 @@ agent/blocks.py writes it, a unit test checks the two layouts agree.
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -173,6 +174,28 @@ def iter_frames(data: bytes, meta: bytes) -> Iterator[tuple[int, int, int, bytes
 
 def frame_count(meta: bytes) -> int:
     return len(meta) // FRAME_META.size
+
+
+# glibc mallopt parameters
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> None:
+    """Let this process reuse the memory of freed batches instead of faulting in new pages.
+
+    Batches are 0.1-4 MiB: glibc gives such blocks back to the kernel on free (mmap
+    threshold, heap trimming), and every next batch page-faults fresh zeroed pages.
+    That was 42k faults in the agent and 21k in the controller per 840k captured packets,
+    about a third of their CPU (bench/capture_bench.py under perf). Keeping up to 32 MiB
+    of freed heap removes them. Process-wide and idempotent; nothing outside glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    mallopt(M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(M_TRIM_THRESHOLD, 32 << 20)
 
 
 _ext: Any

@@ -419,6 +419,7 @@ async def run_capture(
     runtime: Runtime, options: Options, sink: Sink, log: Callable[[str], None]
 ) -> list[PodState]:
     """Run until the limits or SIGINT/SIGTERM (a second signal stops without waiting)."""
+    merge.keep_freed_memory()
     cap = Capture(runtime, options, sink, log)
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(cap.run(lambda states: _ready(states, log)))
