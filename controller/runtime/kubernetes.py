@@ -64,12 +64,10 @@ from typing import Any, TypeVar
 import certifi
 import grpc
 import urllib3
-import websocket
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.stream import ws_client
 
 from meridio_debug.controller.errors import (
     AccessDenied,
@@ -81,14 +79,17 @@ from meridio_debug.controller.errors import (
     RuntimeUnavailable,
     UsageError,
 )
-from meridio_debug.controller.model import ContainerHealth, KubeState, ReadProblem
+from meridio_debug.controller.model import ContainerHealth, KubeState, PodKind, ReadProblem
 from meridio_debug.controller.model.meridio_config import config_from_configmap, config_from_crs
 from meridio_debug.controller.runtime import PodRef, k8s_health
 from meridio_debug.controller.runtime import k8s_spec as spec
+from meridio_debug.controller.runtime.portforward import PortForward, ProtocolError, UpgradeRefused
+from meridio_debug.controller.runtime.throttle import Throttle
 from meridio_debug.controller.runtime.tls import (
     AGENT_TLS_NAME,
     DEFAULT_TLS_DIR,
     ClientTls,
+    Pins,
     agent_certificate,
     load_or_create,
 )
@@ -101,6 +102,10 @@ T = TypeVar("T")
 Progress = Callable[[str, str, str], None]  # (pod, state, detail)
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds per API request
+# Requests in flight at once (the thread pool and the client's connection pool: a smaller
+# pool than threads closes a TLS connection after each surplus request and opens a new one).
+MAX_PARALLEL = 16
+FRESH_S = 10.0  # how long discovery's list stands in for reading each pod
 NODE_UNREACHABLE = "the API server cannot reach the pod's node (its kubelet)"
 # How the API server words a proxied request (logs, port-forward) its node's kubelet did not answer.
 _KUBELET_UNREACHABLE = re.compile(
@@ -110,9 +115,13 @@ THROTTLE_RETRIES = 5
 # The API server answers a port-forward upgrade only once the node's kubelet has: a node that
 # does not answer would block the websocket handshake for good (no timeout in the client).
 PORTFORWARD_CONNECT_TIMEOUT = 15.0  # 429s retried (after Retry-After) before the request fails
+# An agent that does not listen yet is retried soon (initial/max backoff), but each attempt
+# keeps gRPC's 20 s minimum connect timeout: ``grpc.min_reconnect_backoff_ms`` *is* that
+# timeout (subchannel.cc), and at 100 ms an attempt through a loaded port-forward (TLS to
+# the API server, its upgrade to the kubelet, then mTLS to the agent) was torn down and
+# redone in a loop: 100 port-forwards per pod for 48 pods on a busy machine.
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -146,16 +155,18 @@ class AgentHandle:
     port: int
     injected: bool
     pod_ip: str | None = None
+    uid: str = ""  # the pod's: with the name, what the agent's certificate is pinned under
 
 
 @dataclass
 class _Cluster:
     """The loaded client configuration."""
 
-    api: Any  # kubernetes.client.ApiClient
-    conf: Any  # its Configuration: each port-forward gets its own ApiClient (_open_portforward)
+    api: Any  # kubernetes.client.ApiClient, its requests throttled
+    conf: Any  # its Configuration (the port-forwards' URL, credentials and TLS settings)
     namespace: str
     host: str
+    throttle: Throttle
 
 
 def load_cluster(opts: KubeOptions) -> _Cluster:
@@ -195,6 +206,7 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
         ) from exc
     # One retry of a failed connection; a 429 (API Priority and Fairness, max-inflight) is
     # retried after its Retry-After, as client-go does: the server did not process it.
+    conf.connection_pool_maxsize = MAX_PARALLEL
     conf.retries = urllib3.Retry(
         total=THROTTLE_RETRIES,
         connect=1,
@@ -206,11 +218,17 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
         backoff_factor=0.2,
         raise_on_status=False,
     )
+    api: Any = k8s_client.ApiClient(conf)
+    throttle = Throttle()
+    request = api.rest_client.request
+
+    def throttled(*args: Any, **kwargs: Any) -> Any:  # every request of the client, once
+        throttle.wait()
+        return request(*args, **kwargs)
+
+    api.rest_client.request = throttled
     return _Cluster(
-        api=k8s_client.ApiClient(conf),
-        conf=conf,
-        namespace=namespace or "default",
-        host=str(conf.host),
+        api=api, conf=conf, namespace=namespace or "default", host=str(conf.host), throttle=throttle
     )
 
 
@@ -241,10 +259,18 @@ class KubernetesRuntime:
             tls.ca_fingerprint,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=32, thread_name_prefix="meridio-debug-k8s"
+            max_workers=MAX_PARALLEL, thread_name_prefix="meridio-debug-k8s"
         )
         self._pods: list[spec.MeridioPod] | None = None
+        self._listed: list[dict[str, Any]] | None = None  # discovery's list (no --selector)
+        # Each pod as discovery listed it, used once by the first ensure_agent instead of a
+        # GET per pod (a retry reads the pod again), while the list is FRESH_S old at most.
+        self._fresh: dict[str, dict[str, Any]] = {}
+        self._listed_at = 0.0
         self._watch_refused = False  # a 403 on a pod watch: wait for agents by polling
+        self._throttle = self._cluster.throttle
+        self._pf_ssl: ssl.SSLContext | None = None  # one TLS context for all port-forwards
+        self._pins = Pins()
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -275,14 +301,6 @@ class KubernetesRuntime:
             )
         status = exc.status or 0
         msg = spec.status_message(exc.body) or str(exc.reason or "")
-        if status == 0:
-            # A refused websocket upgrade (port-forward) arrives as status 0 whose reason is
-            # websocket-client's "Handshake status 403 Forbidden -+-+- {headers} -+-+- body".
-            m = re.match(r"Handshake status (\d+)", msg)
-            if m:
-                status = int(m.group(1))
-                body = msg.rsplit("-+-+-", 1)[-1].strip()
-                msg = spec.status_message(body[body.find("{") : body.rfind("}") + 1] or body)
         if status == 0:
             return RuntimeUnavailable(
                 f"{where}: cannot reach the API server at {self._cluster.host} ({what}): {msg}"
@@ -417,13 +435,34 @@ class KubernetesRuntime:
             return self._problem(exc, f"logs of {self.namespace}/{pod}", "get", "pods/log")
         return str(text or "")
 
+    def _with_logs(
+        self, health: Any, log_lines: int, log_bytes: int, denied: threading.Event
+    ) -> tuple[Any, ReadProblem | None]:
+        """``health`` with its containers' log tails, or as it is once logs are refused."""
+        containers: list[ContainerHealth] = []
+        for c in health.containers:
+            tails: list[tuple[str, ...]] = []
+            for previous in (False, True)[: 2 if c.restart_count else 1]:
+                if denied.is_set():
+                    return health, None
+                text = self._log_sync(health.name, c.name, previous, log_lines, log_bytes)
+                if isinstance(text, ReadProblem):
+                    denied.set()  # the other pods' reads stop too: one finding names the verb
+                    return health, text
+                tails.append(k8s_health.bounded_lines(text, log_lines, log_bytes))
+            tails += [(), ()]
+            containers.append(replace(c, log=tails[0], previous_log=tails[1]))
+        return replace(health, containers=tuple(containers)), None
+
     def read_health(
         self, log_lines: int = 100, log_bytes: int = 32 * 1024, since_unix: float = 0.0
     ) -> Any:
         """The trench's pods as Kubernetes sees them (KubeState), logs tails included.
 
-        Meridio pods and the trench's NSP/IPAM/NSE from the namespace; NSM and Spire
-        pods cluster-wide when RBAC allows (else a ReadProblem naming the verb).
+        Meridio pods and the trench's NSP/IPAM/NSE from the namespace (discovery's list
+        when it read the whole namespace); NSM and Spire pods cluster-wide when RBAC allows
+        (else a ReadProblem naming the verb). The log tails (one request per container, the
+        bulk of it) are read concurrently, at most MAX_PARALLEL requests at once.
         """
         started = time.monotonic()
         meridio = self.meridio_pods()
@@ -432,7 +471,16 @@ class KubernetesRuntime:
         problems: list[ReadProblem] = []
         listed: list[tuple[Any, Any]] = []
         timings: dict[str, float] = {}
-        items = self._list_sync(f"pods of namespace {self.namespace}", False, None)
+        cluster_wide = {
+            what: self._executor.submit(self._list_sync, what, True, selector)
+            for what, selector in (
+                ("NSM pods in all namespaces", k8s_health.NSM_SELECTOR),
+                ("Spire pods in all namespaces", k8s_health.SPIRE_SELECTOR),
+            )
+        }
+        items = self._listed
+        if items is None:
+            items = self._list_sync(f"pods of namespace {self.namespace}", False, None)
         if isinstance(items, ReadProblem):
             problems.append(items)
             items = []
@@ -444,44 +492,36 @@ class KubernetesRuntime:
                 roles[name] = role
         listed += k8s_health.select(items, roles, trench)
         t_ns = time.monotonic() - started
-        for what, selector in (
-            ("NSM pods in all namespaces", k8s_health.NSM_SELECTOR),
-            ("Spire pods in all namespaces", k8s_health.SPIRE_SELECTOR),
-        ):
-            t0 = time.monotonic()
-            found = self._list_sync(what, True, selector)
+        for what, future in cluster_wide.items():
+            found = future.result()
             if isinstance(found, ReadProblem):
                 problems.append(found)
                 continue
             listed += [
                 (p, k) for p, k in k8s_health.select(found, {}, trench) if k in ("nsm", "spire")
             ]
-            timings[k8s_health.GROUPS["nsm" if "NSM" in what else "spire"]] = time.monotonic() - t0
-        pods = []
-        denied_logs = False
-        for obj, kind in listed:
-            t0 = time.monotonic()
+            timings[k8s_health.GROUPS["nsm" if "NSM" in what else "spire"]] = (
+                time.monotonic() - started
+            )
+        denied = threading.Event()
+        t0 = time.monotonic()
+
+        def one(obj: Any, kind: PodKind) -> tuple[Any, ReadProblem | None, float]:
             health = k8s_health.pod_health(obj, kind)
-            if kind not in ("nsm", "spire") and log_lines > 0 and not denied_logs:
-                containers: list[ContainerHealth] = []
-                for c in health.containers:
-                    tails: list[tuple[str, ...]] = []
-                    for previous in (False, True)[: 2 if c.restart_count else 1]:
-                        text = self._log_sync(health.name, c.name, previous, log_lines, log_bytes)
-                        if isinstance(text, ReadProblem):
-                            problems.append(text)
-                            denied_logs = True
-                            break
-                        tails.append(k8s_health.bounded_lines(text, log_lines, log_bytes))
-                    tails += [(), ()]
-                    containers.append(replace(c, log=tails[0], previous_log=tails[1]))
-                    if denied_logs:
-                        break
-                if not denied_logs:
-                    health = replace(health, containers=tuple(containers))
+            problem = None
+            if kind not in ("nsm", "spire") and log_lines > 0:
+                health, problem = self._with_logs(health, log_lines, log_bytes, denied)
+            return health, problem, time.monotonic() - t0
+
+        pods = []
+        futures = [(kind, self._executor.submit(one, obj, kind)) for obj, kind in listed]
+        for kind, future in futures:
+            health, problem, done = future.result()
+            if problem is not None and not any(p.resource == problem.resource for p in problems):
+                problems.append(problem)
             pods.append(health)
             group = k8s_health.GROUPS.get(kind, "other pods")
-            timings[group] = timings.get(group, t_ns) + time.monotonic() - t0
+            timings[group] = max(timings.get(group, 0.0), t_ns + done)
         return KubeState(
             read_unix=time.time(),
             since_unix=since_unix,
@@ -556,7 +596,15 @@ class KubernetesRuntime:
     def meridio_pods(self) -> list[spec.MeridioPod]:
         """The trench's Meridio pods (LB/FE, proxies, targets), once per runtime."""
         if self._pods is None:
-            found = spec.discover(self.list_raw(), self.opts.trench, self.opts.names)
+            raw = self.list_raw()
+            if not self.opts.selector:
+                self._listed = raw  # every pod of the namespace: read_health's list too
+            found = spec.discover(raw, self.opts.trench, self.opts.names)
+            names = {p.name for p in found}
+            self._fresh = {
+                str(r["metadata"]["name"]): r for r in raw if r["metadata"]["name"] in names
+            }
+            self._listed_at = time.monotonic()
             if self.opts.names:
                 missing = sorted(set(self.opts.names) - {p.name for p in found})
                 if missing:
@@ -587,10 +635,10 @@ class KubernetesRuntime:
 
     # --- injection ----------------------------------------------------------------------------
 
-    def _patch_ephemeral_sync(self, pod: str, container: Mapping[str, Any]) -> None:
+    def _patch_ephemeral_sync(self, pod: str, container: Mapping[str, Any]) -> dict[str, Any]:
         body = {"spec": {"ephemeralContainers": [dict(container)]}}
         try:
-            self._core.patch_namespaced_pod_ephemeralcontainers(
+            resp = self._core.patch_namespaced_pod_ephemeralcontainers(
                 pod,
                 self.namespace,
                 body,
@@ -602,10 +650,15 @@ class KubernetesRuntime:
             raise self._error(
                 exc, f"adding ephemeral container {container.get('name')}", pod
             ) from exc
+        patched: dict[str, Any] = self._json(resp)
+        return patched
 
-    async def patch_ephemeral(self, pod: str, container: Mapping[str, Any]) -> None:
-        """Add one ephemeral container (strategic merge by name; the API appends or refuses)."""
-        await self._call(lambda: self._patch_ephemeral_sync(pod, container))
+    async def patch_ephemeral(self, pod: str, container: Mapping[str, Any]) -> dict[str, Any]:
+        """Add one ephemeral container (strategic merge by name; the API appends or refuses).
+
+        Returns the pod as the API server stored it (the wait starts from it).
+        """
+        return await self._call(lambda: self._patch_ephemeral_sync(pod, container))
 
     def _annotate_sync(self, pod: dict[str, Any], record: Mapping[str, Any]) -> None:
         name = pod["metadata"]["name"]
@@ -641,7 +694,9 @@ class KubernetesRuntime:
         ``avoid`` is an agent that just proved unusable (e.g. it exited at its
         idle timeout while we connected): never reuse it, inject a new one.
         """
-        pod = await self.get_pod(name)
+        pod = self._fresh.pop(name, None) if avoid is None else None
+        if pod is None or time.monotonic() - self._listed_at > FRESH_S:
+            pod = await self.get_pod(name)
         phase = pod.get("status", {}).get("phase")
         if pod.get("metadata", {}).get("deletionTimestamp"):
             raise RuntimeUnavailable(
@@ -667,7 +722,8 @@ class KubernetesRuntime:
                 )
             container = self._container_for(plan.name, target)
             self._report(name, "injecting", f"{plan.name} ({self.opts.image})")
-            await self.patch_ephemeral(name, container)
+            patched = await self.patch_ephemeral(name, container)
+            annotating = None
             if self.opts.annotate:
                 record = {
                     "name": plan.name,
@@ -678,25 +734,40 @@ class KubernetesRuntime:
                         "%Y-%m-%dT%H:%M:%SZ"
                     ),
                 }
-                await self._call(lambda: self._annotate_sync(pod, record))
+                # while the kubelet starts the agent: the record is for humans
+                annotating = asyncio.ensure_future(
+                    self._call(lambda: self._annotate_sync(pod, record))
+                )
+            try:
+                running = await self._wait_running(name, plan.name, patched)
+            finally:
+                if annotating is not None:
+                    await annotating
         else:
             self._report(name, "reusing", plan.name)
-        running = await self._wait_running(name, plan.name)
+            running = await self._wait_running(name, plan.name, pod)
         port = spec.port_of(running) or spec.agent_port(plan.name)
-        return AgentHandle(name, plan.name, port, plan.inject, pod.get("status", {}).get("podIP"))
+        return AgentHandle(
+            name,
+            plan.name,
+            port,
+            plan.inject,
+            pod.get("status", {}).get("podIP"),
+            str(pod.get("metadata", {}).get("uid", "")),
+        )
 
-    async def _wait_running(self, pod: str, agent: str) -> dict[str, Any]:
+    async def _wait_running(self, pod: str, agent: str, raw: dict[str, Any]) -> dict[str, Any]:
         """Wait until the agent container runs; InjectionError when it never will.
 
-        Watches the pod as kubectl does (one GET, then a watch from its
-        resourceVersion, bounded by what is left of ``--start-timeout``); a
-        watch that is refused (a Role without ``watch pods``) or fails falls back
-        to polling, silently: the wait is the same, only slower to notice.
+        Watches the pod as kubectl does, from ``raw`` (the pod as discovery listed
+        it or as the PATCH returned it: no GET of its own) and its resourceVersion,
+        bounded by what is left of ``--start-timeout``; a watch that is refused (a
+        Role without ``watch pods``) or fails falls back to polling, silently: the
+        wait is the same, only slower to notice.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.start_timeout
         last = [""]
-        raw = await self.get_pod(pod)
         watching = not self._watch_refused
         delay = 0.05
         while True:
@@ -771,7 +842,7 @@ class KubernetesRuntime:
         """
         loop = asyncio.get_running_loop()
         left = deadline - loop.time()
-        watch = _PodWatch(
+        watch = _Stream(
             loop,
             lambda: self._core.list_namespaced_pod(
                 self.namespace,
@@ -881,11 +952,14 @@ class KubernetesRuntime:
         agent: AgentClient,
         handle: AgentHandle,
         fatal: Callable[[], MeridioDebugError | None] = lambda: None,
+        pinned: bytes | None = None,
     ) -> None:
         """Wait until the agent answers GetInfo (a running container may not listen yet).
 
         ``fatal`` reports an error that retrying cannot fix (port-forward refused
-        by RBAC, pod gone): it ends the wait at once.
+        by RBAC, pod gone): it ends the wait at once. ``pinned``: the certificate
+        in use came from the pins, not the log; at the first failure the log is
+        read, and a different certificate there ends the wait (_StalePin).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.start_timeout
@@ -896,6 +970,12 @@ class KubernetesRuntime:
             except AgentCallError as exc:
                 if (err := fatal()) is not None:
                     raise err from exc
+                if pinned is not None:
+                    logged = await self._agent_certificate(handle)
+                    if logged != pinned:
+                        self._pins.put(handle.uid, handle.name, logged)
+                        raise _StalePin(logged) from exc
+                    pinned = None
                 if loop.time() > deadline:
                     raise AgentCallError(
                         f"{self.namespace}/{handle.pod}: agent {handle.name} runs but does not "
@@ -909,126 +989,170 @@ class KubernetesRuntime:
                         f"({st.reason})"
                     ) from exc
 
+    async def _server_certificate(self, handle: AgentHandle) -> tuple[bytes, bool]:
+        """The agent's certificate to pin, and whether it came from the pins (not its log)."""
+        if not handle.injected:
+            pem = self._pins.get(handle.uid, handle.name)
+            if pem is not None:
+                return pem, True
+        pem = await self._agent_certificate(handle)
+        self._pins.put(handle.uid, handle.name, pem)
+        return pem, False
+
     @contextlib.asynccontextmanager
     async def _connect_forwarded(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
-        server_cert = await self._agent_certificate(handle)
-        relay = PortForwardRelay(self, handle.pod, handle.port)
-        await relay.start()
-        channel = grpc.aio.secure_channel(
-            f"unix:{relay.path}",
-            self._channel_credentials(server_cert),
-            options=[
-                *CHANNEL_OPTIONS,
-                *FAST_RECONNECT,
-                ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
-            ],
-        )
-        try:
-            agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+        server_cert, pinned = await self._server_certificate(handle)
+        while True:
+            relay = PortForwardRelay(self, handle.pod, handle.port)
+            await relay.start()
+            channel = grpc.aio.secure_channel(
+                f"unix:{relay.path}",
+                self._channel_credentials(server_cert),
+                options=[
+                    *CHANNEL_OPTIONS,
+                    *FAST_RECONNECT,
+                    ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
+                ],
+            )
             try:
-                await self._ready(agent, handle, lambda: relay.fatal)
-            except AgentCallError as exc:
-                if relay.last_error:
-                    raise AgentCallError(f"{exc} (port-forward: {relay.last_error})") from exc
-                raise
-            yield agent
-        finally:
-            await channel.close(grace=None)
-            await relay.close()
+                agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+                try:
+                    pin = server_cert if pinned else None
+                    await self._ready(agent, handle, relay.failure, pin)
+                except _StalePin as stale:
+                    server_cert, pinned = stale.certificate, False
+                    continue
+                except AgentCallError as exc:
+                    if relay.last_error:
+                        raise AgentCallError(f"{exc} (port-forward: {relay.last_error})") from exc
+                    raise
+                yield agent
+                return
+            finally:
+                await channel.close(grace=None)
+                await relay.close()
 
-    def _open_portforward(self, pod: str, port: int) -> Any:
-        """A PortForward object for one connection to ``port`` of ``pod``.
-
-        The websocket is opened here rather than by ``kubernetes.stream.portforward``,
-        which has no handshake timeout (the API server answers the upgrade only once
-        the node's kubelet has: a node that does not answer would block for good) and
-        swaps the ApiClient's ``call_api`` while it connects (it needed a global lock).
-        Same URL, subprotocol, credentials and TLS settings as the client's own.
-        """
+    def _portforward_ssl(self) -> ssl.SSLContext | None:
+        """One TLS context for every port-forward of this run, as the API client's settings say."""
         conf = self._cluster.conf
-        url = ws_client.get_websocket_url(  # type: ignore[no-untyped-call]
-            f"{conf.host}/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward",
-            [("ports", str(port))],
-        )
-        if conf.refresh_api_key_hook is not None:
-            conf.refresh_api_key_hook(conf)
-        header = [f"sec-websocket-protocol: {ws_client.V4_CHANNEL_PROTOCOL}"]
-        token = conf.auth_settings().get("BearerToken", {}).get("value")
-        if token:
-            header.append(f"authorization: {token}")
-        ssl_opts: dict[str, Any] = {"cert_reqs": ssl.CERT_NONE}
-        if url.startswith("wss://") and conf.verify_ssl:
-            ssl_opts = {
-                "cert_reqs": ssl.CERT_REQUIRED,
-                "ca_certs": conf.ssl_ca_cert or certifi.where(),
-            }
+        if not str(conf.host).startswith("https"):
+            return None
+        if conf.verify_ssl:
+            ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert or certifi.where())
             if conf.assert_hostname is not None:
-                ssl_opts["check_hostname"] = conf.assert_hostname
+                ctx.check_hostname = bool(conf.assert_hostname)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         if conf.cert_file:
-            ssl_opts["certfile"] = conf.cert_file
-        if conf.key_file:
-            ssl_opts["keyfile"] = conf.key_file
-        if conf.tls_server_name:
-            ssl_opts["server_hostname"] = conf.tls_server_name
-        connect_opt: dict[str, Any] = {"header": header, "timeout": PORTFORWARD_CONNECT_TIMEOUT}
-        if conf.proxy or conf.proxy_headers:
-            connect_opt = ws_client.websocket_proxycare(connect_opt, conf, url, None)  # type: ignore[no-untyped-call]
-        ws = websocket.WebSocket(sslopt=ssl_opts, skip_utf8_validation=False)
-        try:
-            ws.connect(url, **connect_opt)  # type: ignore[no-untyped-call]
-            ws.settimeout(None)
-            return ws_client.PortForward(ws, [port])  # type: ignore[no-untyped-call]
-        except Exception as exc:  # as kubernetes.stream does: one ApiException for all
-            with contextlib.suppress(Exception):
-                ws.close()
-            raise ApiException(status=0, reason=str(exc)) from exc
+            ctx.load_cert_chain(conf.cert_file, conf.key_file)
+        return ctx
 
-    async def open_portforward(self, pod: str, port: int) -> Any:
+    async def _upgrade(self, pod: str, port: int) -> PortForward:
+        """The websocket upgrade of ``pods/{pod}/portforward``, its 429s retried after Retry-After."""
+        conf = self._cluster.conf
+        if self._pf_ssl is None and str(conf.host).startswith("https"):
+            self._pf_ssl = self._portforward_ssl()
+        url = f"{conf.host}/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward?ports={port}"
+        for attempt in range(THROTTLE_RETRIES + 1):
+            if conf.refresh_api_key_hook is not None:
+                conf.refresh_api_key_hook(conf)
+            token = conf.auth_settings().get("BearerToken", {}).get("value")
+            await self._throttle.acquire()
+            try:
+                return await asyncio.wait_for(
+                    PortForward.open(
+                        url,
+                        {"Authorization": token} if token else {},
+                        self._pf_ssl,
+                        conf.tls_server_name or None,
+                        conf.proxy or None,
+                    ),
+                    PORTFORWARD_CONNECT_TIMEOUT,
+                )
+            except UpgradeRefused as exc:
+                if exc.status != 429 or attempt == THROTTLE_RETRIES:
+                    raise
+                await asyncio.sleep(min(exc.retry_after or 0.2 * 2**attempt, 10.0))
+        raise AssertionError("unreachable")
+
+    async def open_portforward(self, pod: str, port: int) -> PortForward:
+        """A port-forward stream to ``port`` of ``pod``; our error saying why not."""
+        what = f"port-forward to port {port}"
+        request = ("create", "pods/portforward")
         try:
-            return await self._call(lambda: self._open_portforward(pod, port))
-        except ApiException as exc:
-            if not exc.status and "timed out" in str(exc.reason):
-                raise RuntimeUnavailable(
-                    f"{self.namespace}/{pod}: {NODE_UNREACHABLE} (no answer to the port-forward "
-                    f"within {PORTFORWARD_CONNECT_TIMEOUT:g} s); check the node (kubectl get "
-                    "node) or try the other pods"
-                ) from exc
-            raise self._error(
-                exc, f"port-forward to port {port}", pod, ("create", "pods/portforward")
+            return await self._upgrade(pod, port)
+        except TimeoutError as exc:
+            raise RuntimeUnavailable(
+                f"{self.namespace}/{pod}: {NODE_UNREACHABLE} (no answer to the port-forward "
+                f"within {PORTFORWARD_CONNECT_TIMEOUT:g} s); check the node (kubectl get "
+                "node) or try the other pods"
             ) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._error(
-                exc, f"port-forward to port {port}", pod, ("create", "pods/portforward")
-            ) from exc
+        except UpgradeRefused as exc:
+            api = ApiException(status=exc.status, reason=exc.reason)
+            api.body = exc.body
+            raise self._error(api, what, pod, request) from exc
+        except (OSError, ProtocolError, ValueError) as exc:
+            raise self._error(exc, what, pod, request) from exc
 
     async def _agent_certificate(self, handle: AgentHandle) -> bytes:
+        """The certificate the agent printed when it started, read from its log.
+
+        One request following the log (``kubectl logs -f``) until the certificate is
+        there, read by a thread of its own and shut down then; a stream that ends early
+        (the container stopped, a proxy cut it) is asked again after a pause. Polling
+        every 0.1 s made 48 starting agents cost ~500 log requests a second, taken from
+        the very CPUs the agents were starting on.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.start_timeout
+        pause = 0.1
         while True:
+            stream = _Stream(
+                loop,
+                lambda: self._core.read_namespaced_pod_log(
+                    handle.pod,
+                    self.namespace,
+                    container=handle.name,
+                    follow=True,
+                    limit_bytes=65536,
+                    _preload_content=False,
+                    _request_timeout=(REQUEST_TIMEOUT[0], self.opts.start_timeout),
+                ),
+                lines=False,
+            )
+            seen = b""
             try:
-                resp: Any = await self._call(
-                    lambda: self._core.read_namespaced_pod_log(
-                        handle.pod,
-                        self.namespace,
-                        container=handle.name,
-                        limit_bytes=65536,
-                        _preload_content=False,
-                        _request_timeout=REQUEST_TIMEOUT,
-                    )
-                )
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise self._error(
-                    exc, f"reading agent {handle.name}'s log for its certificate", handle.pod
-                ) from exc
-            cert = agent_certificate(resp.data)
-            if cert is not None:
-                return cert
+                while True:
+                    left = deadline - loop.time()
+                    try:
+                        chunk = await asyncio.wait_for(stream.events.get(), max(left, 0.001))
+                    except TimeoutError:
+                        break
+                    if isinstance(chunk, BaseException):
+                        if isinstance(chunk, ApiException | urllib3.exceptions.HTTPError | OSError):
+                            raise self._error(
+                                chunk,
+                                f"reading agent {handle.name}'s log for its certificate",
+                                handle.pod,
+                            ) from chunk
+                        raise chunk
+                    if chunk is None:
+                        break  # the stream ended: the container stopped, or was cut
+                    seen += chunk
+                    cert = agent_certificate(seen)
+                    if cert is not None:
+                        return cert
+            finally:
+                stream.close()
             if loop.time() > deadline:
                 raise InjectionError(
                     f"{self.namespace}/{handle.pod}: agent {handle.name} printed no certificate "
                     f"within {self.opts.start_timeout:g} s (is it an agent image with mTLS?)"
                 )
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def _channel_credentials(self, server_cert: bytes) -> grpc.ChannelCredentials:
         """Our client certificate, and the agent's own certificate pinned as the only root."""
@@ -1042,7 +1166,7 @@ class KubernetesRuntime:
     async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
         if not handle.pod_ip:
             raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
-        server_cert = await self._agent_certificate(handle)
+        server_cert, _pinned = await self._server_certificate(handle)
         creds = self._channel_credentials(server_cert)
         host = f"[{handle.pod_ip}]" if ":" in handle.pod_ip else handle.pod_ip
         channel = grpc.aio.secure_channel(
@@ -1081,6 +1205,10 @@ class PortForwardRelay:
         self.last_error = ""
         self.fatal: MeridioDebugError | None = None
 
+    def failure(self) -> MeridioDebugError | None:
+        """The error that retrying cannot fix, once a connection met one."""
+        return self.fatal
+
     async def start(self) -> None:
         sweep()  # relay directories of runs that were killed (runtime/workdirs.py)
         self._server = await asyncio.start_unix_server(self._accept, path=self.path)
@@ -1098,19 +1226,10 @@ class PortForwardRelay:
                 if isinstance(exc, AccessDenied | PodNotFound) or NODE_UNREACHABLE in str(exc):
                     self.fatal = exc
                 return
-            wrapped = pf.socket(self._port)
-            sock = socket.socket(fileno=os.dup(wrapped.fileno()))
-            wrapped.close()
-            sock.setblocking(False)
-            r2, w2 = await asyncio.open_connection(sock=sock)
-            try:
-                await asyncio.gather(_pipe(reader, w2), _pipe(r2, writer))
-            finally:
-                w2.close()
-                err = pf.error(self._port)
-                if err:
-                    self.last_error = err.strip()
-        except (OSError, RuntimeError, ValueError) as exc:
+            await _relay(reader, writer, pf)
+            if pf.error:
+                self.last_error = pf.error.strip()
+        except (OSError, RuntimeError, ValueError, ProtocolError) as exc:
             self.last_error = f"relay: {exc}"
         except asyncio.CancelledError:
             # close() ends the connection; a cancelled accept callback would be logged
@@ -1119,8 +1238,7 @@ class PortForwardRelay:
         finally:
             writer.close()
             if pf is not None:
-                with contextlib.suppress(OSError):
-                    pf.close()
+                pf.close()
             if task is not None:
                 self._tasks.discard(task)
 
@@ -1137,28 +1255,42 @@ class PortForwardRelay:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class _StalePin(Exception):
+    """The pinned certificate is not the one the agent's log shows: connect again with that."""
+
+    def __init__(self, certificate: bytes) -> None:
+        super().__init__("pinned agent certificate is stale")
+        self.certificate = certificate
+
+
 class _WatchFailed(Exception):
     """A pod watch that cannot go on (refused, broken): the wait polls instead."""
 
 
-class _PodWatch:
-    """One pod watch read by its own daemon thread, events handed to the event loop.
+class _Stream:
+    """One streamed response (a watch, a followed log) read by its own daemon thread.
 
-    ``events`` gets each decoded event, then None at the end of the stream, or
-    the exception that ended it. ``close`` (event loop side) shuts the response
-    down, which wakes the thread blocked in a read, so it ends at once.
+    ``events`` gets each decoded watch event (``lines``) or each chunk of bytes,
+    then None at the end of the stream, or the exception that ended it. ``close``
+    (event loop side) shuts the response down, which wakes the thread blocked in
+    a read, so it ends at once. Its own thread, never one of the runtime's pool:
+    a stream may last as long as ``--start-timeout``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, open_: Callable[[], Any]) -> None:
-        self.events: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, open_: Callable[[], Any], lines: bool = True
+    ) -> None:
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
         self._loop = loop
         self._open = open_
+        self._lines = lines
         self._lock = threading.Lock()
         self._resp: Any = None
         self._closed = False
-        threading.Thread(target=self._run, name="meridio-debug-watch", daemon=True).start()
+        name = "meridio-debug-watch" if lines else "meridio-debug-follow"
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def _put(self, item: dict[str, Any] | BaseException | None) -> None:
+    def _put(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
             self._loop.call_soon_threadsafe(self.events.put_nowait, item)
 
@@ -1173,6 +1305,9 @@ class _PodWatch:
                 return
             buf = b""
             for chunk in resp.stream(None, decode_content=False):
+                if not self._lines:
+                    self._put(bytes(chunk))
+                    continue
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
@@ -1207,17 +1342,28 @@ def _shutdown(resp: Any) -> None:
         resp.release_conn()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _relay(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pf: PortForward
+) -> None:
+    """Bytes both ways between a local connection and a port-forward stream, until one ends."""
+
+    async def up() -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(256 * 1024):
+                await pf.write(data)
+
+    async def down() -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await pf.read():
+                writer.write(data)
+                await writer.drain()
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
     try:
-        while True:
-            data = await reader.read(256 * 1024)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # a ProtocolError of the stream reaches the caller
     finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

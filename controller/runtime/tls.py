@@ -12,10 +12,12 @@ the container log through the API server and pins.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +157,56 @@ def agent_certificate(log: bytes) -> bytes | None:
     except ValueError:
         return None
     return pem
+
+
+PIN_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meridio-debug/agents"
+PIN_MAX_AGE_S = 7 * 86400.0
+_PIN_PART = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}")
+
+
+class Pins:
+    """Agents' certificates already read from their logs, by pod UID and container name.
+
+    Why: a warm run would otherwise read every agent's log again, one request per
+    pod through the API server and the kubelet, for a certificate that cannot have
+    changed: an ephemeral container never restarts and its name is never reused
+    in a pod, and a pod made again has a new UID. Best effort, in a private
+    directory (0700): a read-only or missing one only costs the log reads. A pin
+    that no longer matches (a handshake that fails) is read from the log again.
+    """
+
+    def __init__(self, directory: Path = PIN_DIR) -> None:
+        self.directory = directory
+
+    def _path(self, uid: str, name: str) -> Path | None:
+        if not (_PIN_PART.fullmatch(uid) and _PIN_PART.fullmatch(name)):
+            return None
+        return self.directory / f"{uid}_{name}.pem"
+
+    def get(self, uid: str, name: str) -> bytes | None:
+        path = self._path(uid, name)
+        try:
+            return path.read_bytes() if path is not None else None
+        except OSError:
+            return None
+
+    def put(self, uid: str, name: str, pem: bytes) -> None:
+        path = self._path(uid, name)
+        if path is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(pem)
+            tmp.replace(path)
+            self._sweep()
+        except OSError:
+            return
+
+    def _sweep(self) -> None:
+        """Pins of agents long gone (an agent exits after --idle-timeout, 15 min by default)."""
+        limit = time.time() - PIN_MAX_AGE_S
+        for entry in os.scandir(self.directory):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < limit:
+                    os.unlink(entry.path)

@@ -181,7 +181,9 @@ def test_422_forbidden_fields_and_changed_container(cluster: Cluster) -> None:
     ("drop", "command", "hint"),
     [
         ({("list", "pods")}, "snapshot", "not allowed to list pods"),
-        ({("get", "pods")}, "snapshot", "not allowed to get pods"),
+        # a run reads pods by listing them and watching the new agent's; it reads one pod
+        # when it cannot watch (and to look again at an agent that does not answer)
+        ({("get", "pods"), ("watch", "pods")}, "snapshot", "not allowed to get pods"),
         (
             {("patch", "pods/ephemeralcontainers")},
             "snapshot",
@@ -196,8 +198,8 @@ def test_rbac_denial_names_the_missing_verb(
 ) -> None:
     red = cluster.ns["red"]
     pod = cluster.pod_by_lab("red", "proxy-a")
-    ((verb, resource),) = drop
-    image = f"img:rbac-{verb}-{resource.replace('/', '-')}"  # a new agent: every request is made
+    what = "-".join(f"{verb}-{resource.replace('/', '-')}" for verb, resource in sorted(drop))
+    image = f"img:rbac-{what}"  # a new agent: every request is made
     try:
         cluster.set_role("red", drop)
         res = cluster.cli(
@@ -322,7 +324,8 @@ def test_agent_start_is_watched_not_polled(cluster: Cluster) -> None:
     # the watch's reading thread ends when the wait does (its response is shut down), not
     # at the watch's server-side timeout (20 s): nothing holds up the CLI's exit
     deadline = time.monotonic() + 2
-    while any(t.name == "meridio-debug-watch" for t in threading.enumerate()):
+    streams = ("meridio-debug-watch", "meridio-debug-follow")  # the log followed for the cert
+    while any(t.name in streams for t in threading.enumerate()):
         assert time.monotonic() < deadline, "a watch thread outlived the wait"
         time.sleep(0.05)
     states = [(s, d) for p, s, d in events if p == pod]
