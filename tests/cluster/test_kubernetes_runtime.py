@@ -10,6 +10,7 @@ service account with a real token. Each test uses its own agent image so agents
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
 from meridio_debug.controller.errors import (
     InjectionError,
@@ -475,6 +478,103 @@ def test_direct_mutual_tls_and_wrong_client_rejected(cluster: Cluster, tmp_path:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         asyncio.run(call(wrong_cert, wrong_key))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _codes_since(cluster: Cluster, offset: int, user: str) -> list[int]:
+    """Response codes of ``user``'s requests in the audit log after byte ``offset``."""
+    with open(cluster.plane.work / "audit.log", "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode().splitlines()
+    events = [json.loads(ln) for ln in lines if ln.strip()]
+    return [
+        int(e.get("responseStatus", {}).get("code", 0))
+        for e in events
+        if e["user"]["username"] == user and e.get("stage") == "ResponseComplete"
+    ]
+
+
+def test_api_priority_and_fairness_429s_are_retried(cluster: Cluster) -> None:
+    """The API server sheds our requests (a priority level of a few seats that rejects the
+    rest, for our service account only); the run still succeeds: a 429 is retried after its
+    Retry-After (the server did not process it), as client-go does."""
+    prefix = cluster.spec.prefix
+    user = f"system:serviceaccount:{cluster.ns['red']}:{SA}"
+    flow = k8s_client.FlowcontrolApiserverV1Api(cluster.plane.admin)
+    level = flow.create_priority_level_configuration(
+        {
+            "metadata": {"name": f"{prefix}tiny"},
+            "spec": {
+                "type": "Limited",
+                "limited": {
+                    "nominalConcurrencyShares": 1,  # ceil(600 * 1 / ~246 shares): 3 seats
+                    "lendablePercent": 0,
+                    "borrowingLimitPercent": 0,
+                    "limitResponse": {"type": "Reject"},
+                },
+            },
+        }
+    )
+    flow.create_flow_schema(
+        {
+            "metadata": {"name": f"{prefix}tiny"},
+            "spec": {
+                "priorityLevelConfiguration": {"name": f"{prefix}tiny"},
+                "matchingPrecedence": 100,
+                "distinguisherMethod": {"type": "ByUser"},
+                "rules": [
+                    {
+                        "subjects": [
+                            {
+                                "kind": "ServiceAccount",
+                                "serviceAccount": {"name": SA, "namespace": cluster.ns["red"]},
+                            }
+                        ],
+                        "resourceRules": [
+                            {
+                                "verbs": ["*"],
+                                "apiGroups": ["*"],
+                                "resources": ["*"],
+                                "namespaces": ["*"],
+                            }
+                        ],
+                    }
+                ],
+            },
+        }
+    )
+    try:
+        ours = k8s_client.CoreV1Api(k8s_config.new_client_from_config(str(cluster.kubeconfig)))
+        deadline = time.monotonic() + 20
+        while True:  # until the server classifies our requests into the tiny level
+            resp = ours.list_namespaced_pod(cluster.ns["green"], limit=1, _preload_content=False)
+            if resp.headers.get("X-Kubernetes-PF-PriorityLevel-UID") == level.metadata.uid:
+                break
+            assert time.monotonic() < deadline, "the FlowSchema never took effect"
+            time.sleep(0.2)
+        codes: list[int] = []
+        for attempt in range(3):  # new agents each time: a PATCH and an annotation per pod at once
+            offset = (cluster.plane.work / "audit.log").stat().st_size
+            res = cluster.cli(
+                "snapshot", "-n", cluster.ns["green"], "--image", f"img:apf-{attempt}",
+                "-o", "json",
+            )  # fmt: skip
+            assert res.returncode == 0, res.stderr[-2000:]
+            pods = json.loads(res.stdout)["pods"]
+            assert len(pods) >= 5 and all(p["error"] is None for p in pods), res.stderr[-2000:]
+            # nothing was given up: each pod's annotation records its new agent, no warning
+            assert "warning" not in res.stderr, res.stderr[-2000:]
+            for p in pods:
+                records = k8s_spec.annotation_records(cluster.read_pod("green", p["pod"]))
+                assert any(r.get("image") == f"img:apf-{attempt}" for r in records.values())
+            codes = _codes_since(cluster, offset, user)
+            if 429 in codes:
+                break
+        assert 429 in codes, sorted(set(codes))
+    finally:
+        with contextlib.suppress(k8s_client.ApiException):
+            flow.delete_flow_schema(f"{prefix}tiny")
+        with contextlib.suppress(k8s_client.ApiException):
+            flow.delete_priority_level_configuration(f"{prefix}tiny")
 
 
 def test_role_grants_exactly_the_verbs_the_code_used(cluster: Cluster) -> None:
