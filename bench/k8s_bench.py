@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,14 @@ def session_cpu(sessions: set[int]) -> float:
     return total
 
 
+PHASES = ("injecting", "running", "connected")  # the CLI's per-pod progress on stderr
+
+
 @dataclass
 class Sample:
     wall: float
     cpu: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # when the last pod reached each
 
 
 class Meter:
@@ -118,12 +123,31 @@ class Meter:
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv[1:]]
         before = self._cpu()
         t0 = time.monotonic()
-        res = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        phases: dict[str, float] = {}
+        err: list[str] = []
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err.append(line)
+                state = line.split(": ")[2].strip() if line.count(": ") >= 2 else ""
+                if state in PHASES:
+                    phases[state] = time.monotonic() - t0
+
+        reader = threading.Thread(target=read_stderr)
+        reader.start()
+        assert proc.stdout is not None
+        proc.stdout.read()
+        code = proc.wait()
         wall = time.monotonic() - t0
+        reader.join()
         after = self._cpu()
-        if res.returncode not in (0, 3):
-            raise SystemExit(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
-        return Sample(wall, {k: after[k] - before.get(k, 0.0) for k in after})
+        if code not in (0, 3):
+            raise SystemExit(f"{' '.join(args)} failed ({code}): {''.join(err[-20:]).strip()}")
+        return Sample(wall, {k: after[k] - before.get(k, 0.0) for k in after}, phases)
 
 
 def node_of(lab_name: str, prefix: str) -> str:
@@ -183,6 +207,16 @@ def report(pods: int, version: str, runs: dict[str, list[Sample]], load: tuple[f
         if target is not None:
             line += f"  target < {target:g} s: {'ok' if med[key] < target else 'MISSED'}"
         print(line)
+    print("  when the last pod was (s since start, median): injected / running / connected / done")
+    for key, label, _target in rows[1:]:
+        cells = [
+            statistics.median(s.phases.get(p, float("nan")) for s in runs[key]) for p in PHASES
+        ]
+        print(
+            f"    {label:<36}"
+            + "".join(f"{c:9.2f}" for c in cells)
+            + f"{statistics.median(s.wall for s in runs[key]):9.2f}"
+        )
     print("  CPU seconds during the run (median):")
     parties = ["cli", "kube-apiserver", "etcd", "node side", "agents"]
     print("    " + " " * 36 + "".join(f"{p:>15}" for p in parties))
