@@ -84,16 +84,18 @@ COMPILE_MEMORY = 256 << 20  # address space of the compiling child
 COMPILE_SECONDS = 3.0
 MIN_BLOCKS = 4
 FRAME_SIZE = 2048  # only validated by the kernel for TPACKET_V3
-BLOCK_TIMEOUT_MS = 20  # a partly filled block is handed over after this
+# A partly filled block is handed over after this. Every block read becomes one gRPC
+# message, and a message costs ~0.5 ms of CPU (agent + controller, whatever its size):
+# with 20 ms a capture of ~1k pps cost 33 ms of CPU per second, with 100 ms 15, with
+# 250 ms 10 (measured on this machine) -- and a capture in 48 pods pays it 48 times.
+# Busy rings fill their 1 MiB blocks long before (280k pps: every 26 ms). A stop does
+# not wait for the timer when the current block is empty (Ring.filling).
+BLOCK_TIMEOUT_MS = 200
+STOP_GRACE_S = 0.03  # packets still in the kernel's receive path when a stop comes
 QUEUE_BYTES = 16 << 20  # reader -> stream, in bytes of frames
 BATCH_BYTES = 4 << 20  # at most this much frame data per message
-# At most one read of the rings per BATCH_INTERVAL_S: every batch costs the same
-# (gRPC message, wake-ups on both sides, ~0.3 ms), so batches are made big (up to
-# BATCH_BYTES) instead of one per retired block; the 32 MiB ring holds ~0.8 s at
-# 280k pps. Idle, a heartbeat per HEARTBEAT_S carries the watermark.
-# (bench/capture_bench.py: an idle capture cost 11.8 ms of CPU per second with a
-# heartbeat per 0.2 s and a poll per 0.1 s, 5 ms with these.)
-BATCH_INTERVAL_S = 0.05
+# Idle, a heartbeat per HEARTBEAT_S carries the watermark (an idle capture cost 11.8 ms
+# of CPU per second with one per 0.2 s and a poll per 0.1 s, 5 ms with these).
 HEARTBEAT_S = 1.0
 STATS_EVERY_S = 1.0
 # Packets with a timestamp older than now - this have surely been read: the
@@ -497,6 +499,12 @@ class Ring:
                 _STATUS.pack_into(mm, off + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
             self._next = nxt
 
+    def filling(self) -> bool:
+        """Whether the kernel is filling a block that holds packets (the timer retires it)."""
+        off = self._next * self.block_size
+        status, num_pkts = struct.unpack_from("<II", self.mm, off + _BLOCK_STATUS_OFF)
+        return bool(num_pkts) and not status & TP_STATUS_USER
+
     def read_stats(self) -> None:
         """Add the kernel's counters since the last read (reading resets them)."""
         raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
@@ -668,16 +676,20 @@ class CaptureSession:
             poller.register(ring.sock.fileno(), select.POLLIN | select.POLLERR)
         poller.register(self._wake_r, select.POLLIN)
         last_sent = last_stats = time.monotonic()
-        draining_until = 0.0
+        draining_until = settled = 0.0
         while True:
             now = time.monotonic()
             if not draining_until and (self._stop.is_set() or now >= deadline):
                 if not self._stop.is_set():
                     self.stop("duration")
                 # Blocks still being filled are retired by the kernel's timer: wait for them.
-                draining_until = now + 2 * BLOCK_TIMEOUT_MS / 1000 + 0.03
+                draining_until = now + 2 * BLOCK_TIMEOUT_MS / 1000 + STOP_GRACE_S
+                settled = now + STOP_GRACE_S
                 poller.unregister(self._wake_r)  # woken once; now only the rings matter
-            if draining_until and now >= draining_until:
+            if draining_until and (
+                now >= draining_until
+                or (now >= settled and not any(r.filling() for r in self.rings))
+            ):
                 self._drain_once()
                 return
             if now - last_stats >= STATS_EVERY_S:
@@ -689,16 +701,15 @@ class CaptureSession:
                 last_sent = time.monotonic()
                 if self.end_reason in ("packets", "bytes"):
                     return
-                if not draining_until:  # let blocks gather; a stop still wakes us at once
-                    select.select([self._wake_r], [], [], BATCH_INTERVAL_S)
                 continue
             if now - last_sent >= HEARTBEAT_S:
                 self.watermark_ns = max(self.watermark_ns, time.time_ns() - WATERMARK_LAG_NS)
                 batch = pb.PacketBatch(watermark_ns=self.watermark_ns)
                 self._outbox.offer(pb.CaptureChunk(batch=batch), 64)
                 last_sent = now
-            if draining_until:
-                poller.poll(max(1, int((draining_until - time.monotonic()) * 1000)))
+            if draining_until:  # the grace, then until the kernel retires what it fills
+                until = settled if now < settled else draining_until
+                poller.poll(max(1, int((until - time.monotonic()) * 1000)))
             else:  # until a block is retired, a stop, or the next thing due
                 due = min(deadline, last_stats + STATS_EVERY_S, last_sent + HEARTBEAT_S)
                 poller.poll(max(1, int((due - time.monotonic()) * 1000)))
@@ -731,7 +742,9 @@ class CaptureSession:
             return
         # ts of the last frame read: the ring is (nearly) in time order.
         self.watermark_ns = max(self.watermark_ns, min(last_ts, time.time_ns() - WATERMARK_LAG_NS))
-        batch = pb.PacketBatch(data=data, meta=meta, watermark_ns=self.watermark_ns)
+        chunk = pb.CaptureChunk()  # filled in place: a PacketBatch passed in would be copied
+        batch = chunk.batch
+        batch.data, batch.meta, batch.watermark_ns = data, meta, self.watermark_ns
         for index in counts.keys() - self.known:
             self.known.add(index)
             try:
@@ -739,7 +752,7 @@ class CaptureSession:
             except OSError:
                 name = f"if{index}"
             batch.new_interfaces.append(interface_info(index, name))
-        if self._outbox.offer(pb.CaptureChunk(batch=batch), len(data) + len(meta)):
+        if self._outbox.offer(chunk, len(data) + len(meta)):
             self.packets += n
             self.bytes += len(data)
             self.per_if_packets.update(counts)

@@ -183,12 +183,14 @@ class Merger:
     def add_batch(self, st: PodState, batch: pb.PacketBatch) -> None:
         for iface in batch.new_interfaces:
             st.names[iface.index] = (iface.name, iface.linktype)
-        if batch.meta:
-            for index in merge.ifindexes(batch.meta):
+        meta = batch.meta  # each read of a bytes field copies it: read once
+        if meta:
+            data = batch.data
+            for index in merge.ifindexes(meta):
                 self.interface(st, index)
-            run = merge.Run(batch.data, merge.prepare(batch.data, batch.meta, st.ifids, FLAGS))
+            run = merge.Run(data, merge.prepare(data, meta, st.ifids, FLAGS))
             st.pending.append(run)
-            st.pending_bytes += len(batch.data)
+            st.pending_bytes += len(data)
             st.received += run.count
         st.watermark = max(st.watermark, batch.watermark_ns)
         self.release()
