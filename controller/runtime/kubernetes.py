@@ -207,6 +207,7 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
     # One retry of a failed connection; a 429 (API Priority and Fairness, max-inflight) is
     # retried after its Retry-After, as client-go does: the server did not process it.
     conf.connection_pool_maxsize = MAX_PARALLEL
+    _quiet_full_pool()
     conf.retries = urllib3.Retry(
         total=THROTTLE_RETRIES,
         connect=1,
@@ -230,6 +231,24 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
     return _Cluster(
         api=api, conf=conf, namespace=namespace or "default", host=str(conf.host), throttle=throttle
     )
+
+
+class _NotFullPool(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Connection pool is full")
+
+
+def _quiet_full_pool() -> None:
+    """No "Connection pool is full" warning on stderr: the surplus connections are meant.
+
+    The pool keeps MAX_PARALLEL connections for the requests of the thread pool;
+    each pod's streams (the watch for a new agent, its log followed for the
+    certificate) also borrow one and hand it back closed, and urllib3 warns once
+    for every one it cannot keep: 96 lines for 48 new agents.
+    """
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _NotFullPool) for f in pool_log.filters):
+        pool_log.addFilter(_NotFullPool())
 
 
 class KubernetesRuntime:
