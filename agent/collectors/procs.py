@@ -12,9 +12,9 @@ not part of the pod being debugged). Processes of the pod's *other*
 containers are not visible at all: the nfqlb collector reads those through
 what the pod shares instead.
 
-Sockets need no filter: ``/proc/net/*`` (what psutil reads) is already
-scoped to the reader's network namespace. Only the pid of a socket's owner
-is looked up machine-wide, which is harmless.
+Sockets need no filter: sock_diag and ``/proc/net/unix`` answer only the
+reader's network namespace (collectors/sockdiag.py says why not psutil's
+``/proc/net/tcp``); owners are the processes above.
 
 The bird and nfqlb collectors find their daemons through
 ``processes_in_own_netns`` as well, and run their read-only helper commands
@@ -30,10 +30,11 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
+from meridio_debug.agent.collectors import sockdiag
 from meridio_debug.agent.errors import CollectorError
 from meridio_debug.protos import agent_pb2 as pb
 
@@ -270,23 +271,6 @@ class ProcessesCollector:
 # sockets section
 
 
-class ConnLike(Protocol):
-    """The fields of psutil's ``sconn`` that the conversion reads."""
-
-    @property
-    def family(self) -> int: ...
-    @property
-    def type(self) -> int: ...
-    @property
-    def laddr(self) -> Any: ...
-    @property
-    def raddr(self) -> Any: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def pid(self) -> int | None: ...
-
-
 _FAMILIES: dict[int, str] = {
     socket.AF_INET: "inet",
     socket.AF_INET6: "inet6",
@@ -304,87 +288,56 @@ _UNIX_TYPES: dict[int, str] = {
 }
 
 
-def _split_addr(addr: Any) -> tuple[str, int]:
-    if not addr:
-        return "", 0
-    if isinstance(addr, str):
-        return addr, 0
-    ip = getattr(addr, "ip", None)
-    port = getattr(addr, "port", None)
-    if ip is None:
-        ip, port = addr[0], addr[1]
-    return str(ip), int(port or 0)
-
-
-class _Owned:
-    """A per-process connection (which has no pid) with its owner's pid."""
-
-    def __init__(self, conn: Any, pid: int) -> None:
-        self.family = conn.family
-        self.type = conn.type
-        self.laddr = conn.laddr
-        self.raddr = conn.raddr
-        self.status = conn.status
-        self.pid = pid
-
-
-def socket_to_pb(conn: ConnLike, names: Mapping[int, str]) -> pb.Socket:
-    """Convert one psutil connection to the proto; ``names`` maps pid → process name."""
-    family = int(conn.family)
-    fam = _FAMILIES.get(family, str(family))
-    types = _UNIX_TYPES if fam == "unix" else _INET_TYPES
-    laddr, lport = _split_addr(conn.laddr)
-    raddr, rport = _split_addr(conn.raddr)
-    pid = int(conn.pid or 0)
-    return pb.Socket(
-        family=fam,
-        type=types.get(int(conn.type), str(int(conn.type))),
-        laddr=laddr,
-        lport=lport,
-        raddr=raddr,
-        rport=rport,
-        status=str(conn.status or "NONE"),
-        pid=pid,
-        process=names.get(pid, ""),
-    )
-
-
 class SocketsCollector:
     """Section ``sockets``: TCP, UDP and unix sockets of the namespace, with owners.
 
-    Sockets are read per process, for the processes of this network namespace only
-    (plus the agent). ``psutil.net_connections()`` would map socket inodes to owners
-    by walking the fd table of every process on the node: with one agent per pod on
-    a busy node that is the slowest part of a snapshot (276 ms per pod measured on a
-    48-pod lab) and grows with the node, not the pod. A socket no process of this
-    namespace holds (rare: a descriptor passed to another namespace) is not listed.
+    The namespace's sockets are read once per snapshot (collectors/sockdiag.py:
+    sock_diag for TCP/UDP, ``/proc/net/unix``) and tied to their owners by the
+    socket inodes in the fds of this namespace's processes (plus the agent).
+    ``psutil.net_connections()`` would map inodes to owners by walking the fd
+    table of every process on the node (276 ms per pod measured on a 48-pod
+    lab), and psutil's per-process ``Process.net_connections`` re-reads the
+    node-wide ``/proc/net/tcp`` for each process (~11 ms of CPU each here): both
+    grow with the node, not the pod. A socket no process of this namespace holds
+    (a descriptor passed to another namespace, TIME_WAIT) is not listed, as before.
     """
 
     name = "sockets"
 
-    def __init__(self, kind: str = "all") -> None:
-        self._kind = kind
-
     def available(self) -> tuple[bool, str]:
-        if not os.path.exists(f"{PROC}/net/tcp"):
-            return False, f"{PROC}/net/tcp missing"
-        return True, f"psutil Process.net_connections(kind={self._kind!r}) per process"
+        if not os.path.exists(f"{PROC}/net/unix"):
+            return False, f"{PROC}/net/unix missing"
+        return True, "sock_diag netlink (TCP, UDP), /proc/net/unix; owners from /proc/PID/fd"
 
     def collect(self, snap: pb.Snapshot) -> None:
+        owners: dict[int, int] = {}
         names: dict[int, str] = {}
-        seen: set[tuple[object, ...]] = set()
         for pid in [os.getpid(), *pids_in_own_netns()]:
             try:
-                proc = psutil.Process(pid)
-                conns = proc.net_connections(kind=self._kind)
-                names[pid] = proc.name()
+                inodes = sockdiag.socket_inodes(pid, PROC)
+                names[pid] = psutil.Process(pid).name() if inodes else ""
             except psutil.NoSuchProcess:
                 continue  # exited in between
-            except psutil.AccessDenied as exc:
+            except (PermissionError, psutil.AccessDenied) as exc:
                 raise CollectorError(f"sockets of pid {pid}: access denied ({exc})") from exc
-            for c in conns:
-                key = (c.family, c.type, c.laddr, c.raddr, c.status)
-                if key in seen:
-                    continue  # the same socket inherited by a child process
-                seen.add(key)
-                snap.sockets.append(socket_to_pb(_Owned(c, pid), names))
+            for inode in inodes:
+                owners.setdefault(inode, pid)
+        for raw in [*sockdiag.inet_sockets(), *sockdiag.unix_sockets(PROC)]:
+            owner = owners.get(raw.inode)
+            if owner is None:
+                continue
+            snap.sockets.append(
+                pb.Socket(
+                    family=_FAMILIES.get(raw.family, str(raw.family)),
+                    type=(_UNIX_TYPES if raw.family == socket.AF_UNIX else _INET_TYPES).get(
+                        raw.type, str(raw.type)
+                    ),
+                    laddr=raw.laddr,
+                    lport=raw.lport,
+                    raddr=raw.raddr,
+                    rport=raw.rport,
+                    status=raw.status,
+                    pid=owner,
+                    process=names.get(owner, ""),
+                )
+            )

@@ -8,19 +8,20 @@ loaded in a scratch namespace (data/nft/).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from meridio_debug.agent.collectors import nftables, procs
+from meridio_debug.agent.collectors import nftables, procs, sockdiag
 from meridio_debug.agent.errors import CollectorError
 from meridio_debug.protos import agent_pb2 as pb
 
@@ -161,33 +162,46 @@ def test_process_to_pb_tolerates_denied_fields():
 # --------------------------------------------------------------------------
 # sockets
 
-Conn = namedtuple("Conn", "fd family type laddr raddr status pid")
-Addr = namedtuple("Addr", "ip port")
+
+def _diag_message(
+    family: int, state: int, src: str, sport: int, dst: str, dport: int, inode: int
+) -> bytes:
+    """One SOCK_DIAG_BY_FAMILY answer as the kernel lays it out (inet_diag_msg)."""
+
+    def addr(text: str) -> bytes:
+        return socket.inet_pton(family, text).ljust(16, b"\0")
+
+    body = struct.pack("=BBBB", family, state, 0, 0) + struct.pack(">HH", sport, dport)
+    body += addr(src) + addr(dst) + struct.pack("=I8sIIIII", 0, b"", 0, 0, 0, 0, inode)
+    return struct.pack("=IHHII", 16 + len(body), sockdiag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
 
 
 @pytest.mark.parametrize(
-    ("conn", "expected"),
+    ("family", "sock_type", "message", "expected"),
     [
-        (
-            Conn(3, socket.AF_INET, socket.SOCK_STREAM, Addr("169.254.100.2", 10179),
-                 Addr("169.254.100.150", 40000), "ESTABLISHED", 42),
-            pb.Socket(family="inet", type="tcp", laddr="169.254.100.2", lport=10179,
-                      raddr="169.254.100.150", rport=40000, status="ESTABLISHED",
-                      pid=42, process="bird"),
-        ),
-        (
-            Conn(4, socket.AF_INET6, socket.SOCK_DGRAM, Addr("::", 3784), (), "NONE", None),
-            pb.Socket(family="inet6", type="udp", laddr="::", lport=3784, status="NONE"),
-        ),
-        (
-            Conn(5, socket.AF_UNIX, socket.SOCK_STREAM, "/run/bird/bird.ctl", "", "NONE", 42),
-            pb.Socket(family="unix", type="stream", laddr="/run/bird/bird.ctl",
-                      status="NONE", pid=42, process="bird"),
-        ),
+        (socket.AF_INET, socket.SOCK_STREAM,
+         _diag_message(socket.AF_INET, 1, "169.254.100.2", 10179, "169.254.100.150", 40000, 7),
+         sockdiag.RawSocket(socket.AF_INET, socket.SOCK_STREAM, "169.254.100.2", 10179,
+                            "169.254.100.150", 40000, "ESTABLISHED", 7)),
+        (socket.AF_INET6, socket.SOCK_STREAM,
+         _diag_message(socket.AF_INET6, 10, "::", 10179, "::", 0, 8),
+         sockdiag.RawSocket(socket.AF_INET6, socket.SOCK_STREAM, "::", 10179, "", 0,
+                            "LISTEN", 8)),
+        (socket.AF_INET6, socket.SOCK_DGRAM,
+         _diag_message(socket.AF_INET6, 7, "2000::1", 4000, "::", 0, 9),
+         sockdiag.RawSocket(socket.AF_INET6, socket.SOCK_DGRAM, "2000::1", 4000, "", 0,
+                            "NONE", 9)),
     ],
 )  # fmt: skip
-def test_socket_to_pb(conn: Conn, expected: pb.Socket):
-    assert procs.socket_to_pb(conn, {42: "bird"}) == expected
+def test_sock_diag_answers_read_as_psutil_showed_them(family, sock_type, message, expected):
+    done = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
+    assert sockdiag.parse_inet(message + done, family, sock_type) == ([expected], True)
+
+
+def test_sock_diag_kernel_error_is_a_collector_error():
+    error = struct.pack("=IHHIIi", 36, sockdiag.NLMSG_ERROR, 0, 1, 0, -errno.EPERM) + bytes(16)
+    with pytest.raises(CollectorError, match="not permitted"):
+        sockdiag.parse_inet(error, socket.AF_INET, socket.SOCK_STREAM)
 
 
 def test_sockets_include_our_listeners_with_owner(tmp_path: Path):
