@@ -21,8 +21,12 @@ answers on stdout:
      "target_pid": 1234, "shm": "/run/.../shm/pod", "container": "frontend",
      "pod_containers": ["stateless-lb", "frontend"]}     (the last four optional)
         -> {"id": "1", "pid": 1234} | {"id": "1", "error": "one line"}
-    {"id": "2", "signal": 15, "pid": 1234}
-        -> {"id": "2", "ok": true} | {"id": "2", "error": "..."}
+    {"id": "2", "snapshot": ["links", ...], "out": "/tmp/.../7.snapshot",
+     "netns": ..., "log": ..., (target fields as above)}
+        -> {"id": "2", "pid": 1235}     a one-shot agent: it writes one Snapshot
+                                        message to "out" and exits 0 (snapshot_child)
+    {"id": "3", "signal": 15, "pid": 1234}
+        -> {"id": "3", "ok": true} | {"id": "3", "error": "..."}
     (unsolicited, for every child that ends)
         -> {"exited": 1234, "code": 0}
 
@@ -50,6 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meridio_debug.agent.collectors import SECTIONS
 from meridio_debug.agent.ephemeral import (
     POD_CONTAINERS_ENV,
     TARGET_CONTAINER_ENV,
@@ -73,7 +78,10 @@ def preload() -> None:
         registry,
         sysctls,
     )
+    from meridio_debug.agent.rtnl import precompile
     from meridio_debug.protos import agent_pb2_grpc, probe_pb2_grpc  # noqa: F401
+
+    precompile()  # pyroute2's attribute tables, compiled once for every child
 
     # libpcap (the capture filter compiler) is found with ldconfig/gcc subprocesses:
     # once here rather than in every agent's first capture. Absent: that agent says so.
@@ -100,9 +108,10 @@ class Target:
         )
 
 
-def child(netns_fd: int, log_path: str, args: Sequence[str], target: Target = Target()) -> int:
-    """In the forked child: detach, redirect, join the pod, run the agent."""
+def _detach(log_path: str) -> None:
+    """In a forked child: own session, default signals, stdio to /dev/null and the log."""
     os.setsid()
+    signal.set_wakeup_fd(-1)  # the launcher's SIGCHLD pipe is not ours
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDWR)
@@ -115,20 +124,57 @@ def child(netns_fd: int, log_path: str, args: Sequence[str], target: Target = Ta
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdio
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _join(netns_fd: int, target: Target) -> bool:
+    """Join the pod like an ephemeral container (agent/ephemeral.py); False, said on stderr, if not."""
     try:
         become_ephemeral(netns_fd, shm=target.shm, remount=target.pid is not None)
     except OSError as exc:
         print(f"meridio-debug-agent: cannot join the pod: {exc}", file=sys.stderr)
-        return 1
+        return False
     finally:
         os.close(netns_fd)
     if target.container:
         os.environ[TARGET_CONTAINER_ENV] = target.container
     if target.pod_containers:
         os.environ[POD_CONTAINERS_ENV] = ",".join(target.pod_containers)
+    return True
+
+
+def child(netns_fd: int, log_path: str, args: Sequence[str], target: Target = Target()) -> int:
+    """In the forked child: detach, redirect, join the pod, run the agent."""
+    _detach(log_path)
+    if not _join(netns_fd, target):
+        return 1
     from meridio_debug.agent.main import main
 
     return main(list(args))
+
+
+def snapshot_child(
+    netns_fd: int, log_path: str, out_path: str, sections: Sequence[str], target: Target
+) -> int:
+    """In the forked child: join the pod, write one Snapshot to ``out_path``, and end.
+
+    A one-shot agent: the same collectors and the same answer as the Snapshot RPC
+    (AgentService.take_snapshot), without a gRPC server, event loop, threads or
+    argument parsing, which were ~3/4 of an agent's CPU when a command needed
+    nothing but the snapshot (bench/analyze_bench.py). Nothing listens, so nobody
+    else can use it; the file is created 0600 in the controller's private directory.
+    """
+    _detach(log_path)
+    if not _join(netns_fd, target):
+        return 1
+    gc.disable()  # lives for one snapshot: its garbage goes with the process
+    from meridio_debug.agent.collectors.registry import default_collectors, watcher_factory
+    from meridio_debug.agent.server import AgentService
+
+    data = AgentService(default_collectors, watcher_factory()).take_snapshot(sections)
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data.SerializeToString())
+    return 0
 
 
 class Launcher:
@@ -153,19 +199,32 @@ class Launcher:
                 self._signal(int(req["pid"]), int(req["signal"]))
                 self._write({"id": rid, "ok": True})
             else:
-                pid = self._spawn(
-                    str(req["netns"]),
-                    str(req["log"]),
-                    [str(a) for a in req["args"]],
-                    Target.from_request(req),
-                )
-                self._write({"id": rid, "pid": pid})
+                self._write({"id": rid, "pid": self._start(req)})
         except (KeyError, TypeError, ValueError) as exc:
             self._write({"id": rid, "error": f"malformed request: {exc!r}"})
         except OSError as exc:
             self._write({"id": rid, "error": str(exc)})
 
-    def _spawn(self, netns: str, log_path: str, args: list[str], target: Target) -> int:
+    def _start(self, req: dict[str, Any]) -> int:
+        """Fork the child a request asks for: a one-shot snapshot, or a serving agent."""
+        target = Target.from_request(req)
+        netns, log = str(req["netns"]), str(req["log"])
+        if "snapshot" in req:
+            sections = [str(x) for x in req["snapshot"]]
+            unknown = sorted(set(sections) - set(SECTIONS))
+            if unknown:
+                raise ValueError(f"unknown section(s) {', '.join(unknown)}")
+            out = str(req["out"])
+            return self._fork(
+                netns, log, lambda fd, lg: snapshot_child(fd, lg, out, sections, target), target
+            )
+        args = [str(a) for a in req["args"]]
+        return self._fork(netns, log, lambda fd, lg: child(fd, lg, args, target), target)
+
+    def _fork(
+        self, netns: str, log_path: str, run: Callable[[int, str], int], target: Target
+    ) -> int:
+        """Fork a child into ``target``'s PID namespace that runs ``run(netns_fd, log)``."""
         fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             sys.stdout.flush()
@@ -174,7 +233,7 @@ class Launcher:
             if pid == 0:  # pragma: no cover - the child never returns here
                 code = 1
                 try:
-                    code = child(fd, log_path, args, target)
+                    code = run(fd, log_path)
                 except SystemExit as exc:  # argparse's usage errors
                     code = exc.code if isinstance(exc.code, int) else 1
                 except BaseException as exc:
@@ -247,13 +306,21 @@ def main() -> int:
 
     launcher = Launcher(write)
     stdin = sys.stdin.fileno()
+    # A child's end wakes the loop at once (its exit is what a one-shot snapshot waits
+    # for), instead of at the next 50 ms poll: a pipe written by the SIGCHLD handler.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+    signal.set_wakeup_fd(wake_w)
     buf = b""
     write({"ready": os.getpid()})
     try:
         while True:
-            readable, _, _ = select.select([stdin], [], [], 0.05)
+            readable, _, _ = select.select([stdin, wake_r], [], [], 1.0)
+            if wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
             launcher.reap()
-            if not readable:
+            if stdin not in readable:
                 continue
             chunk = os.read(stdin, 65536)
             if not chunk:

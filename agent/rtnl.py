@@ -59,6 +59,7 @@ from pyroute2.netlink import (
     NLMSG_DONE,
     NLMSG_ERROR,
     nlmsg,
+    nlmsg_base,
 )
 from pyroute2.netlink.exceptions import NetlinkError as Pyroute2NetlinkError
 from pyroute2.netlink.rtnl import (
@@ -81,7 +82,7 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.fibmsg import FR_ACT_NAMES, fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NAMES, ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_NAMES
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_NAMES, ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.ndmsg import NTF_NAMES, NUD_NAMES, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_NAMES, nh, rtmsg
@@ -734,3 +735,31 @@ def discard_thread_socket() -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def precompile(
+    classes: Iterable[type] = (ifinfmsg, ifaddrmsg, rtmsg, RouteGetMessage, fibmsg, ndmsg),
+) -> int:
+    """Compile pyroute2's attribute tables of ``classes`` and every class nested in them.
+
+    pyroute2 compiles a message class's ``nla_map`` the first time the class is
+    instantiated, nested classes (IFLA_LINKINFO's per-kind data, RTA_MULTIPATH's
+    nexthops...) included. A process that forks agents (agent/launcher.py) calls
+    this once, so its children inherit compiled tables instead of each compiling
+    them again: measured ~3 ms of CPU per one-shot snapshot otherwise (1,352
+    ``compile_nla_table`` calls for 168 pods). Returns how many classes it touched.
+    """
+    seen: set[type] = set()
+    stack = list(classes)
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        with contextlib.suppress(Exception):  # a class that needs arguments stays lazy
+            cls()
+        for name in dir(cls):
+            value = getattr(cls, name, None)
+            values = value.values() if isinstance(value, dict) else (value,)  # data_map
+            stack.extend(v for v in values if isinstance(v, type) and issubclass(v, nlmsg_base))
+    return len(seen)

@@ -168,10 +168,18 @@ class AgentService(pb_grpc.AgentServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown section(s) {few(unknown)}; known: {', '.join(SECTIONS)}",
             )
-        snap = pb.Snapshot(taken_unix_ns=time.time_ns())
-        await asyncio.to_thread(run_collectors, self._collectors, snap, list(request.sections))
-        snap.info.CopyFrom(await asyncio.to_thread(self._info, list(snap.sections)))
+        snap = await asyncio.to_thread(self.take_snapshot, list(request.sections))
         self.activity.touch()
+        return snap
+
+    def take_snapshot(self, sections: Sequence[str]) -> pb.Snapshot:
+        """The Snapshot answer for known ``sections`` (all when empty), blocking.
+
+        Also what a one-shot agent of the local runtime writes (agent/launcher.py).
+        """
+        snap = pb.Snapshot(taken_unix_ns=time.time_ns())
+        run_collectors(self._collectors, snap, list(sections))
+        snap.info.CopyFrom(self._info(list(snap.sections)))
         return snap
 
     async def Watch(

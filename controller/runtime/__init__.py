@@ -17,11 +17,12 @@ stopping the others.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from meridio_debug.controller.wire.client import AgentClient
+from meridio_debug.controller.wire.client import AgentClient, Snapshot
 
 ROLES = ("gateway", "lb-fe", "proxy", "target", "unknown")
 
@@ -45,4 +46,18 @@ class Runtime(Protocol):
 
     def open(self, pod: PodRef) -> AbstractAsyncContextManager[AgentClient]:
         """Start or reuse the pod's agent and connect; raise RuntimeUnavailable on failure."""
+        ...
+
+
+@runtime_checkable
+class OneShotSnapshots(Protocol):
+    """A runtime that can take a pod's snapshot without keeping an agent for it.
+
+    The local runtime does (a one-shot agent per pod, bounded in number: see
+    ``LocalRuntime.snapshot_once``); a command that needs nothing but snapshots
+    uses it when the runtime has it, ``open`` otherwise.
+    """
+
+    async def snapshot_once(self, pod: PodRef, sections: Sequence[str] = ()) -> Snapshot:
+        """The pod's snapshot (the Snapshot RPC's answer); RuntimeUnavailable on failure."""
         ...

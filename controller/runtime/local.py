@@ -43,13 +43,23 @@ from meridio_debug.controller.errors import (
     UsageError,
 )
 from meridio_debug.controller.runtime import PodRef
-from meridio_debug.controller.runtime.workdirs import sweep
-from meridio_debug.controller.wire.client import CHANNEL_OPTIONS, AgentClient
+from meridio_debug.controller.runtime.workdirs import mark_owner, sweep
+from meridio_debug.controller.wire.client import (
+    CHANNEL_OPTIONS,
+    AgentClient,
+    Snapshot,
+    decode_snapshot,
+)
 
 NETNS_DIR = Path("/run/netns")
 LAUNCHER_MODULE = "meridio_debug.agent.launcher"
 LAUNCHER_START_S = 20.0
 LAUNCHER_STOP_S = 5.0
+ONE_SHOT_TIMEOUT_S = 60.0  # as long as the Snapshot RPC may take (wire/client.py)
+# One-shot agents alive at once: each is CPU-bound for ~10-20 ms (collectors, a nft
+# run), so a few per core keep every core busy while one waits on nft or bird;
+# more would only add memory (each is a fork of the launcher) and contention.
+ONE_SHOT_PARALLEL = max(2, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,11 @@ class AgentLauncher:
         self._next = 0
         self._users = 0
         self._lock = asyncio.Lock()
+        self._files = 0
+        self.workdir = ""  # private (0700), one per launcher run: sockets, logs, snapshots
         self.loop: asyncio.AbstractEventLoop | None = None
+        # One-shot snapshots at once (see LocalRuntime.snapshot_once).
+        self.slots = asyncio.Semaphore(ONE_SHOT_PARALLEL)
 
     async def acquire(self) -> None:
         async with self._lock:
@@ -130,9 +144,16 @@ class AgentLauncher:
             if self._users == 0 and self._proc is not None:
                 await self._stop()
 
+    def paths(self, *suffixes: str) -> list[str]:
+        """Fresh file names in the launcher's private directory, one per suffix."""
+        self._files += 1
+        return [os.path.join(self.workdir, f"{self._files}.{s}") for s in suffixes]
+
     async def _start(self) -> None:
         self.loop = asyncio.get_running_loop()
         sweep()  # directories of runs that died with their launcher (runtime/workdirs.py)
+        self.workdir = tempfile.mkdtemp(prefix="meridio-debug-agent-")
+        mark_owner(self.workdir)
         self._ready = self.loop.create_future()
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -238,6 +259,27 @@ class AgentLauncher:
         self._exit_future(pid)
         return pid
 
+    async def snapshot(
+        self,
+        netns: str,
+        log_path: str,
+        out: str,
+        sections: Sequence[str],
+        target: EphemeralTarget | None,
+    ) -> int:
+        """Fork a one-shot agent that writes one Snapshot to ``out`` and exits; its pid."""
+        request = {"netns": netns, "log": log_path, "snapshot": list(sections), "out": out}
+        reply = await self._request({**request, **(target.request() if target else {})})
+        pid = int(reply["pid"])
+        self._exit_future(pid)
+        return pid
+
+    async def wait(self, pid: int) -> int:
+        """The exit code of child ``pid``, once the launcher reaped it."""
+        code = await asyncio.shield(self._exit_future(pid))
+        self._exits.pop(pid, None)
+        return code
+
     def exited(self, pid: int) -> int | None:
         """The agent's exit code once it has ended, else None."""
         fut = self._exits.get(pid)
@@ -272,6 +314,9 @@ class AgentLauncher:
                 await task
         self._reader = self._stderr = None
         self._exits.clear()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = ""
 
 
 class LocalRuntime:
@@ -364,6 +409,57 @@ class LocalRuntime:
             finally:
                 await launcher.release()
                 shutil.rmtree(workdir, ignore_errors=True)
+
+    async def snapshot_once(self, pod: PodRef, sections: Sequence[str] = ()) -> Snapshot:
+        """``pod``'s snapshot from a one-shot agent: forked, joined, snapshot written, gone.
+
+        For commands that need nothing from a pod but its snapshot (``snapshot``,
+        ``analyze``, gather): no agent serves, so nothing waits for a socket, no
+        gRPC server starts, and at most ONE_SHOT_PARALLEL agents live at once
+        whatever the number of pods (a 1,000-target lab would otherwise hold
+        1,000 agents and their memory at the same time). The answer is the
+        Snapshot RPC's own (agent/launcher.py ``snapshot_child``).
+        """
+        if os.geteuid() != 0:
+            raise RuntimeUnavailable(
+                f"{pod.name}: entering a network namespace needs root (run as root or with sudo)"
+            )
+        netns = netns_path(pod)
+        launcher = self._launcher_for_loop()
+        # Held while waiting for a slot too: the launcher stays up between slots.
+        await launcher.acquire()
+        out = log_path = ""
+        try:
+            async with launcher.slots:
+                out, log_path = launcher.paths("snapshot", "log")
+                pid = await launcher.snapshot(
+                    netns, log_path, out, sections, self._targets.get(pod.name)
+                )
+                try:
+                    code = await asyncio.wait_for(launcher.wait(pid), ONE_SHOT_TIMEOUT_S)
+                except asyncio.CancelledError:
+                    await launcher.stop_agent(pid, grace=0.5)
+                    raise
+                except TimeoutError:
+                    await launcher.stop_agent(pid, grace=0.5)
+                    raise RuntimeUnavailable(
+                        f"{pod.name}: the agent took no snapshot within {ONE_SHOT_TIMEOUT_S:.0f} s "
+                        f"({last_line(log_path) or 'no output'})"
+                    ) from None
+                if code != 0:
+                    raise RuntimeUnavailable(
+                        f"{pod.name}: agent exited with code {code} before its snapshot: "
+                        f"{last_line(log_path) or 'no output'}"
+                    )
+                with open(out, "rb") as f:
+                    data = f.read()
+            return decode_snapshot(data, pod.name)
+        finally:
+            for path in (out, log_path):
+                if path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            await launcher.release()
 
     async def _wait_ready(
         self,

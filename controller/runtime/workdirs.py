@@ -8,7 +8,9 @@ Who removes a ``meridio-debug-agent-*`` or ``meridio-debug-pf-*`` directory:
   directories (agent/launcher.py);
 - if both died (``kill -9`` of the launcher too), the next run: ``sweep``
   removes directories of ours that are older than STALE_S and whose socket
-  nobody serves any more. A live agent's or relay's directory is kept.
+  nobody serves any more, nor a live controller owns (``mark_owner``: the one
+  directory of a local runtime's one-shot snapshots). A live agent's or relay's
+  directory is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,30 @@ import time
 
 PREFIXES = ("meridio-debug-agent-", "meridio-debug-pf-")
 STALE_S = 60.0
+OWNER_FILE = "owner.pid"  # a live controller's pid: its directory is in use
+
+
+def mark_owner(path: str) -> None:
+    """Say that this process uses directory ``path`` (``sweep`` keeps it while we live)."""
+    with open(os.path.join(path, OWNER_FILE), "w", encoding="ascii") as f:
+        f.write(str(os.getpid()))
+
+
+def _owner_alive(path: str) -> bool:
+    try:
+        with open(os.path.join(path, OWNER_FILE), encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _served(path: str) -> bool:
@@ -56,7 +82,11 @@ def sweep(tmp: str | None = None, now: float | None = None) -> list[str]:
             continue
         if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != uid:
             continue
-        if now - st.st_mtime < STALE_S or _served(os.path.join(path, "agent.sock")):
+        if (
+            now - st.st_mtime < STALE_S
+            or _served(os.path.join(path, "agent.sock"))
+            or _owner_alive(path)
+        ):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(path)

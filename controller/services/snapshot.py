@@ -14,14 +14,17 @@ from collections.abc import Callable, Sequence
 
 from meridio_debug.controller.errors import MeridioDebugError
 from meridio_debug.controller.report.snapshot import PodSnapshot
-from meridio_debug.controller.runtime import PodRef, Runtime
+from meridio_debug.controller.runtime import OneShotSnapshots, PodRef, Runtime
 from meridio_debug.protos import agent_pb2 as pb
 
 
 async def snapshot_one(runtime: Runtime, pod: PodRef, sections: Sequence[str]) -> PodSnapshot:
     try:
-        async with runtime.open(pod) as client:
-            snap = await client.snapshot(sections)
+        if isinstance(runtime, OneShotSnapshots):
+            snap = await runtime.snapshot_once(pod, sections)
+        else:
+            async with runtime.open(pod) as client:
+                snap = await client.snapshot(sections)
     except MeridioDebugError as exc:
         return PodSnapshot(pod, None, str(exc))
     return PodSnapshot(pod, snap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from meridio_debug.controller.errors import AgentCallError
 from meridio_debug.protos import agent_pb2 as pb
@@ -21,6 +22,19 @@ from meridio_debug.protos import probe_pb2_grpc as ppb_grpc
 # ship together). The capture checks it in CaptureStart: protocol 2 packed the
 # frames' metadata into PacketBatch.meta, which a protocol-1 agent does not send.
 PROTOCOL_VERSION = 2
+
+Snapshot = pb.Snapshot  # what snapshot() returns, for runtimes that read one another way
+
+
+def decode_snapshot(data: bytes, pod: str) -> pb.Snapshot:
+    """A Snapshot message an agent wrote (a one-shot local agent); AgentCallError if corrupt."""
+    try:
+        return pb.Snapshot.FromString(data)
+    except DecodeError as exc:
+        raise AgentCallError(
+            f"{pod}: the agent's snapshot is not a Snapshot message: {exc}"
+        ) from exc
+
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),

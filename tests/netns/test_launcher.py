@@ -24,7 +24,7 @@ import pytest
 
 from meridio_debug.controller.errors import RuntimeUnavailable
 from meridio_debug.controller.runtime import PodRef
-from meridio_debug.controller.runtime.local import LocalRuntime
+from meridio_debug.controller.runtime.local import EphemeralTarget, LocalRuntime
 
 pytestmark = [
     pytest.mark.netns,
@@ -120,6 +120,7 @@ class Launcher:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            bufsize=0,  # unbuffered: a line the launcher sent is never hidden from select()
         )
         self.events: list[dict[str, Any]] = []
         assert "ready" in self.read()
@@ -233,3 +234,67 @@ def test_reusing_runtime_starts_one_agent_per_pod_and_stops_it(namespaces: list[
     pids, _ = asyncio.run(go())
     assert len(pids) == 2
     assert not any(alive(p) for p in pids)
+
+
+def test_one_shot_snapshot_answers_as_the_serving_agent_and_leaves_nothing(
+    namespaces: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``snapshot``/``analyze`` take snapshots from one-shot agents: same answer, no leftovers."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the launcher's files go
+    subprocess.run(
+        ["ip", "-n", namespaces[1], "link", "add", "oneshot0", "type", "bridge"], check=True
+    )
+    runtime = LocalRuntime([pod(n) for n in namespaces[:2]])
+
+    async def go() -> tuple[list[Any], Any]:
+        once = await asyncio.gather(*(runtime.snapshot_once(p) for p in runtime.pods()))
+        async with runtime.open(pod(namespaces[1])) as client:
+            served = await client.snapshot()
+        return once, served
+
+    try:
+        once, served = asyncio.run(go())
+    finally:
+        subprocess.run(["ip", "-n", namespaces[1], "link", "del", "oneshot0"], check=False)
+    inodes = [os.stat(f"/run/netns/{n}").st_ino for n in namespaces[:2]]
+    assert [s.info.netns for s in once] == [f"net:[{i}]" for i in inodes]
+    assert "oneshot0" not in {link.name for link in once[0].links}
+    assert "oneshot0" in {link.name for link in once[1].links}
+    assert [(s.name, s.state) for s in once[1].sections] == [
+        (s.name, s.state) for s in served.sections
+    ]
+    assert sorted(link.name for link in once[1].links) == sorted(x.name for x in served.links)
+    assert not any(alive(s.info.pid) for s in once)
+    assert list(tmp_path.iterdir()) == []  # snapshot files, logs and directory are gone
+
+
+def test_one_shot_that_cannot_join_is_one_line(namespaces: list[str]) -> None:
+    runtime = LocalRuntime(
+        [pod(namespaces[0])],
+        targets={namespaces[0]: EphemeralTarget(container="app", pid=2**22 + 7)},
+    )
+    with pytest.raises(RuntimeUnavailable, match="target container pid") as info:
+        asyncio.run(runtime.snapshot_once(pod(namespaces[0])))
+    assert "\n" not in str(info.value)
+
+
+def test_one_shot_request_for_an_unknown_section_is_refused(namespaces: list[str]) -> None:
+    launcher = Launcher()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            reply = launcher.ask(
+                {
+                    "id": "s",
+                    "netns": f"/run/netns/{namespaces[0]}",
+                    "log": os.path.join(tmp, "log"),
+                    "out": os.path.join(tmp, "snap"),
+                    "snapshot": ["links", "bogus"],
+                }
+            )
+            assert reply == {
+                "id": "s",
+                "error": "malformed request: ValueError('unknown section(s) bogus')",
+            }
+            assert not os.path.exists(os.path.join(tmp, "snap"))
+    finally:
+        launcher.close()
