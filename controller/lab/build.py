@@ -387,7 +387,7 @@ def _target_container(spec: LabSpec, pod: Pod, name: str, directory: Path) -> Co
     paths["pid"].unlink(missing_ok=True)
     ports = ",".join(str(p) for p in spec.ports)
     # The pid file is written once every socket listens: the readiness signal.
-    argv = [sys.executable, "-m", system.TARGET_MODULE]
+    argv = [sys.executable, "-I", "-S", str(system.TARGET_SCRIPT)]
     argv += ["--name", pod.name, "--netns", pod.netns, "--ports", ports]
     argv += ["--address", spec.vip4, "--address", spec.vip6, "--pidfile", str(paths["pid"])]
     return ContainerSpec(pod.name, name, pod.netns, "target", sys.executable, tuple(argv))
