@@ -79,8 +79,7 @@ NFQLB_CONTAINERS = ("stateless-lb", "load-balancer")  # Meridio's, and the legac
 DEFAULT_FLOW_SOCKET = "nfqlb"  # abstract: "@nfqlb"
 SHM_PREFIX = "tshm-"
 MAX_OUTPUT_BYTES = 8 * 1024 * 1024
-# Meridio's largest stream (N=100, M=9973) takes 4 MB; nfqlb allows M up to 994009.
-MAX_SHM_BYTES = 64 * 1024 * 1024
+SHM_HEADER = 16  # ownFwmark, then maglevdyn's M, N, len
 MAX_SHMS = 256
 
 _ACTIVE_TOKEN = re.compile(r"^(-?\d+)(?:\((\d+)\))?$")
@@ -201,6 +200,33 @@ def parse_show(text: str, name: str = "") -> pb.NfqlbShm:
     return shm
 
 
+def _layout(header: bytes, name: str) -> tuple[int, int, int, int]:
+    """(ownFwmark, M, N, offset of ``active``) from a shm's first 16 bytes; CollectorError."""
+    if len(header) < SHM_HEADER:
+        raise CollectorError(f"{name}: not an nfqlb shared-memory layout ({len(header)} bytes)")
+    own = struct.unpack_from("=i", header, 0)[0]
+    m, n, length = struct.unpack_from("=III", header, 4)
+    if not (3 <= m <= 994009 and 0 < n <= m and length == 12 + 4 * (3 + m * n) + 4 * (m + n)):
+        raise CollectorError(
+            f"{name}: not an nfqlb shared-memory layout this agent knows (M={m}, N={n}, len={length})"
+        )
+    return own, m, n, SHM_HEADER + 4 * m + 4 * m * n
+
+
+def _shm_message(
+    name: str, own: int, m: int, n: int, lookup_bytes: bytes, active_bytes: bytes
+) -> pb.NfqlbShm:
+    lookup = struct.unpack_from(f"={m}i", lookup_bytes)
+    if any(not -1 <= v < n for v in lookup):
+        raise CollectorError(f"{name}: lookup table holds indexes outside 0..{n - 1}")
+    active = struct.unpack_from(f"={n}i", active_bytes)
+    shm = pb.NfqlbShm(name=name, m=m, n=n, own_fwmark=own)
+    shm.active.extend(pb.NfqlbActive(fwmark=fw, index=i) for i, fw in enumerate(active) if fw >= 0)
+    shm.lookup.extend(lookup)
+    shm.raw = format_show(name, own, (m, n), list(lookup[:25]), shm.active)
+    return shm
+
+
 def decode_shm(data: bytes, name: str) -> pb.NfqlbShm:
     """Decode an nfqlb 1.x ``/dev/shm/tshm-*`` file (see the module docstring).
 
@@ -211,28 +237,33 @@ def decode_shm(data: bytes, name: str) -> pb.NfqlbShm:
     the stored length agrees with M and N and the tables fit in the file; every lookup entry
     must be -1 or an index below N.
     """
-    header = 4
-    if len(data) < header + 12:
-        raise CollectorError(f"{name}: not an nfqlb shared-memory layout ({len(data)} bytes)")
-    own = struct.unpack_from("=i", data, 0)[0]
-    m, n, length = struct.unpack_from("=III", data, header)
-    if not (3 <= m <= 994009 and 0 < n <= m and length == 12 + 4 * (3 + m * n) + 4 * (m + n)):
-        raise CollectorError(
-            f"{name}: not an nfqlb shared-memory layout this agent knows (M={m}, N={n}, len={length})"
-        )
-    lookup_at = header + 12
-    active_at = lookup_at + 4 * m + 4 * m * n
+    own, m, n, active_at = _layout(data[:SHM_HEADER], name)
     if active_at + 4 * n > len(data):
         raise CollectorError(f"{name}: truncated ({len(data)} bytes for M={m}, N={n})")
-    lookup = struct.unpack_from(f"={m}i", data, lookup_at)
-    if any(not -1 <= v < n for v in lookup):
-        raise CollectorError(f"{name}: lookup table holds indexes outside 0..{n - 1}")
-    active = struct.unpack_from(f"={n}i", data, active_at)
-    shm = pb.NfqlbShm(name=name, m=m, n=n, own_fwmark=own)
-    shm.active.extend(pb.NfqlbActive(fwmark=fw, index=i) for i, fw in enumerate(active) if fw >= 0)
-    shm.lookup.extend(lookup)
-    shm.raw = format_show(name, own, (m, n), list(lookup[:25]), shm.active)
-    return shm
+    lookup_at = SHM_HEADER
+    return _shm_message(
+        name, own, m, n, data[lookup_at : lookup_at + 4 * m], data[active_at : active_at + 4 * n]
+    )
+
+
+def read_shm(path: str, name: str) -> pb.NfqlbShm:
+    """:func:`decode_shm` of the file at ``path``, reading only the lookup and active tables.
+
+    The permutation table between them is M x N x 4 bytes: 4 MB for Meridio's default
+    stream (N=100), 400 MB for N=1,000 (a 1,000-target lab), 40 GB for nfqlb's 10,000;
+    the agent never reads it (at most ~4 MB: M <= 994009).
+    """
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        own, m, n, active_at = _layout(os.pread(fd, SHM_HEADER, 0), name)
+        size = os.fstat(fd).st_size
+        if active_at + 4 * n > size:
+            raise CollectorError(f"{name}: truncated ({size} bytes for M={m}, N={n})")
+        lookup = os.pread(fd, 4 * m, SHM_HEADER)
+        active = os.pread(fd, 4 * n, active_at)
+    if len(lookup) != 4 * m or len(active) != 4 * n:
+        raise CollectorError(f"{name}: truncated while read (M={m}, N={n})")
+    return _shm_message(name, own, m, n, lookup, active)
 
 
 def format_show(
@@ -502,13 +533,10 @@ class NfqlbCollector:
         problems: list[str] = []
         for path in (f"{self._proc}/{runner.pid}/root/dev/shm/{name}", f"/dev/shm/{name}"):
             try:
-                with open(path, "rb") as f:
-                    data = f.read(MAX_SHM_BYTES)
+                return read_shm(path, name)
             except OSError as exc:
                 problems.append(f"{path}: {exc.strerror or exc}")
                 continue
-            try:
-                return decode_shm(data, name)
             except CollectorError as exc:
                 problems.append(str(exc))
                 break
@@ -561,8 +589,7 @@ class NfqlbCollector:
         out.flows.extend(flows)
         for name in pod_shm_names(flows) if in_pod else []:
             try:
-                with open(f"/dev/shm/{name}", "rb") as f:
-                    out.shms.append(decode_shm(f.read(MAX_SHM_BYTES), name))
+                out.shms.append(read_shm(f"/dev/shm/{name}", name))
             except (OSError, CollectorError) as exc:
                 problems.append(f"/dev/shm/{name}: {getattr(exc, 'strerror', None) or exc}")
         if problems:

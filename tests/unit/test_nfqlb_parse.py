@@ -342,6 +342,30 @@ def test_decode_shm_rejects_truncated_and_corrupt_files():
         nfqlb.decode_shm(corrupt, "tshm-x")
 
 
+def test_read_shm_reads_the_tables_only_and_says_what_decode_says(tmp_path: Path):
+    """A 1,000-target stream's shm is 400 MB of permutations the agent never reads."""
+    path = tmp_path / "tshm-stream-a"
+    path.write_bytes(real_shm() + b"\0" * 4096)
+    assert nfqlb.read_shm(str(path), "tshm-stream-a") == nfqlb.decode_shm(
+        real_shm(), "tshm-stream-a"
+    )
+    # M=99991, N=1000 as nfqlb lays it out, sparse: only the header and the tables written
+    m, n = 99991, 1000
+    active_at = 16 + 4 * m + 4 * m * n
+    big = tmp_path / "tshm-big"
+    with big.open("wb") as f:
+        f.write(struct.pack("=iIII", 0, m, n, 12 + 4 * (3 + m * n) + 4 * (m + n)))
+        f.write(struct.pack(f"={m}i", *(i % n for i in range(m))))
+        f.seek(active_at)
+        f.write(struct.pack(f"={n}i", *(5001 + i for i in range(n))))
+    shm = nfqlb.read_shm(str(big), "tshm-big")
+    assert (shm.m, shm.n, len(shm.lookup)) == (m, n, m)
+    assert [a.fwmark for a in shm.active] == [5001 + i for i in range(n)]
+    path.write_bytes(real_shm()[:-20])
+    with pytest.raises(CollectorError, match="truncated"):
+        nfqlb.read_shm(str(path), "tshm-x")
+
+
 # --------------------------------------------------------------------------
 # the flow socket
 
