@@ -21,6 +21,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from meridio_debug.controller.lab.spec import (
+    DEFAULT_MAX_TARGETS,
     NFQLB_M_PER_TARGET,
     NFQLB_QLENGTH,
     NFQLB_QUEUES,
@@ -269,17 +270,26 @@ def nfqlb_commands(spec: LabSpec) -> tuple[tuple[str, ...], ...]:
     """nfqlb arguments, in order, that configure a running ``flowlb`` as Meridio's LB does.
 
     One shm per stream (M = 100 x max-targets, which nfqlb lowers to a prime), each target
-    activated at index identifier-1 with its fwmark, then one flow per trench Flow (the
-    shm must exist before ``flow-set`` names it as target).
+    activated at index identifier-1 with its fwmark (one command for all beyond 100
+    targets), then one flow per trench Flow (the shm must exist before ``flow-set`` names
+    it as target).
     """
     n = spec.max_targets
     cmds: list[tuple[str, ...]] = [
         ("init", "--ownfw=0", f"--shm={spec.shm}", f"--M={NFQLB_M_PER_TARGET * n}", f"--N={n}")
     ]
-    cmds += [
-        ("activate", f"--index={t.identifier - 1}", f"--shm={spec.shm}", str(t.fwmark))
-        for t in spec.targets
-    ]
+    if len(spec.targets) <= DEFAULT_MAX_TARGETS:
+        cmds += [
+            ("activate", f"--index={t.identifier - 1}", f"--shm={spec.shm}", str(t.fwmark))
+            for t in spec.targets
+        ]
+    else:
+        # Beyond Meridio's default stream size, one command: ``activate --index`` rebuilds
+        # the whole Maglev table (M = 100 x N entries) per target, O(N^2 x 100) for the
+        # lab (1,000 targets: > 30 s per LB); ``activate FWMARK...`` fills the first free
+        # index of each in turn (nfqlb cmdConfig.c) and rebuilds once. On the fresh shm
+        # of ``init``, in identifier order, that is index identifier-1: the same table.
+        cmds.append(("activate", f"--shm={spec.shm}", *(str(t.fwmark) for t in spec.targets)))
     ports = ",".join(str(p) for p in spec.ports)
     cmds.append(
         (

@@ -55,6 +55,16 @@ def test_nfqlb_scaled_lab_sizes_the_shm_by_targets():
     assert nfqlb_commands(spec)[0][-2:] == ("--M=11000", "--N=110")
 
 
+def test_nfqlb_big_lab_activates_every_target_in_one_command_in_identifier_order():
+    spec = build_spec(lbs=1, proxies=10, targets_per_proxy=100)
+    cmds = nfqlb_commands(spec)
+    activations = [c for c in cmds if c[0] == "activate"]
+    assert activations == [
+        ("activate", "--shm=tshm-stream-a", *(str(5000 + i) for i in range(1, 1001)))
+    ]
+    assert cmds[0][-2:] == ("--M=100000", "--N=1000")
+
+
 def test_nft_ruleset_queues_vip_traffic_instead_of_marking():
     text = nft_ruleset(build_spec())
     assert "jhash" not in text and "meta mark set jhash" not in text
