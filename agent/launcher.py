@@ -82,6 +82,7 @@ def preload() -> None:
     from meridio_debug.protos import agent_pb2_grpc, probe_pb2_grpc  # noqa: F401
 
     precompile()  # pyroute2's attribute tables, compiled once for every child
+    nftables.libnftables()  # dlopen once, not per child
 
     # libpcap (the capture filter compiler) is found with ldconfig/gcc subprocesses:
     # once here rather than in every agent's first capture. Absent: that agent says so.

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import mmap
 import os
 import socket
 import struct
@@ -545,7 +546,10 @@ class RtnlSocket:
         self.sock = sock
         self.marshal = RtnlMarshal(fast)
         self._seq = int(time.monotonic_ns() & 0x7FFFFFFF)
-        self._buf = bytearray(RECV_BUFFER)
+        # Anonymous memory: a page is touched only when a datagram reaches it. A
+        # bytearray is zeroed at once: 256 page faults per socket, a sixth of a
+        # one-shot agent's faults (perf -e minor-faults on the 1,000-target lab).
+        self._buf = mmap.mmap(-1, RECV_BUFFER)
         self._view = memoryview(self._buf)
 
     @staticmethod

@@ -8,10 +8,19 @@ meridio-nat, meridio-metrics) are analysed from that JSON, kept as it is in
 ``Snapshot.nftables`` (a protobuf Struct: numbers arrive as doubles).
 
 Read-only: only ``list ruleset`` is ever run.
+
+In-process through libnftables (what the nft binary is a front end of) when the
+library loads: the same JSON (checked equal on the lab's LBs) for ~0.1-0.5 ms of
+CPU instead of ~4-7 ms to start ``nft`` (fork, exec, dynamic linking), which was
+a tenth of a one-shot agent's CPU on a 1,000-target lab. The binary stays the
+fallback, with its timeout; the library call is one netlink dump of the kernel's
+own tables, answered synchronously.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -24,6 +33,49 @@ from meridio_debug.protos import agent_pb2 as pb
 NFT_NOT_FOUND = "nft not found: install nftables in the agent image"
 # PATH of a non-root shell (or a minimal image) often lacks the sbin directories.
 _NFT_FALLBACKS = ("/usr/sbin/nft", "/sbin/nft", "/usr/local/sbin/nft", "/usr/bin/nft")
+
+
+LIBNFTABLES = "libnftables.so.1"
+NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
+
+
+@functools.cache
+def libnftables() -> Any | None:
+    """libnftables loaded with its prototypes, None when this system has none."""
+    try:
+        lib = ctypes.CDLL(LIBNFTABLES)
+    except OSError:
+        return None
+    ptr = ctypes.c_void_p
+    lib.nft_ctx_new.restype = ptr
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_ctx_free.argtypes = [ptr]
+    lib.nft_ctx_output_set_flags.argtypes = [ptr, ctypes.c_uint]
+    lib.nft_ctx_buffer_output.argtypes = [ptr]
+    lib.nft_ctx_buffer_error.argtypes = [ptr]
+    lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_output_buffer.argtypes = [ptr]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ptr]
+    lib.nft_run_cmd_from_buffer.argtypes = [ptr, ctypes.c_char_p]
+    return lib
+
+
+def list_ruleset_json(lib: Any) -> tuple[int, str, str]:
+    """``nft -j list ruleset`` through libnftables: (return code, stdout, stderr)."""
+    ctx = lib.nft_ctx_new(0)
+    if not ctx:
+        return 1, "", "libnftables: cannot make a context"
+    try:
+        lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        code = int(lib.nft_run_cmd_from_buffer(ctx, b"list ruleset"))
+        out = lib.nft_ctx_get_output_buffer(ctx) or b""
+        err = lib.nft_ctx_get_error_buffer(ctx) or b""
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+    finally:
+        lib.nft_ctx_free(ctx)
 
 
 def find_nft() -> str | None:
@@ -81,12 +133,17 @@ class NftablesCollector:
         return self._nft or find_nft()
 
     def available(self) -> tuple[bool, str]:
+        if self._nft is None and libnftables() is not None:
+            return True, f"{LIBNFTABLES} (in-process)"
         nft = self._binary()
         if nft is None:
             return False, NFT_NOT_FOUND
         return True, nft
 
-    def collect(self, snap: pb.Snapshot) -> None:
+    def _run(self) -> tuple[int, str, str]:
+        lib = libnftables() if self._nft is None else None
+        if lib is not None:
+            return list_ruleset_json(lib)
         nft = self._binary()
         if nft is None:
             raise CollectorError(NFT_NOT_FOUND)
@@ -96,8 +153,12 @@ class NftablesCollector:
             raise CollectorError(NFT_NOT_FOUND) from exc
         except PermissionError as exc:
             raise CollectorError(f"nft: cannot execute {nft}: {exc}") from exc
-        if result.returncode != 0:
-            raise CollectorError(explain_failure(result.returncode, result.stderr))
-        ruleset = parse_ruleset_json(result.stdout)
+        return result.returncode, result.stdout, result.stderr
+
+    def collect(self, snap: pb.Snapshot) -> None:
+        code, stdout, stderr = self._run()
+        if code != 0:
+            raise CollectorError(explain_failure(code, stderr))
+        ruleset = parse_ruleset_json(stdout)
         snap.nftables.Clear()
         snap.nftables.update(ruleset)

@@ -9,9 +9,11 @@ inside an empty lab pod: ~11 ms of CPU to read tcp, tcp6, udp, udp6 and unix
 once, and psutil's ``Process.net_connections`` reads them once per process.
 On the 168-pod lab that was a third of all the CPU of a gather (perf:
 ``established_get_first`` 30 % of samples), and it grows with the node, not
-the pod. A ``SOCK_DIAG_BY_FAMILY`` dump walks the table once per dump and
-answers only this namespace's sockets (net/ipv4/inet_diag.c): the four inet
-dumps cost ~2 ms. Unix sockets live in a per-namespace table, so
+the pod. A sock_diag dump walks the table once per dump and answers only
+this namespace's sockets (net/ipv4/inet_diag.c): ~2 ms for TCP (one dump, both
+families) and UDP. The dumps still walk every socket of the host's listening
+and UDP tables, so they grow with the node's sockets: in a 1,000-target lab,
+whose pods all live on this host, ~3 ms per pod. Unix sockets live in a per-namespace table, so
 ``/proc/net/unix`` stays cheap (~0.05 ms) and keeps abstract names as ``@name``
 exactly as psutil showed them.
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from meridio_debug.agent.errors import CollectorError
 
 NETLINK_SOCK_DIAG = 4
+TCPDIAG_GETSOCK = 18  # the original inet_diag request: AF_UNSPEC, both families in one walk
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
@@ -45,6 +48,8 @@ RECV_BYTES = 1 << 16
 _NLMSG = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then an empty inet_diag_sockid.
 _REQ = struct.Struct("=BBBBI48x")
+# inet_diag_req (v1): family, src_len, dst_len, ext, inet_diag_sockid, states, dbs.
+_REQ_V1 = struct.Struct("=BBBB48xII")
 # inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst, if, cookie,
 # expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
@@ -87,7 +92,7 @@ def _address(family: int, raw: bytes, port: int) -> tuple[str, int]:
     return socket.inet_ntop(family, packed), port
 
 
-def parse_inet(data: bytes, family: int, sock_type: int) -> tuple[list[RawSocket], bool]:
+def parse_inet(data: bytes, sock_type: int) -> tuple[list[RawSocket], bool]:
     """Decode one datagram of a dump; (sockets, done). CollectorError on a kernel error."""
     out: list[RawSocket] = []
     offset = 0
@@ -103,7 +108,7 @@ def parse_inet(data: bytes, family: int, sock_type: int) -> tuple[list[RawSocket
             if code == 0:
                 return out, True
             raise CollectorError(f"sock_diag dump: {os.strerror(-code)}")
-        if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _MSG.size:
+        if kind in (SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK) and length >= _NLMSG.size + _MSG.size:
             fam, state, _t, _r, sport, dport, src, dst, *_rest, inode = _MSG.unpack_from(data, body)
             status = (
                 TCP_STATES.get(state, str(state)) if sock_type == socket.SOCK_STREAM else "NONE"
@@ -115,31 +120,42 @@ def parse_inet(data: bytes, family: int, sock_type: int) -> tuple[list[RawSocket
     return out, False
 
 
+def _requests() -> list[tuple[int, int, bytes]]:
+    """(socket type, message type, body) of the dumps: TCP of both families, UDP v4, v6.
+
+    TCP with the original ``TCPDIAG_GETSOCK`` request, which the kernel serves with
+    family AF_UNSPEC (net/ipv4/inet_diag.c ``inet_diag_dump_compat``): one walk of the
+    host-wide established table for both families instead of two (~1.5 ms each here).
+    """
+    tcp = _REQ_V1.pack(socket.AF_UNSPEC, 0, 0, 0, ALL_STATES, 0)
+    return [
+        (socket.SOCK_STREAM, TCPDIAG_GETSOCK, tcp),
+        *(
+            (
+                socket.SOCK_DGRAM,
+                SOCK_DIAG_BY_FAMILY,
+                _REQ.pack(family, socket.IPPROTO_UDP, 0, 0, ALL_STATES),
+            )
+            for family in (socket.AF_INET, socket.AF_INET6)
+        ),
+    ]
+
+
 def inet_sockets() -> list[RawSocket]:
-    """TCP and UDP sockets (IPv4 and IPv6) of this network namespace, in that order."""
+    """TCP and UDP sockets (IPv4 and IPv6) of this network namespace, TCP first."""
     out: list[RawSocket] = []
     with socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as nl:
         nl.settimeout(TIMEOUT_S)
-        for seq, (sock_type, proto, family) in enumerate(
-            (
-                (socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AF_INET),
-                (socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AF_INET6),
-                (socket.SOCK_DGRAM, socket.IPPROTO_UDP, socket.AF_INET),
-                (socket.SOCK_DGRAM, socket.IPPROTO_UDP, socket.AF_INET6),
-            ),
-            start=1,
-        ):
-            req = _REQ.pack(family, proto, 0, 0, ALL_STATES)
-            header = _NLMSG.pack(
-                _NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
-            )
+        for seq, (sock_type, kind, body) in enumerate(_requests(), start=1):
+            flags = NLM_F_REQUEST | NLM_F_DUMP
+            header = _NLMSG.pack(_NLMSG.size + len(body), kind, flags, seq, 0)
             try:
-                nl.send(header + req)
+                nl.send(header + body)
                 done = False
                 while not done:
-                    batch, done = parse_inet(nl.recv(RECV_BYTES), family, sock_type)
+                    batch, done = parse_inet(nl.recv(RECV_BYTES), sock_type)
                     out.extend(batch)
                     if len(out) > MAX_SOCKETS:
                         raise CollectorError(f"more than {MAX_SOCKETS} sockets: not listed")

@@ -182,3 +182,34 @@ def test_agent_start_to_serving_and_section_timings_are_reported(netns: str) -> 
     assert pod["agent"]["protocol_version"] >= 1
     assert {c["name"] for c in pod["agent"]["collectors"]} >= {"links", "routes", "bird"}
     assert all(s["duration_ms"] >= 0 for s in pod["section_status"])
+
+
+def test_nftables_in_process_is_what_the_nft_binary_prints(netns: str) -> None:
+    """The agent reads the ruleset through libnftables; it must equal ``nft -j list ruleset``."""
+    from meridio_debug.agent.collectors import nftables
+    from meridio_debug.protos import agent_pb2 as pb
+
+    if nftables.libnftables() is None or nftables.find_nft() is None:
+        pytest.skip("needs libnftables and the nft binary")
+    sh("ip", "netns", "exec", netns, "nft", "add table inet mdt-lib")
+    sh("ip", "netns", "exec", netns, "nft", "add set inet mdt-lib vips { type ipv4_addr; }")
+    sh("ip", "netns", "exec", netns, "nft", "add element inet mdt-lib vips { 20.0.0.1 }")
+    script = (
+        "from meridio_debug.agent.collectors import nftables as n;"
+        "from meridio_debug.protos import agent_pb2 as pb;"
+        "import sys;"
+        "lib, binary = pb.Snapshot(), pb.Snapshot();"
+        "n.NftablesCollector().collect(lib);"
+        "n.NftablesCollector(nft=n.find_nft()).collect(binary);"
+        "sys.stdout.buffer.write(lib.SerializeToString() + b'|||' + binary.SerializeToString())"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+    ).stdout
+    lib_bytes, bin_bytes = out.split(b"|||")
+    lib, binary = pb.Snapshot.FromString(lib_bytes), pb.Snapshot.FromString(bin_bytes)
+    assert lib.nftables == binary.nftables
+    assert "mdt-lib" in str(lib.nftables)
+    sh("ip", "netns", "exec", netns, "nft", "delete table inet mdt-lib")

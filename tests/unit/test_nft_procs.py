@@ -103,6 +103,7 @@ def test_missing_nft_says_install_it(tmp_path: Path):
 
 def test_missing_nft_on_path(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(nftables, "find_nft", lambda: None)
+    monkeypatch.setattr(nftables, "libnftables", lambda: None)
     collector = nftables.NftablesCollector()
     assert collector.available() == (False, nftables.NFT_NOT_FOUND)
     with pytest.raises(CollectorError, match="nft not found"):
@@ -195,13 +196,13 @@ def _diag_message(
 )  # fmt: skip
 def test_sock_diag_answers_read_as_psutil_showed_them(family, sock_type, message, expected):
     done = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
-    assert sockdiag.parse_inet(message + done, family, sock_type) == ([expected], True)
+    assert sockdiag.parse_inet(message + done, sock_type) == ([expected], True)
 
 
 def test_sock_diag_kernel_error_is_a_collector_error():
     error = struct.pack("=IHHIIi", 36, sockdiag.NLMSG_ERROR, 0, 1, 0, -errno.EPERM) + bytes(16)
     with pytest.raises(CollectorError, match="not permitted"):
-        sockdiag.parse_inet(error, socket.AF_INET, socket.SOCK_STREAM)
+        sockdiag.parse_inet(error, socket.SOCK_STREAM)
 
 
 def test_sockets_include_our_listeners_with_owner(tmp_path: Path):
