@@ -140,7 +140,8 @@ def main() -> int:
         )
         per_pod = median_ms(phases["gather (agents + snapshots)"]) / (len(spec.pods) - 1)
         print(
-            f"  gather per pod: {per_pod:.0f} ms (one agent process per pod, {os.cpu_count()} CPUs)"
+            f"  gather per pod: {per_pod:.1f} ms (one-shot agents, at most 2 per CPU at once, "
+            f"{os.cpu_count()} CPUs)"
         )
         if args.html:
             Path(args.html).write_text(render("html", report))
