@@ -13,6 +13,7 @@ socket is reachable from the controller. Then it runs the ordinary agent
 thread, so forking it (and switching the PID namespace of its next child)
 is safe.
 
+Arguments: the controller's private directories, removed with the children's.
 Protocol: JSON lines. The controller writes requests on stdin, the launcher
 answers on stdout:
 
@@ -292,7 +293,12 @@ class Launcher:
         self.workdirs.clear()
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve requests until stdin closes; ``argv``: the caller's private directories.
+
+    Those directories (``meridio-debug-agent-*`` only) are removed at the end like the
+    children's, so a controller killed before it forked anything leaves none behind.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when we stop
     preload()
     gc.freeze()  # what the children inherit stays shared: the collector never touches it
@@ -306,6 +312,9 @@ def main() -> int:
             pass
 
     launcher = Launcher(write)
+    for workdir in sys.argv[1:] if argv is None else argv:
+        if os.path.basename(workdir).startswith(WORKDIR_PREFIX):
+            launcher.workdirs.add(workdir)
     stdin = sys.stdin.fileno()
     # A child's end wakes the loop at once (its exit is what a one-shot snapshot waits
     # for), instead of at the next 50 ms poll: a pipe written by the SIGCHLD handler.

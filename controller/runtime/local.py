@@ -160,12 +160,15 @@ class AgentLauncher:
                 self._python,
                 "-m",
                 LAUNCHER_MODULE,
+                self.workdir,  # the launcher removes it too, if we die
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
         except OSError as exc:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = ""
             raise RuntimeUnavailable(
                 f"cannot start the agent launcher with {self._python}: {exc.strerror}"
             ) from None
@@ -379,12 +382,12 @@ class LocalRuntime:
             )
         netns = netns_path(pod)
         launcher = self._launcher_for_loop()
+        await launcher.acquire()  # first: a launcher that cannot start leaves no directory
         workdir = tempfile.mkdtemp(prefix="meridio-debug-agent-")
         socket_path = os.path.join(workdir, "agent.sock")
         log_path = os.path.join(workdir, "agent.log")
         pid: int | None = None
         channel: grpc.aio.Channel | None = None
-        await launcher.acquire()
         try:
             pid = await launcher.spawn(
                 netns, log_path, self.agent_args(socket_path), self._targets.get(pod.name)

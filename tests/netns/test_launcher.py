@@ -99,7 +99,10 @@ def test_an_agent_that_fails_is_one_line_with_its_reason(
     assert list(tmp_path.iterdir()) == []  # its socket directory is gone
 
 
-def test_a_launcher_that_cannot_start_is_one_line(namespaces: list[str]) -> None:
+def test_a_launcher_that_cannot_start_is_one_line(
+    namespaces: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     runtime = LocalRuntime([pod(namespaces[0])], python="/nonexistent/python3")
 
     async def go() -> None:
@@ -109,6 +112,7 @@ def test_a_launcher_that_cannot_start_is_one_line(namespaces: list[str]) -> None
     with pytest.raises(RuntimeUnavailable, match="cannot start the agent launcher") as info:
         asyncio.run(go())
     assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # its private directory is gone
 
 
 class Launcher:
