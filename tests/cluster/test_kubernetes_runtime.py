@@ -480,6 +480,42 @@ def test_direct_mutual_tls_and_wrong_client_rejected(cluster: Cluster, tmp_path:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_warm_run_uses_the_pin_and_a_wrong_pin_is_read_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    red = cluster.ns["red"]
+    pod = cluster.pod_by_lab("red", "target-a2")
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    image = "img:pinned"
+    audit = cluster.plane.work / "audit.log"
+
+    def log_reads(since: int, agent: str) -> list[str]:
+        with open(audit, "rb") as f:
+            f.seek(since)
+            uris = [json.loads(ln)["requestURI"] for ln in f.read().decode().splitlines()]
+        return [u for u in uris if "/log?" in u and f"container={agent}" in u]
+
+    offset = audit.stat().st_size
+    res = cluster.cli("snapshot", "-n", red, pod, "--image", image, "-o", "json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ((_pod, agent),) = [(p, c) for p, c in agents_with(cluster, "red", image) if p == pod]
+    assert log_reads(offset, agent["name"])  # the new agent's certificate: from its log
+    uid = cluster.read_pod("red", pod)["metadata"]["uid"]
+    pin = tmp_path / "meridio-debug" / "agents" / f"{uid}_{agent['name']}.pem"
+    logged = pin.read_bytes()  # the certificate the agent printed, kept for the next runs
+    assert logged.startswith(b"-----BEGIN CERTIFICATE-----")
+    pin.write_bytes(create_ca()[0])  # a certificate the agent does not have
+    res = cluster.cli("snapshot", "-n", red, pod, "--image", image, "-o", "json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (item,) = json.loads(res.stdout)["pods"]
+    assert item["error"] is None and "reusing" in res.stderr
+    assert pin.read_bytes() == logged  # read from the log again
+    offset = audit.stat().st_size
+    res = cluster.cli("snapshot", "-n", red, pod, "--image", image, "-o", "json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not log_reads(offset, agent["name"])  # warm: the pin, no log read
+
+
 def _codes_since(cluster: Cluster, offset: int, user: str) -> list[int]:
     """Response codes of ``user``'s requests in the audit log after byte ``offset``."""
     with open(cluster.plane.work / "audit.log", "rb") as f:
