@@ -223,6 +223,16 @@ def report(pods: int, version: str, runs: dict[str, list[Sample]], load: tuple[f
     for key, label, _target in rows:
         cells = [statistics.median(s.cpu.get(p, 0.0) for s in runs[key]) for p in parties]
         print(f"    {label:<36}" + "".join(f"{c:15.2f}" for c in cells))
+    # Everything runs on this machine: no run can be faster than its CPU spread over all cores
+    # (a cluster spreads the agents' start over the trench's nodes).
+    cores = os.cpu_count() or 1
+    print(f"  floor on this machine's {cores} cores (CPU seconds / cores, median):")
+    for key, label, _target in rows[1:]:
+        total = statistics.median(sum(s.cpu.values()) for s in runs[key])
+        agents = statistics.median(s.cpu.get("agents", 0.0) for s in runs[key])
+        print(
+            f"    {label:<36} {total / cores:6.2f} s, of which the agents {agents / cores:6.2f} s"
+        )
 
 
 def main() -> int:
