@@ -89,8 +89,10 @@ FRAME_SIZE = 2048  # only validated by the kernel for TPACKET_V3
 # with 20 ms a capture of ~1k pps cost 33 ms of CPU per second, with 100 ms 15, with
 # 250 ms 10 (measured on this machine) -- and a capture in 48 pods pays it 48 times.
 # Busy rings fill their 1 MiB blocks long before (280k pps: every 26 ms). A stop does
-# not wait for the timer when the current block is empty (Ring.filling).
+# not wait for the timer when the current block is empty (Ring.filling). A request may
+# ask for less (the active trace waits for a few probe packets: 20 ms) or more.
 BLOCK_TIMEOUT_MS = 200
+MAX_BLOCK_TIMEOUT_MS = 1000
 STOP_GRACE_S = 0.03  # packets still in the kernel's receive path when a stop comes
 QUEUE_BYTES = 16 << 20  # reader -> stream, in bytes of frames
 BATCH_BYTES = 4 << 20  # at most this much frame data per message
@@ -98,10 +100,10 @@ BATCH_BYTES = 4 << 20  # at most this much frame data per message
 # of CPU per second with one per 0.2 s and a poll per 0.1 s, 5 ms with these).
 HEARTBEAT_S = 1.0
 STATS_EVERY_S = 1.0
-# Packets with a timestamp older than now - this have surely been read: the
-# kernel retires a block at most BLOCK_TIMEOUT_MS after its first packet;
-# the rest is timer and scheduling slack.
-WATERMARK_LAG_NS = (BLOCK_TIMEOUT_MS + 80) * 1_000_000
+# Packets with a timestamp older than now - (block timeout + this) have surely been
+# read: the kernel retires a block at most its timeout after its first packet; the
+# rest is timer and scheduling slack.
+WATERMARK_SLACK_NS = 80_000_000
 
 SOL_PACKET = 263
 PACKET_RX_RING = 5
@@ -368,6 +370,7 @@ class Plan:
     max_packets: int
     max_bytes: int
     interfaces: tuple[tuple[int, str], ...]
+    block_timeout_ms: int = BLOCK_TIMEOUT_MS
 
 
 def plan(request: pb.CaptureRequest) -> Plan:
@@ -381,6 +384,10 @@ def plan(request: pb.CaptureRequest) -> Plan:
             f"duration_s must be between 0 and {MAX_DURATION_S:.0f} (0: {DEFAULT_DURATION_S:.0f})"
         )
     check_filter(request.filter)
+    if request.block_timeout_ms > MAX_BLOCK_TIMEOUT_MS:
+        raise InvalidCapture(
+            f"block_timeout_ms must be at most {MAX_BLOCK_TIMEOUT_MS} (0: {BLOCK_TIMEOUT_MS})"
+        )
     if request.max_bytes > MAX_BYTES:
         raise InvalidCapture(f"max_bytes must be at most {MAX_BYTES} (0: {DEFAULT_MAX_BYTES})")
     names = list(dict.fromkeys(request.interfaces))
@@ -414,6 +421,7 @@ def plan(request: pb.CaptureRequest) -> Plan:
         max_packets=request.max_packets,
         max_bytes=request.max_bytes or DEFAULT_MAX_BYTES,
         interfaces=interfaces,
+        block_timeout_ms=request.block_timeout_ms or BLOCK_TIMEOUT_MS,
     )
 
 
@@ -423,7 +431,9 @@ def plan(request: pb.CaptureRequest) -> Plan:
 class Ring:
     """An AF_PACKET socket with a TPACKET_V3 receive ring and a kernel filter."""
 
-    def __init__(self, point: Point, program: bytes, ring_bytes: int) -> None:
+    def __init__(
+        self, point: Point, program: bytes, ring_bytes: int, timeout_ms: int = BLOCK_TIMEOUT_MS
+    ) -> None:
         self.point = point
         # Blocks shrink (to MIN_BLOCK_SIZE) before the ring outgrows its share.
         self.block_size = max(MIN_BLOCK_SIZE, min(BLOCK_SIZE, ring_bytes // MIN_BLOCKS))
@@ -444,7 +454,7 @@ class Ring:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
             frames = self.block_size // FRAME_SIZE * self.block_nr
             req = struct.pack(
-                "<7I", self.block_size, self.block_nr, FRAME_SIZE, frames, BLOCK_TIMEOUT_MS, 0, 0
+                "<7I", self.block_size, self.block_nr, FRAME_SIZE, frames, timeout_ms, 0, 0
             )
             self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
             self.mm = mmap.mmap(
@@ -578,11 +588,14 @@ class CaptureSession:
         self.per_if_drops: Counter[int] = Counter()
         self.known = {i for i, _ in p.interfaces}
         self.watermark_ns = 0
+        self._lag_ns = p.block_timeout_ms * 1_000_000 + WATERMARK_SLACK_NS
         ring_bytes = RING_BYTES // len(p.points)
         self.rings: list[Ring] = []
         try:
             for point in p.points:
-                self.rings.append(Ring(point, p.programs[point.linktype], ring_bytes))
+                self.rings.append(
+                    Ring(point, p.programs[point.linktype], ring_bytes, p.block_timeout_ms)
+                )
         except BaseException:
             for ring in self.rings:
                 ring.close()
@@ -683,7 +696,7 @@ class CaptureSession:
                 if not self._stop.is_set():
                     self.stop("duration")
                 # Blocks still being filled are retired by the kernel's timer: wait for them.
-                draining_until = now + 2 * BLOCK_TIMEOUT_MS / 1000 + STOP_GRACE_S
+                draining_until = now + 2 * p.block_timeout_ms / 1000 + STOP_GRACE_S
                 settled = now + STOP_GRACE_S
                 poller.unregister(self._wake_r)  # woken once; now only the rings matter
             if draining_until and (
@@ -703,7 +716,7 @@ class CaptureSession:
                     return
                 continue
             if now - last_sent >= HEARTBEAT_S:
-                self.watermark_ns = max(self.watermark_ns, time.time_ns() - WATERMARK_LAG_NS)
+                self.watermark_ns = max(self.watermark_ns, time.time_ns() - self._lag_ns)
                 batch = pb.PacketBatch(watermark_ns=self.watermark_ns)
                 self._outbox.offer(pb.CaptureChunk(batch=batch), 64)
                 last_sent = now
@@ -741,7 +754,7 @@ class CaptureSession:
         if not n:
             return
         # ts of the last frame read: the ring is (nearly) in time order.
-        self.watermark_ns = max(self.watermark_ns, min(last_ts, time.time_ns() - WATERMARK_LAG_NS))
+        self.watermark_ns = max(self.watermark_ns, min(last_ts, time.time_ns() - self._lag_ns))
         chunk = pb.CaptureChunk()  # filled in place: a PacketBatch passed in would be copied
         batch = chunk.batch
         batch.data, batch.meta, batch.watermark_ns = data, meta, self.watermark_ns

@@ -1252,6 +1252,7 @@ class CaptureRequest(_message.Message):
     DURATION_S_FIELD_NUMBER: _builtins.int
     MAX_PACKETS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    BLOCK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     filter: _builtins.str
     """pcap-filter(7) expression, compiled by libpcap in the agent"""
     snaplen: _builtins.int
@@ -1262,6 +1263,10 @@ class CaptureRequest(_message.Message):
     """0: unlimited (still bounded by max_bytes)"""
     max_bytes: _builtins.int
     """captured bytes; 0: the agent's default (1 GiB)"""
+    block_timeout_ms: _builtins.int
+    """How long a partly filled ring block waits before it is sent, in ms: latency against
+    CPU (each block is one message). 0: the agent's default (200); at most 1000.
+    """
     @_builtins.property
     def interfaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """names in the pod; empty or ["any"]: all interfaces"""
@@ -1275,10 +1280,11 @@ class CaptureRequest(_message.Message):
         duration_s: _builtins.float = ...,
         max_packets: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        block_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "snaplen", b"snaplen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_timeout_ms", b"block_timeout_ms", "duration_s", b"duration_s", "filter", b"filter", "interfaces", b"interfaces", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "snaplen", b"snaplen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,7 @@ SNAPLEN = 256  # Ethernet + IP + L4 headers + the probe marker
 MAX_PACKETS = 20000  # per pod and run: a busy flow cannot flood the controller
 START_TIMEOUT_S = 15.0  # every capture must have started by then
 STOP_TIMEOUT_S = 5.0  # after StopCapture, wait this long for final counters
+BLOCK_TIMEOUT_MS = 20  # the agents' ring blocks: latency over CPU for a handful of packets
 REPLY_GRACE_S = 0.05  # after the last reply: stragglers still on their way (other pods)
 
 
@@ -258,6 +259,9 @@ async def active_trace_async(
             + options.probes * options.interval
             + 30.0,
             max_packets=MAX_PACKETS,
+            # The verdict waits for a few probe packets: blocks handed over after 20 ms,
+            # not the agent's 200 (which saves CPU on busy captures, not here).
+            block_timeout_ms=BLOCK_TIMEOUT_MS,
         )
         loop = asyncio.get_running_loop()
         all_started = asyncio.Event()

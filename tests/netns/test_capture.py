@@ -417,6 +417,7 @@ def test_hundred_disconnects_leave_nothing_behind(pair: tuple[str, str]) -> None
         ({"duration_s": 1e9}, "INVALID_ARGUMENT", "duration_s"),
         ({"snaplen": 10_000_000}, "INVALID_ARGUMENT", "snaplen"),
         ({"max_bytes": 1 << 50}, "INVALID_ARGUMENT", "max_bytes"),
+        ({"block_timeout_ms": 5000}, "INVALID_ARGUMENT", "block_timeout_ms must be at most 1000"),
     ],
 )
 def test_bad_requests_get_precise_statuses_and_the_agent_serves_on(
