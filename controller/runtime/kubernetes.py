@@ -233,6 +233,56 @@ def load_cluster(opts: KubeOptions) -> _Cluster:
     )
 
 
+class _Api:
+    """The few requests the runtime makes, raw JSON through the configured ApiClient.
+
+    Why not ``kubernetes.client.CoreV1Api``: importing it builds some 250
+    pydantic validators, 0.4 s of CPU at the start of every command, before any
+    pod is looked at; and we only ever asked it for raw responses. The ApiClient
+    still does what matters: authentication (tokens refreshed by exec plugins),
+    TLS, proxies, the connection pool, the 429 retries and our throttle.
+    """
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        timeout: Any = REQUEST_TIMEOUT,
+        accept: str = "application/json",
+    ) -> Any:
+        """The urllib3 response of ``method path?query`` (not read yet); ApiException if not 2xx."""
+        headers = {"Accept": accept}
+        if content_type:
+            headers["Content-Type"] = content_type
+        params = [
+            (k, str(v).lower() if isinstance(v, bool) else v)
+            for k, v in (query or {}).items()
+            if v is not None
+        ]
+        request = self._api.param_serialize(
+            method,
+            path,
+            query_params=params,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self._api.call_api(*request, _request_timeout=timeout)
+        if not 200 <= resp.status <= 299:
+            resp.read()
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp.response
+
+    def pods(self, namespace: str | None) -> str:
+        return f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+
+
 class _NotFullPool(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Connection pool is full")
@@ -267,7 +317,7 @@ class KubernetesRuntime:
         self.opts = opts
         self._cluster = load_cluster(opts)
         self.namespace = self._cluster.namespace
-        self._core = k8s_client.CoreV1Api(self._cluster.api)
+        self._core = _Api(self._cluster.api)
         self._progress = progress
         self._tls: ClientTls = tls
         self.transport = "direct" if opts.direct else "port-forward"
@@ -373,9 +423,7 @@ class KubernetesRuntime:
 
     def _get_pod_sync(self, name: str) -> dict[str, Any]:
         try:
-            resp = self._core.read_namespaced_pod(
-                name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
+            resp = self._core.request("GET", f"{self._core.pods(self.namespace)}/{name}")
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._error(exc, "reading the pod", name) from exc
         pod: dict[str, Any] = self._json(resp)
@@ -387,11 +435,10 @@ class KubernetesRuntime:
     def list_raw(self) -> list[dict[str, Any]]:
         """Every pod of the namespace matching ``--selector``, as JSON."""
         try:
-            resp = self._core.list_namespaced_pod(
-                self.namespace,
-                label_selector=self.opts.selector or None,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+            resp = self._core.request(
+                "GET",
+                self._core.pods(self.namespace),
+                {"labelSelector": self.opts.selector or None},
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._error(exc, "listing pods") from exc
@@ -417,19 +464,11 @@ class KubernetesRuntime:
 
     def _list_sync(self, what: str, all_namespaces: bool, selector: str | None) -> Any:
         try:
-            if all_namespaces:
-                resp = self._core.list_pod_for_all_namespaces(
-                    label_selector=selector,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
-                )
-            else:
-                resp = self._core.list_namespaced_pod(
-                    self.namespace,
-                    label_selector=selector,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
-                )
+            resp = self._core.request(
+                "GET",
+                self._core.pods(None if all_namespaces else self.namespace),
+                {"labelSelector": selector},
+            )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             return self._problem(exc, what, "list", "pods", optional=all_namespaces)
         items: list[dict[str, Any]] = self._json(resp).get("items", [])
@@ -439,15 +478,18 @@ class KubernetesRuntime:
         self, pod: str, container: str, previous: bool, lines: int, max_bytes: int
     ) -> Any:
         try:
-            text = self._core.read_namespaced_pod_log(
-                pod,
-                self.namespace,
-                container=container,
-                previous=previous,
-                tail_lines=lines,
-                limit_bytes=max_bytes,
-                _request_timeout=REQUEST_TIMEOUT,
+            resp = self._core.request(
+                "GET",
+                f"{self._core.pods(self.namespace)}/{pod}/log",
+                {
+                    "container": container,
+                    "previous": previous,
+                    "tailLines": lines,
+                    "limitBytes": max_bytes,
+                },
+                accept="*/*",
             )
+            text = resp.data.decode(errors="replace")
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             if isinstance(exc, ApiException) and exc.status in (400, 404):
                 return ""  # no previous instance, or the container never started
@@ -570,18 +612,12 @@ class KubernetesRuntime:
         ``meridio-configuration-<trench>``. Never raises for a missing or forbidden source:
         the configuration checks then simply do not run, and the reason is returned.
         """
-        custom = k8s_client.CustomObjectsApi(self._cluster.api)
         docs: list[dict[str, Any]] = []
         why = ""
         try:
             for kind, plural in self._MERIDIO_PLURALS:
-                resp = custom.list_namespaced_custom_object(
-                    "meridio.nordix.org",
-                    "v1",
-                    self.namespace,
-                    plural,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
+                resp = self._core.request(
+                    "GET", f"/apis/meridio.nordix.org/v1/namespaces/{self.namespace}/{plural}"
                 )
                 for item in self._json(resp).get("items", []):
                     docs.append({**item, "kind": kind})
@@ -595,8 +631,8 @@ class KubernetesRuntime:
                 ), ""
             name = f"meridio-configuration-{trench}"
             try:
-                resp = self._core.read_namespaced_config_map(
-                    name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                resp = self._core.request(
+                    "GET", f"/api/v1/namespaces/{self.namespace}/configmaps/{name}"
                 )
             except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
                 return None, f"{why}; ConfigMap {name}: {self._error(exc, 'reading it')}".strip(
@@ -657,13 +693,11 @@ class KubernetesRuntime:
     def _patch_ephemeral_sync(self, pod: str, container: Mapping[str, Any]) -> dict[str, Any]:
         body = {"spec": {"ephemeralContainers": [dict(container)]}}
         try:
-            resp = self._core.patch_namespaced_pod_ephemeralcontainers(
-                pod,
-                self.namespace,
-                body,
-                _content_type="application/strategic-merge-patch+json",
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+            resp = self._core.request(
+                "PATCH",
+                f"{self._core.pods(self.namespace)}/{pod}/ephemeralcontainers",
+                body=body,
+                content_type="application/strategic-merge-patch+json",
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._error(
@@ -682,14 +716,12 @@ class KubernetesRuntime:
     def _annotate_sync(self, pod: dict[str, Any], record: Mapping[str, Any]) -> None:
         name = pod["metadata"]["name"]
         try:
-            self._core.patch_namespaced_pod(
-                name,
-                self.namespace,
-                spec.annotation_patch(pod, record),
-                _content_type="application/merge-patch+json",
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
+            self._core.request(
+                "PATCH",
+                f"{self._core.pods(self.namespace)}/{name}",
+                body=spec.annotation_patch(pod, record),
+                content_type="application/merge-patch+json",
+            ).drain_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             err = self._error(exc, f"annotating the pod with {spec.ANNOTATION}", name)
             # Best effort: the agent runs; only the record for humans is missing.
@@ -863,15 +895,17 @@ class KubernetesRuntime:
         left = deadline - loop.time()
         watch = _Stream(
             loop,
-            lambda: self._core.list_namespaced_pod(
-                self.namespace,
-                field_selector=f"metadata.name={pod}",
-                watch=True,
-                resource_version=raw.get("metadata", {}).get("resourceVersion"),
-                allow_watch_bookmarks=False,
-                timeout_seconds=max(1, int(left + 0.999)),
-                _preload_content=False,
-                _request_timeout=(REQUEST_TIMEOUT[0], left + REQUEST_TIMEOUT[1]),
+            lambda: self._core.request(
+                "GET",
+                self._core.pods(self.namespace),
+                {
+                    "fieldSelector": f"metadata.name={pod}",
+                    "watch": True,
+                    "resourceVersion": raw.get("metadata", {}).get("resourceVersion"),
+                    "allowWatchBookmarks": False,
+                    "timeoutSeconds": max(1, int(left + 0.999)),
+                },
+                timeout=(REQUEST_TIMEOUT[0], left + REQUEST_TIMEOUT[1]),
             ),
         )
         try:
@@ -1130,14 +1164,12 @@ class KubernetesRuntime:
         while True:
             stream = _Stream(
                 loop,
-                lambda: self._core.read_namespaced_pod_log(
-                    handle.pod,
-                    self.namespace,
-                    container=handle.name,
-                    follow=True,
-                    limit_bytes=65536,
-                    _preload_content=False,
-                    _request_timeout=(REQUEST_TIMEOUT[0], self.opts.start_timeout),
+                lambda: self._core.request(
+                    "GET",
+                    f"{self._core.pods(self.namespace)}/{handle.pod}/log",
+                    {"container": handle.name, "follow": True, "limitBytes": 65536},
+                    timeout=(REQUEST_TIMEOUT[0], self.opts.start_timeout),
+                    accept="*/*",
                 ),
                 lines=False,
             )
