@@ -1013,6 +1013,8 @@ class Kubelet:
         proc = self.procs.get((key[0], key[1], container))
         while proc is not None and proc.poll() is None:
             await asyncio.sleep(0.2)
+            if request.transport is None or request.transport.is_closing():
+                break  # the reader went away (a kubelet notices; this loop would poll on)
             with open(path, "rb") as f:
                 f.seek(pos)
                 more = f.read()
