@@ -190,6 +190,7 @@ class Exits:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
         self._sock.bind((0, 1))  # CN_IDX_PROC
+        _only_exits(self._sock)
         op = struct.pack("=I", 1)  # PROC_CN_MCAST_LISTEN
         cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(op), 0) + op
         self._sock.send(struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn)  # NLMSG_DONE
@@ -231,6 +232,23 @@ class Exits:
         self._stop.set()
         self._thread.join(2)
         self._sock.close()
+
+
+def _only_exits(sock: socket.socket) -> None:
+    """A socket filter that keeps only PROC_EVENT_EXIT: the kernel drops the rest.
+
+    The connector reports every fork, exec, uid change and exit on the host; with
+    other labs starting processes by the thousand, reading them all cost the node
+    side more than the pods it runs (a containerd shim only waits for its child).
+    BPF loads are big-endian: ``what`` (offset 36: nlmsghdr 16 + cn_msg 20) equal to
+    0x80000000 in host order reads as 0x80 on little-endian machines.
+    """
+    what = 0x80 if sys.byteorder == "little" else 0x80000000
+    code = [(0x20, 0, 0, 36), (0x15, 0, 1, what), (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in code))
+    prog = struct.pack("HL", len(code), ctypes.addressof(insns))  # struct sock_fprog
+    with contextlib.suppress(OSError):  # without it every event is read, as before
+        sock.setsockopt(socket.SOL_SOCKET, 26, prog)  # SO_ATTACH_FILTER (copied by the kernel)
 
 
 def now() -> str:
