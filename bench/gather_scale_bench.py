@@ -10,12 +10,14 @@ as a user does, ``--repeats`` times each:
 
 - ``snapshot --lab -o json`` (baseline): the same one-shot agents and snapshots,
   rendered as JSON, without analysis;
-- ``analyze --lab -o json``: the whole command;
+- ``analyze --lab -o json``: the whole command, wall time and the CPU time of
+  the command and every process it started (load-independent: on a shared
+  machine the wall time is what the other jobs leave);
 
-while a sampler thread walks the command's process tree (controller, launcher,
-one-shot agents and their ``nft`` runs) every few milliseconds and keeps the peak
-of the summed PSS and RSS and the most agents alive at once. It prints, per size,
-the medians, the ratio analyze/snapshot, the time per pod and its ratio to the
+then one more ``analyze`` while a sampler thread walks the command's process tree
+(controller, launcher, one-shot agents) every 10 ms and keeps the peak of the
+summed PSS and RSS and the most processes alive at once. It prints, per size, the
+medians, the ratio analyze/snapshot, the time per pod and its ratio to the
 smallest size's time per pod (linear growth: ratio <= ~1), then the targets.
 Removes each lab after measuring it. Needs root, bird2, nft, ~6 GiB free for 1,000
 targets (each target's application is a small Python server, ~6 MiB).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from pathlib import Path
 from meridio_debug.controller.lab import build_spec, down, up
 
 CLI = str(Path(sys.executable).with_name("meridio-debug"))
-SAMPLE_S = 0.005
+SAMPLE_S = 0.01
 
 
 def children(pid: int) -> list[int]:
@@ -104,7 +107,14 @@ def sample(root: int, peak: Peak) -> None:
         peak.stop.wait(SAMPLE_S)
 
 
-def run_cli(argv: list[str], peak: Peak | None = None) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_cli(argv: list[str], peak: Peak | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and every process it started)."""
+    cpu = children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(
         [CLI, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -120,7 +130,7 @@ def run_cli(argv: list[str], peak: Peak | None = None) -> float:
         sampler.join()
     if proc.returncode not in (0, 3):
         raise SystemExit(f"{' '.join(argv)} failed: {err.strip()}")
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 @dataclass
@@ -131,6 +141,7 @@ class Row:
     up_s: float
     snapshot_s: float
     analyze_s: float
+    analyze_cpu_s: float
     peak: Peak
     load: float
 
@@ -145,16 +156,11 @@ def measure(size: str, repeats: int) -> Row:
     up_s = time.perf_counter() - started
     try:
         lab = ["--lab", "--prefix", prefix]
-        snap = [run_cli(["snapshot", *lab, "-o", "json"]) for _ in range(repeats)]
+        snap = [run_cli(["snapshot", *lab, "-o", "json"])[0] for _ in range(repeats)]
+        analyze = [run_cli(["analyze", *lab, "-o", "json"]) for _ in range(repeats)]
+        # Memory in a run of its own: sampling /proc costs CPU the timed runs must not lose.
         peak = Peak()
-        analyze = []
-        for _ in range(repeats):
-            one = Peak()
-            analyze.append(run_cli(["analyze", *lab, "-o", "json"], one))
-            peak.pss_kib = max(peak.pss_kib, one.pss_kib)
-            peak.rss_kib = max(peak.rss_kib, one.rss_kib)
-            peak.processes = max(peak.processes, one.processes)
-            peak.samples += one.samples
+        run_cli(["analyze", *lab, "-o", "json"], peak)
         load = os.getloadavg()[0]
     finally:
         down(prefix)
@@ -164,7 +170,8 @@ def measure(size: str, repeats: int) -> Row:
         len(spec.targets),
         up_s,
         statistics.median(snap),
-        statistics.median(analyze),
+        statistics.median(a[0] for a in analyze),
+        statistics.median(a[1] for a in analyze),
         peak,
         load,
     )
@@ -193,19 +200,21 @@ def main() -> int:
         )
     base = rows[0].analyze_s / rows[0].pods
     print(
-        f"\nmedians of {args.repeats} runs, {os.cpu_count()} cores; memory: peak of the summed "
-        "PSS (RSS) of the command's process tree: controller, launcher, agents, their nft"
+        f"\nmedians of {args.repeats} runs, {os.cpu_count()} cores; CPU: user+sys of the command "
+        "and all it started; memory: peak of the summed PSS (RSS) of its process tree "
+        "(controller, launcher, agents) in one more run"
     )
     print(
         f"  {'pods':>5} {'lab up':>7} {'snapshot':>9} {'analyze':>8} {'ratio':>6} "
-        f"{'per pod':>8} {'vs ' + str(rows[0].pods):>7} {'peak PSS (RSS)':>16} {'procs':>5} "
-        f"{'load':>5}"
+        f"{'per pod':>8} {'vs ' + str(rows[0].pods):>7} {'CPU':>7} {'CPU/pod':>8} "
+        f"{'peak PSS (RSS)':>16} {'procs':>5} {'load':>5}"
     )
     for r in rows:
         per_pod = r.analyze_s / r.pods
         print(
             f"  {r.pods:5d} {r.up_s:6.1f}s {r.snapshot_s:8.2f}s {r.analyze_s:7.2f}s "
             f"{r.analyze_s / r.snapshot_s:5.2f}x {per_pod * 1000:6.1f}ms {per_pod / base:6.2f}x "
+            f"{r.analyze_cpu_s:6.1f}s {r.analyze_cpu_s / r.pods * 1000:6.1f}ms "
             f"{r.peak.pss_kib / 1024:6.0f} ({r.peak.rss_kib / 1024:5.0f}) MiB "
             f"{r.peak.processes:5d} {r.load:5.1f}"
         )

@@ -364,7 +364,12 @@ def _configure_nfqlb(spec: LabSpec, tools: Tools, flowlb: ProcessRecord) -> None
         steps.append(line)
     script = "set -e\n" + "\n".join(steps) + "\n"
     argv = containers.exec_argv(nsenter, flowlb.pid, ["/bin/sh", "-c", script])
-    system.run(argv, what=f"nfqlb setup in container {flowlb.container} of {flowlb.pod}")
+    # ``init`` computes and writes the M x N permutation table: 400 MB and ~1.5 s for
+    # 1,000 targets, several times that while a big lab's other LBs do the same.
+    timeout = 30.0 + 0.05 * len(spec.targets)
+    system.run(
+        argv, what=f"nfqlb setup in container {flowlb.container} of {flowlb.pod}", timeout=timeout
+    )
 
 
 def _bird_container(

@@ -15,6 +15,22 @@ and its directory removed when the caller is done, also on errors and Ctrl-C;
 the launcher stops with the last agent, and if the controller dies the
 launcher sees its stdin close and stops every agent itself.
 
+Commands that need nothing from a pod but its snapshot (``snapshot``, ``analyze``,
+``collect``) use one-shot agents instead (``snapshot_once``): the launcher forks a
+child that joins the pod the same way, writes the Snapshot RPC's answer to a file
+in the controller's private directory and exits; at most ONE_SHOT_PARALLEL live at
+once. Chosen by measurement (perf and cProfile over a 168-pod lab, 2 cores): a
+serving agent spent ~3/4 of its CPU on what a snapshot does not need (gRPC server
+and its threads, event loop, argument parsing, readiness polling: 20 GetInfo calls
+per pod), and 1,000 of them alive at once would hold ~1,000 processes' memory.
+One process serving several namespaces cannot be an ephemeral container of each
+pod: a process cannot change its own PID namespace (``setns`` of a PID namespace
+applies to its children), and ``setns`` of a mount namespace refuses a process with
+threads, as any gRPC server is; a fork per pod is also what bounds each agent's
+memory and isolates a pod's failure. What a one-shot agent still costs is the fork
+(~1 ms: the launcher's page tables), its copy-on-write faults (~1,900 per pod) and
+the collectors (bench/gather_scale_bench.py).
+
 Namespaces are never created here: a missing one is ``PodNotFound`` (pyroute2
 would create it silently, which is why the existence check is explicit).
 """
