@@ -5,7 +5,8 @@ was built and a Python twin where it was not; these tests feed both the same
 input (TPACKET_V3 blocks made here, batches of several pods with frames out of
 order, VLAN tags, odd lengths, limits, byte budgets) and compare the output byte
 for byte, so the fallback cannot drift from what users normally run. The last
-test reads a merged file back with tshark: interfaces, order and frames.
+test reads a merged file back with tshark: interfaces, order and frames; an agent of
+another capture protocol is named, not misread.
 """
 
 from __future__ import annotations
@@ -208,3 +209,71 @@ def test_two_pods_merged_read_back_in_time_order_with_their_interfaces(tmp_path:
     stamps = [int(r[0].replace(".", "")) for r in rows]
     assert stamps == sorted(stamps) and stamps[0] % 1000 == 10
     assert {r[2] for r in rows} == {"0"}  # sll_pkttype 4 = outgoing: EPB direction "sent"
+
+
+class _FakeAgent:
+    """Answers Capture like an agent of protocol ``version`` would (a fake, not a mock)."""
+
+    def __init__(self, version: int, frames: int) -> None:
+        self.version, self.frames, self.pod = version, frames, "old-pod"
+
+    async def capture(self, request: object):
+        from meridio_debug.protos import agent_pb2 as pb
+
+        yield pb.CaptureChunk(
+            start=pb.CaptureStart(
+                capture_id="c1", points=["any"], snaplen=262144, protocol_version=self.version
+            )
+        )
+        frame = b"\x02" * 12 + b"\x08\x00" + b"\x45" + b"\0" * 45
+        meta = b"".join(
+            blocks.FRAME_META.pack(1_700_000_000_000_000_000 + i, 2, len(frame), len(frame), 0)
+            for i in range(self.frames)
+        )
+        chunk = pb.CaptureChunk()
+        chunk.batch.data, chunk.batch.meta = frame * self.frames, meta
+        yield chunk
+        yield pb.CaptureChunk(stats=pb.CaptureStats(final=True, packets=self.frames))
+
+    async def stop_capture(self, capture_id: str) -> bool:
+        return True
+
+
+class _FakeRuntime:
+    def __init__(self, agent: _FakeAgent) -> None:
+        self.agent = agent
+
+    def pods(self):
+        from meridio_debug.controller.runtime import PodRef
+
+        return [PodRef("old-pod", "target", "ns-x", "local")]
+
+    def open(self, pod: object):
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def opened():
+            yield self.agent
+
+        return opened()
+
+
+@pytest.mark.parametrize(("version", "written"), [(2, 5), (1, 0)])
+def test_an_agent_of_another_capture_protocol_is_named_not_misread(
+    version: int, written: int
+) -> None:
+    import asyncio
+    import io
+
+    from meridio_debug.controller.services.capture import Capture, Options, PcapngSink
+
+    out = io.BytesIO()
+    sink = PcapngSink(Writer(None, stream=out))
+    cap = Capture(_FakeRuntime(_FakeAgent(version, 5)), Options(), sink, lambda _line: None)
+    (state,) = asyncio.run(cap.run(lambda _states: None))
+    assert sink.packets == written
+    if version != 2:
+        assert "old-pod: the agent speaks capture protocol 1, this controller 2" in state.error
+        assert "--image" in state.error
+    else:
+        assert state.error == ""
