@@ -52,6 +52,12 @@ MERGE_BYTES = 64 << 20  # pending packets held for ordering, at most
 # release scans every pod's pending batches, and with 48 pods a release per batch cost
 # the controller ~0.3 ms per message, ~100 ms of CPU per second (capture_many_bench.py).
 RELEASE_EVERY_S = 0.1
+# Past this many pods, agents hand over partly filled ring blocks after
+# MANY_PODS_BLOCK_TIMEOUT_MS instead of their 200 ms: each block is a message, and with
+# 48 pods of light traffic the messages are most of the capture's CPU (each agent then
+# sends 2 a second, not 5; a stop may wait up to that long for the last block).
+MANY_PODS = 8
+MANY_PODS_BLOCK_TIMEOUT_MS = 500
 RELEASE_BYTES = 4 << 20
 STOP_GRACE_S = 5.0  # after a stop request, wait this long for the agents' final stats
 FLAGS = (*PKTTYPE_FLAGS, 0, 0, 0)  # sll_pkttype 5-7 (loopback, user, kernel): no direction
@@ -267,6 +273,7 @@ class Capture:
         self.merger = Merger(sink, options.count, self.request_stop)
         self._stop_requested = False
         self._started = 0
+        self._pods = 0
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: set[asyncio.Future[None]] = set()
@@ -281,6 +288,7 @@ class Capture:
             duration_s=o.duration,
             max_packets=o.count,
             max_bytes=o.max_bytes if not o.rotate else 0,
+            block_timeout_ms=MANY_PODS_BLOCK_TIMEOUT_MS if self._pods > MANY_PODS else 0,
         )
 
     def request_stop(self) -> None:
@@ -359,6 +367,7 @@ class Capture:
 
     async def run(self, on_ready: Callable[[list[PodState]], None]) -> list[PodState]:
         pods = self.runtime.pods()
+        self._pods = len(pods)
         states = [PodState(p) for p in pods]
         self.merger.states = states
         self.sink.set_stats_source(lambda: self.isb_stats(states))
