@@ -10,3 +10,7 @@ This package never imports kubernetes. pyroute2 (netlink: collectors, watch,
 FIB lookups), psutil (collectors) and scapy (probe packets) are imported on
 first use, not at start-up, so the agent serves within a second.
 """
+
+from meridio_debug.agent._lazy_pyroute2 import install as _install_lazy_pyroute2
+
+_install_lazy_pyroute2()

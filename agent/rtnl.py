@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from pyroute2 import IPRSocket
+import pyroute2.iproute  # noqa: F401 - first: pyroute2's import order (agent/_lazy_pyroute2.py)
 from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_ACK_TLVS,
@@ -84,6 +84,7 @@ from pyroute2.netlink.rtnl import (
 from pyroute2.netlink.rtnl.fibmsg import FR_ACT_NAMES, fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NAMES, ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_NAMES, ifinfmsg
+from pyroute2.netlink.rtnl.iprsocket import IPRSocket
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.ndmsg import NTF_NAMES, NUD_NAMES, ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_NAMES, nh, rtmsg

@@ -1,0 +1,71 @@
+"""pyroute2 without its package ``__init__`` until something asks for a top-level name.
+
+Why: ``import pyroute2`` runs ``pyroute2/__init__.py``, which imports every
+pyroute2 API at once (IPDB, NDB, conntrack, ipset, ipvs, nl80211, wireguard,
+plan9, ...): ~85 modules and ~50 ms of CPU. The agent needs only the rtnetlink
+socket, message classes and marshal, and every injected ephemeral container
+pays the import again (48 pods on a first run: ~2.4 CPU-seconds on a node).
+
+``install()`` puts the pyroute2 package into ``sys.modules`` without running
+its ``__init__`` (nothing is imported yet: the agent still imports pyroute2 on
+first use), so ``from pyroute2.netlink.rtnl... import ...`` later loads only
+those submodules. The package stays whole for everyone else: the first time a
+name that is not a submodule is asked of it (``from pyroute2 import
+IPRoute``), ``__init__`` runs on the same module object and the name is
+served. One order matters and agent/rtnl.py keeps it: ``pyroute2.iproute``
+before ``pyroute2.netlink.rtnl.iprsocket`` (they import each other; pyroute2's
+``__init__`` imports iproute first).
+
+If pyroute2 is already imported, missing, or lacks the submodules named here,
+nothing is changed and pyroute2 is imported the ordinary way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from importlib.machinery import ModuleSpec
+
+
+class _LazyPackage(types.ModuleType):
+    """A package module whose ``__init__`` runs on the first non-submodule lookup."""
+
+    __spec__: ModuleSpec
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return importlib.import_module(f"{self.__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{self.__name__}.{name}":
+                raise
+        object.__setattr__(self, "__class__", types.ModuleType)  # plain lookups from here on
+        loader = self.__spec__.loader
+        assert loader is not None
+        loader.exec_module(self)
+        return getattr(self, name)
+
+
+NEEDED = ("iproute", "netlink.rtnl.iprsocket", "netlink.rtnl.marshal")
+
+
+def install(package: str = "pyroute2") -> bool:
+    """Make ``package`` lazy; True if installed. Never raises, imports no submodule."""
+    if package in sys.modules:
+        return False
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    module.__class__ = _LazyPackage
+    sys.modules[package] = module
+    try:
+        found = all(importlib.util.find_spec(f"{package}.{n}") for n in NEEDED)
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        del sys.modules[package]
+    return found
