@@ -27,6 +27,7 @@ import importlib.util
 import sys
 import types
 from importlib.machinery import ModuleSpec
+from pathlib import Path
 
 
 class _LazyPackage(types.ModuleType):
@@ -52,6 +53,12 @@ class _LazyPackage(types.ModuleType):
 NEEDED = ("iproute", "netlink.rtnl.iprsocket", "netlink.rtnl.marshal")
 
 
+def _has_module(where: Path, dotted: str) -> bool:
+    """A file check, not ``find_spec``: that would import the parent packages."""
+    path = where.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def install(package: str = "pyroute2") -> bool:
     """Make ``package`` lazy; True if installed. Never raises, imports no submodule."""
     if package in sys.modules:
@@ -62,10 +69,8 @@ def install(package: str = "pyroute2") -> bool:
     module = importlib.util.module_from_spec(spec)
     module.__class__ = _LazyPackage
     sys.modules[package] = module
-    try:
-        found = all(importlib.util.find_spec(f"{package}.{n}") for n in NEEDED)
-    except (ImportError, ValueError):
-        found = False
+    where = [Path(p) for p in spec.submodule_search_locations]
+    found = all(any(_has_module(w, n) for w in where) for n in NEEDED)
     if not found:
         del sys.modules[package]
     return found
