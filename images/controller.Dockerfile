@@ -15,9 +15,14 @@ RUN apt-get update \
       -c /dist/controller.constraints "$(ls /dist/meridio_debug-*.whl)[controller]" \
  && /opt/meridio-debug/bin/python -c "import meridio_debug.controller.packets._epb" \
  && /opt/meridio-debug/bin/pip uninstall -y pip \
- && find /opt/meridio-debug -name '__pycache__' -prune -exec rm -rf {} +
+ && find /opt/meridio-debug -name '__pycache__' -prune -exec rm -rf {} + \
+ && PYTHONHASHSEED=0 /opt/meridio-debug/bin/python -m compileall -q -j 0 \
+      --invalidation-mode unchecked-hash /opt/meridio-debug
 
 FROM ${BASE}
 COPY --from=build /opt/meridio-debug /opt/meridio-debug
+# Bytecode compiled here, stdlib too, never at run time (images/agent.Dockerfile says why).
+RUN PYTHONHASHSEED=0 python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+      "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" >/dev/null || true
 ENV PATH=/opt/meridio-debug/bin:$PATH PYTHONDONTWRITEBYTECODE=1
 ENTRYPOINT ["meridio-debug"]
