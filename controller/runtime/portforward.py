@@ -29,6 +29,7 @@ import ssl
 import struct
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 PROTOCOL = "v4.channel.k8s.io"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -73,9 +74,26 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return head + key + _mask(key, payload)
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next whole message (fragments joined) as (opcode, payload)."""
-    opcode, parts, size = -1, [], 0
+@dataclass
+class Partial:
+    """A fragmented message still being read: kept across the control frames between fragments."""
+
+    opcode: int = -1
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+async def read_message(
+    reader: asyncio.StreamReader, partial: Partial | None = None
+) -> tuple[int, bytes]:
+    """The next whole message (fragments joined) or control frame, as (opcode, payload).
+
+    A control frame (close, ping, pong) may come between the fragments of a data
+    message (RFC 6455 5.4); it is returned at once, and the fragments read so far
+    stay in ``partial`` for the next call, so a caller reading on after a ping
+    loses nothing (pass the same ``partial`` every time).
+    """
+    p = partial if partial is not None else Partial()
     while True:
         b0, b1 = await reader.readexactly(2)
         n = b1 & 0x7F
@@ -84,20 +102,22 @@ async def read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         elif n == 127:
             (n,) = struct.unpack("!Q", await reader.readexactly(8))
         key = await reader.readexactly(4) if b1 & 0x80 else b""
-        size += n
-        if size > _MAX_MESSAGE:
+        op = b0 & 0x0F
+        if n > _MAX_MESSAGE or (op < OP_CLOSE and p.size + n > _MAX_MESSAGE):
             raise ProtocolError(f"websocket message larger than {_MAX_MESSAGE} bytes")
         data = await reader.readexactly(n)
         if key:
             data = _mask(key, data)
-        op = b0 & 0x0F
-        if op >= OP_CLOSE:  # control frames may come between fragments
+        if op >= OP_CLOSE:
             return op, data
         if op != OP_CONT:
-            opcode = op
-        parts.append(data)
+            p.opcode = op
+        p.parts.append(data)
+        p.size += n
         if b0 & 0x80:
-            return opcode, b"".join(parts)
+            message = p.opcode, b"".join(p.parts)
+            p.opcode, p.parts, p.size = -1, [], 0
+            return message
 
 
 class PortForward:
@@ -107,6 +127,7 @@ class PortForward:
         self._reader = reader
         self._writer = writer
         self._seen_port = [False, False]  # each channel's first message is the port number
+        self._partial = Partial()  # a fragmented message across pings
         self.error = ""
 
     @classmethod
@@ -178,7 +199,7 @@ class PortForward:
         """The pod port's next bytes; b"" when the stream ended."""
         while True:
             try:
-                op, data = await read_message(self._reader)
+                op, data = await read_message(self._reader, self._partial)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return b""
             if op == OP_CLOSE:

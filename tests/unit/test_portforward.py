@@ -90,9 +90,12 @@ def test_echo_with_fragments_pings_and_a_large_message() -> None:
         op, data = await read_message(r)  # what the client sent: masked, unmasked by the reader
         assert (op, data) == (OP_BINARY, b"\x00hello")
         w.write(server_frame(OP_PING, b"p"))
-        w.write(server_frame(OP_BINARY, b"\x00wor", fin=False) + server_frame(OP_CONT, b"ld"))
-        op, data = await read_message(r)
-        assert (op, data) == (OP_PONG, b"p")
+        # a ping between the fragments of one message (RFC 6455 5.4): nothing may be lost
+        w.write(server_frame(OP_BINARY, b"\x00wo", fin=False) + server_frame(OP_PING, b"q"))
+        w.write(server_frame(OP_CONT, b"r", fin=False) + server_frame(OP_CONT, b"ld"))
+        for expected in (b"p", b"q"):
+            op, data = await read_message(r)
+            assert (op, data) == (OP_PONG, expected)
         w.write(server_frame(OP_BINARY, b"\x00" + big))
         w.write(server_frame(OP_BINARY, b"\x01oops"))
         w.write(server_frame(OP_CLOSE, b""))
