@@ -4,7 +4,7 @@ Why C: agent/blocks.py and controller/packets/merge.py say why (a Python object
 per captured packet cost 13-15x tcpdump's CPU). Both are optional: without a
 compiler the install still works, with their byte-identical Python twins
 (slower); scripts/setup and tests/unit/test_packaging.py insist on them where we
-develop and test.
+develop and test (tests/unit/test_capture_native.py::test_the_extensions_are_built_here).
 
 Why here and not in pyproject.toml: setuptools' ``[tool.setuptools.ext-modules]``
 table is still experimental (a warning at every build, "likely to change"), and

@@ -41,7 +41,7 @@ static int count_index(PyObject *counts, int32_t index, long n) {
     PyObject *old = PyDict_GetItemWithError(counts, key);
     long have = 0;
     if (old) have = PyLong_AsLong(old);
-    else if (PyErr_Occurred()) { Py_DECREF(key); return -1; }
+    if (PyErr_Occurred()) { Py_DECREF(key); return -1; }
     PyObject *val = PyLong_FromLong(have + n);
     int rc = val ? PyDict_SetItem(counts, key, val) : -1;
     Py_XDECREF(val);
@@ -74,8 +74,12 @@ static PyObject *parse(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "block outside the ring");
             goto out;
         }
-        uint32_t num = rd32(ring + off + 12);
-        data_bound += rd32(ring + off + 20) + 4 * (Py_ssize_t)num;
+        uint32_t num = rd32(ring + off + 12), blen = rd32(ring + off + 20);
+        if ((Py_ssize_t)num > (Py_ssize_t)(blen / PKT_HDR) + 1) { /* each packet has a header in the block */
+            PyErr_SetString(PyExc_ValueError, "block claims more packets than it can hold");
+            goto out;
+        }
+        data_bound += blen + 4 * (Py_ssize_t)num;
         meta_bound += META_SIZE * (Py_ssize_t)num;
     }
     data.obj = PyBytes_FromStringAndSize(NULL, data_bound);

@@ -25,9 +25,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 import types
 from importlib.machinery import ModuleSpec
 from pathlib import Path
+
+_LOCK = threading.RLock()  # one thread runs __init__; the others wait for it
+_RUNNING: set[str] = set()  # packages whose __init__ is running (re-entry: plain AttributeError)
 
 
 class _LazyPackage(types.ModuleType):
@@ -43,11 +47,17 @@ class _LazyPackage(types.ModuleType):
         except ModuleNotFoundError as exc:
             if exc.name != f"{self.__name__}.{name}":
                 raise
-        object.__setattr__(self, "__class__", types.ModuleType)  # plain lookups from here on
-        loader = self.__spec__.loader
-        assert loader is not None
-        loader.exec_module(self)
-        return getattr(self, name)
+        with _LOCK:
+            if type(self) is _LazyPackage and self.__name__ not in _RUNNING:
+                loader = self.__spec__.loader
+                assert loader is not None
+                _RUNNING.add(self.__name__)
+                try:
+                    loader.exec_module(self)  # a failure leaves it lazy: the next lookup retries
+                finally:
+                    _RUNNING.discard(self.__name__)
+                object.__setattr__(self, "__class__", types.ModuleType)  # plain from here on
+        return object.__getattribute__(self, name)
 
 
 NEEDED = ("iproute", "netlink.rtnl.iprsocket", "netlink.rtnl.marshal")

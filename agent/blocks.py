@@ -37,6 +37,9 @@ _PKT = struct.Struct("<IIIIIIHHIIHH8xHHiHBB")
 Parsed = tuple[bytes, bytes, dict[int, int], int, int]
 
 
+PKT_HDR = 60  # tpacket3_hdr (48) + sockaddr_ll up to sll_halen, as agent/_blocks.c
+
+
 def parse_python(buf: Any, offsets: Sequence[int], max_packets: int, max_bytes: int) -> Parsed:
     """The frames of the blocks at ``offsets`` of ``buf``, at most ``max_packets`` frames and
     ``max_bytes`` captured bytes (-1: no limit); VLAN tags put back in as libpcap does."""
@@ -47,7 +50,9 @@ def parse_python(buf: Any, offsets: Sequence[int], max_packets: int, max_bytes: 
     stop = STOP_NONE
     unpack, pack = _PKT.unpack_from, FRAME_META.pack
     for off in offsets:
-        num, first = struct.unpack_from("<II", buf, off + 12)
+        num, first, blen = struct.unpack_from("<III", buf, off + 12)
+        if num > blen // PKT_HDR + 1:
+            raise ValueError("block claims more packets than it can hold")
         pos = off + first
         for _ in range(num):
             f = unpack(buf, pos)

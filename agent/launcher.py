@@ -110,10 +110,16 @@ class Target:
         )
 
 
+_WAKE_FDS: list[int] = []  # the launcher's SIGCHLD pipe: closed in each forked child
+
+
 def _detach(log_path: str) -> None:
     """In a forked child: own session, default signals, stdio to /dev/null and the log."""
     os.setsid()
     signal.set_wakeup_fd(-1)  # the launcher's SIGCHLD pipe is not ours
+    for fd in _WAKE_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDWR)
@@ -319,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A child's end wakes the loop at once (its exit is what a one-shot snapshot waits
     # for), instead of at the next 50 ms poll: a pipe written by the SIGCHLD handler.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _WAKE_FDS[:] = [wake_r, wake_w]
     signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
     signal.set_wakeup_fd(wake_w)
     buf = b""

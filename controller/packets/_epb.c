@@ -35,6 +35,10 @@ static PyObject *ifindexes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*", &meta)) return NULL;
     PyObject *out = PyList_New(0), *seen = PySet_New(NULL);
     if (!out || !seen) goto fail;
+    if (meta.len % META_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "batch meta is not a whole number of frame records");
+        goto fail;
+    }
     const unsigned char *m = meta.buf;
     uint32_t last = 0;
     int have = 0;
@@ -91,6 +95,7 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
     }
     for (int i = 0; i < 8; i++) {
         table[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fl, i));
+        if (PyErr_Occurred()) break; /* no further C-API call with an exception set */
     }
     Py_DECREF(fl);
     if (PyErr_Occurred()) goto done;

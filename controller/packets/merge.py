@@ -70,6 +70,8 @@ class Run:
 
 
 def ifindexes_python(meta: bytes) -> list[int]:
+    if len(meta) % FRAME_META.size:
+        raise ValueError("batch meta is not a whole number of frame records")
     seen: dict[int, None] = {}
     for _ts, index, _cap, _orig, _ptype in FRAME_META.iter_unpack(meta):
         seen.setdefault(index)

@@ -159,9 +159,18 @@ def agent_certificate(log: bytes) -> bytes | None:
     return pem
 
 
-PIN_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meridio-debug/agents"
+def pin_dir() -> Path:
+    """Where pins live: $XDG_CACHE_HOME (read when a runtime starts), else ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meridio-debug/agents"
+
+
 PIN_MAX_AGE_S = 7 * 86400.0
 _PIN_PART = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}")
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user, writable by nobody else (a pin or its directory)."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 class Pins:
@@ -173,10 +182,12 @@ class Pins:
     in a pod, and a pod made again has a new UID. Best effort, in a private
     directory (0700): a read-only or missing one only costs the log reads. A pin
     that no longer matches (a handshake that fails) is read from the log again.
+    A pin decides which agent is trusted, so a directory or file that is not this
+    user's own, is group- or world-writable, or is a symlink, is ignored.
     """
 
-    def __init__(self, directory: Path = PIN_DIR) -> None:
-        self.directory = directory
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory if directory is not None else pin_dir()
         self._swept = False
 
     def _path(self, uid: str, name: str) -> Path | None:
@@ -184,12 +195,25 @@ class Pins:
             return None
         return self.directory / f"{uid}_{name}.pem"
 
+    def _trusted_directory(self) -> bool:
+        """A pin is a root of trust: only from a directory nobody else can write to."""
+        try:
+            return _private(os.stat(self.directory, follow_symlinks=False))
+        except OSError:
+            return False
+
     def get(self, uid: str, name: str) -> bytes | None:
         path = self._path(uid, name)
+        if path is None or not self._trusted_directory():
+            return None
         try:
-            return path.read_bytes() if path is not None else None
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
+        with os.fdopen(fd, "rb") as f:
+            if not _private(os.fstat(fd)):
+                return None
+            return f.read(64 << 10)
 
     def put(self, uid: str, name: str, pem: bytes) -> None:
         path = self._path(uid, name)
@@ -197,8 +221,12 @@ class Pins:
             return
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self._trusted_directory():
+                return
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(pem)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
             tmp.replace(path)
             self._sweep()
         except OSError:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -318,7 +319,7 @@ class Capture:
                 async for chunk in client.capture(self.request()):
                     kind = chunk.WhichOneof("kind")
                     if kind == "batch":
-                        self.merger.add_batch(st, chunk.batch)
+                        self._add_batch(st, chunk.batch)
                     elif kind == "stats":
                         st.stats = chunk.stats
                         st.watermark = max(st.watermark, chunk.stats.watermark_ns)
@@ -343,6 +344,16 @@ class Capture:
                 if self._started >= total:
                     self._ready.set()
             self.merger.release()
+
+    def _add_batch(self, st: PodState, batch: pb.PacketBatch) -> None:
+        """A batch the merger refuses (it came over the network) ends this pod's capture, said."""
+        try:
+            self.merger.add_batch(st, batch)
+        except (ValueError, KeyError, struct.error) as exc:
+            raise AgentCallError(
+                f"{st.pod.name}: the agent sent a malformed packet batch ({exc}); its capture "
+                "stops here, the other pods' go on"
+            ) from exc
 
     def _on_start(self, st: PodState, start: pb.CaptureStart) -> None:
         if start.protocol_version != PROTOCOL_VERSION:

@@ -171,6 +171,19 @@ def test_bad_batches_are_refused_not_read_out_of_bounds() -> None:
             impl(b"x" * 100, meta, {3: 0}, FLAGS)
         with pytest.raises(ValueError, match="whole number"):
             impl(b"", meta[:10], {2: 0}, FLAGS)
+    for ifindexes in (merge._ext.ifindexes, merge.ifindexes_python):
+        assert ifindexes(meta + meta) == [2]
+        with pytest.raises(ValueError, match="whole number"):
+            ifindexes(meta + meta[:10])  # a batch from the network cut short: refused, not read
+
+
+def test_a_block_claiming_more_packets_than_it_can_hold_is_refused() -> None:
+    block, _ = make_block(random.Random(1), 3, 1_700_000_000_000_000_000)
+    lying = block[:12] + struct.pack("<I", 0xFFFFFFFF) + block[16:]  # num_pkts: 2^32 - 1
+    assert blocks.parse_native is not None
+    for parse in (blocks.parse_native, blocks.parse_python):
+        with pytest.raises(ValueError, match="more packets than it can hold"):
+            parse(lying, [0], -1, -1)
 
 
 @pytest.mark.skipif(not shutil.which("tshark"), reason="needs tshark (scripts/setup installs it)")
@@ -214,8 +227,9 @@ def test_two_pods_merged_read_back_in_time_order_with_their_interfaces(tmp_path:
 class _FakeAgent:
     """Answers Capture like an agent of protocol ``version`` would (a fake, not a mock)."""
 
-    def __init__(self, version: int, frames: int) -> None:
+    def __init__(self, version: int, frames: int, cut: int = 0) -> None:
         self.version, self.frames, self.pod = version, frames, "old-pod"
+        self.cut = cut  # bytes cut off the batch's meta: a malformed batch
 
     async def capture(self, request: object):
         from meridio_debug.protos import agent_pb2 as pb
@@ -231,7 +245,7 @@ class _FakeAgent:
             for i in range(self.frames)
         )
         chunk = pb.CaptureChunk()
-        chunk.batch.data, chunk.batch.meta = frame * self.frames, meta
+        chunk.batch.data, chunk.batch.meta = frame * self.frames, meta[: len(meta) - self.cut]
         yield chunk
         yield pb.CaptureChunk(stats=pb.CaptureStats(final=True, packets=self.frames))
 
@@ -277,3 +291,16 @@ def test_an_agent_of_another_capture_protocol_is_named_not_misread(
         assert "--image" in state.error
     else:
         assert state.error == ""
+
+
+def test_a_malformed_batch_ends_that_pods_capture_with_a_reason() -> None:
+    import asyncio
+    import io
+
+    from meridio_debug.controller.services.capture import Capture, Options, PcapngSink
+
+    sink = PcapngSink(Writer(None, stream=io.BytesIO()))
+    cap = Capture(_FakeRuntime(_FakeAgent(2, 5, cut=10)), Options(), sink, lambda _line: None)
+    (state,) = asyncio.run(cap.run(lambda _states: None))
+    assert sink.packets == 0
+    assert "old-pod: the agent sent a malformed packet batch" in state.error

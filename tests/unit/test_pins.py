@@ -41,3 +41,28 @@ def test_old_pins_are_swept_and_an_unwritable_directory_is_no_error(tmp_path: Pa
     assert not old.exists()
     (tmp_path / "file").write_text("not a directory")
     Pins(tmp_path / "file" / "agents").put(UID, "x", PEM)  # best effort: no exception
+
+
+def test_a_pin_others_could_have_written_is_not_trusted(tmp_path: Path) -> None:
+    """A pin decides which agent is trusted: only from this user's own private files."""
+    agents = tmp_path / "agents"
+    pins = Pins(agents)
+    pins.put(UID, "c", PEM)
+    pin = agents / f"{UID}_c.pem"
+    assert pin.stat().st_mode & 0o777 == 0o600
+    pin.chmod(0o622)  # writable by others: someone could have planted it
+    assert pins.get(UID, "c") is None
+    pin.chmod(0o600)
+    agents.chmod(0o777)  # a shared cache directory: any file in it could be planted
+    assert pins.get(UID, "c") is None
+    pins.put(UID, "d", PEM)  # and nothing is written there either
+    assert not (agents / f"{UID}_d.pem").exists()
+    agents.chmod(0o700)
+    assert pins.get(UID, "c") == PEM
+    planted = tmp_path / "planted.pem"
+    planted.write_bytes(PEM)
+    (agents / f"{UID}_e.pem").symlink_to(planted)  # a symlink to elsewhere
+    assert pins.get(UID, "e") is None
+    linked = tmp_path / "linked"
+    linked.symlink_to(agents)  # the directory itself a symlink
+    assert Pins(linked).get(UID, "c") is None
