@@ -30,3 +30,13 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 def test_installed_names_are_namespaced() -> None:
     assert meridio_debug.agent.__name__ == "meridio_debug.agent"
     assert meridio_debug.controller.__doc__
+
+
+def test_the_agent_reports_the_version_its_image_is_tagged_with() -> None:
+    """GetInfo's agent_version, the package version and deploy/job.yaml's tag agree: the
+    controller's default --image is tagged with the package version (k8s_spec.DEFAULT_IMAGE)."""
+    from meridio_debug.agent.version import AGENT_VERSION
+
+    version = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["version"]
+    assert AGENT_VERSION == version
+    assert f"meridio-debug-controller:{version}" in (TOP / "deploy/job.yaml").read_text()
