@@ -38,5 +38,5 @@ def test_the_agent_reports_the_version_its_image_is_tagged_with() -> None:
     from meridio_debug.agent.version import AGENT_VERSION
 
     version = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["version"]
-    assert AGENT_VERSION == version
+    assert version == AGENT_VERSION
     assert f"meridio-debug-controller:{version}" in (TOP / "deploy/job.yaml").read_text()
