@@ -1217,24 +1217,29 @@ class KubernetesRuntime:
     async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
         if not handle.pod_ip:
             raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
-        server_cert, _pinned = await self._server_certificate(handle)
-        creds = self._channel_credentials(server_cert)
+        server_cert, pinned = await self._server_certificate(handle)
         host = f"[{handle.pod_ip}]" if ":" in handle.pod_ip else handle.pod_ip
-        channel = grpc.aio.secure_channel(
-            f"{host}:{handle.port}",
-            creds,
-            options=[
-                *CHANNEL_OPTIONS,
-                *FAST_RECONNECT,
-                ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
-            ],
-        )
-        try:
-            agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
-            await self._ready(agent, handle)
-            yield agent
-        finally:
-            await channel.close(grace=None)
+        while True:  # as _connect_forwarded: a stale pin is read again from the log
+            channel = grpc.aio.secure_channel(
+                f"{host}:{handle.port}",
+                self._channel_credentials(server_cert),
+                options=[
+                    *CHANNEL_OPTIONS,
+                    *FAST_RECONNECT,
+                    ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
+                ],
+            )
+            try:
+                agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+                try:
+                    await self._ready(agent, handle, pinned=server_cert if pinned else None)
+                except _StalePin as stale:
+                    server_cert, pinned = stale.certificate, False
+                    continue
+                yield agent
+                return
+            finally:
+                await channel.close(grace=None)
 
 
 class PortForwardRelay:

@@ -455,6 +455,17 @@ def test_direct_mutual_tls_and_wrong_client_rejected(cluster: Cluster, tmp_path:
         "red", image="img:direct", direct=True, tls=load_or_create(tmp_path / "tls")
     )
     assert rt2.key == rt.key
+    # a stale pin (a certificate this agent does not have) is read again from the log,
+    # in --direct mode too, not a run that waits out --start-timeout
+    uid = cluster.read_pod("red", pod_name)["metadata"]["uid"]
+    pin = Path(os.environ["XDG_CACHE_HOME"]) / "meridio-debug/agents" / f"{uid}_{c['name']}.pem"
+    logged = pin.read_bytes()
+    pin.write_bytes(create_ca()[0])
+    rt2.opts.names = rt.opts.names
+    rt2._pods = None
+    (again,) = asyncio.run(snapshot_all(rt2))
+    assert not again.error and again.snapshot is not None and again.snapshot.links
+    assert pin.read_bytes() == logged
 
     pod = cluster.read_pod("red", pod_name)
     ip, port = pod["status"]["podIP"], k8s_spec.port_of(c)
