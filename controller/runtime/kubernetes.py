@@ -66,6 +66,7 @@ import grpc
 import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.client import rest as k8s_rest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
@@ -339,6 +340,9 @@ class KubernetesRuntime:
         self._watch_refused = False  # a 403 on a pod watch: wait for agents by polling
         self._throttle = self._cluster.throttle
         self._pf_ssl: ssl.SSLContext | None = None  # one TLS context for all port-forwards
+        # the kubeconfig's token refresh (an exec credential plugin may run a process): off
+        # the event loop, one at a time
+        self._refresh_lock = threading.Lock()
         self._pins = Pins()
 
     # --- plumbing -------------------------------------------------------------------------
@@ -1102,15 +1106,22 @@ class KubernetesRuntime:
             ctx.load_cert_chain(conf.cert_file, conf.key_file)
         return ctx
 
+    def _refresh_token(self, conf: Any) -> None:
+        with self._refresh_lock:
+            conf.refresh_api_key_hook(conf)
+
     async def _upgrade(self, pod: str, port: int) -> PortForward:
         """The websocket upgrade of ``pods/{pod}/portforward``, its 429s retried after Retry-After."""
         conf = self._cluster.conf
         if self._pf_ssl is None and str(conf.host).startswith("https"):
             self._pf_ssl = self._portforward_ssl()
         url = f"{conf.host}/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward?ports={port}"
+        # the proxy the client's REST calls use, by the same no_proxy rules
+        bypass = k8s_rest.should_bypass_proxies(str(conf.host), str(conf.no_proxy or ""))
+        proxy = None if bypass else conf.proxy or None
         for attempt in range(THROTTLE_RETRIES + 1):
             if conf.refresh_api_key_hook is not None:
-                conf.refresh_api_key_hook(conf)
+                await asyncio.to_thread(self._refresh_token, conf)
             token = conf.auth_settings().get("BearerToken", {}).get("value")
             await self._throttle.acquire()
             try:
@@ -1120,7 +1131,9 @@ class KubernetesRuntime:
                         {"Authorization": token} if token else {},
                         self._pf_ssl,
                         conf.tls_server_name or None,
-                        conf.proxy or None,
+                        proxy,
+                        dict(conf.proxy_headers or {}),
+                        conf.proxy_ssl_context,
                     ),
                     PORTFORWARD_CONNECT_TIMEOUT,
                 )

@@ -138,17 +138,34 @@ class PortForward:
         context: ssl.SSLContext | None,
         server_hostname: str | None = None,
         proxy: str | None = None,
+        proxy_headers: Mapping[str, str] | None = None,
+        proxy_context: ssl.SSLContext | None = None,
     ) -> PortForward:
-        """Connect and upgrade; UpgradeRefused for any answer but 101 (the caller bounds time)."""
+        """Connect and upgrade; UpgradeRefused for any answer but 101 (the caller bounds time).
+
+        ``proxy``: an http:// or https:// proxy reached with CONNECT, ``proxy_headers``
+        (e.g. Proxy-Authorization) sent with it, as the kubernetes client's settings say.
+        """
         u = urllib.parse.urlsplit(url)
         tls = u.scheme in ("https", "wss")
         host = u.hostname or ""
         port = u.port or (443 if tls else 80)
         if proxy:
             p = urllib.parse.urlsplit(proxy)
-            reader, writer = await asyncio.open_connection(p.hostname, p.port or 80)
+            if p.scheme not in ("http", "https"):
+                raise ProtocolError(
+                    f"proxy {proxy}: only http:// and https:// proxies are supported"
+                )
+            secure = p.scheme == "https"
+            reader, writer = await asyncio.open_connection(
+                p.hostname,
+                p.port or (443 if secure else 80),
+                ssl=(proxy_context or ssl.create_default_context()) if secure else None,
+                limit=1 << 20,
+            )
             hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            writer.write(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode())
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (proxy_headers or {}).items())
+            writer.write(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\n{extra}\r\n".encode())
             status, reason, _h = await _response_head(reader)
             if status != 200:
                 writer.close()

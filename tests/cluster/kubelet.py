@@ -1020,16 +1020,21 @@ class Kubelet:
             return web.Response(
                 status=404, text=f'container "{container}" in pod "{key[1]}" has no log'
             )
-        data = self._cut(path.read_bytes(), request)
+        raw = path.read_bytes()
+        data = self._cut(raw, request)
         follow = request.query.get("follow") in ("true", "1")
         if not follow:
             return web.Response(body=data, content_type="text/plain")
+        # Follow from the end of what was read, not from the file's size after the awaits
+        # below: lines written meanwhile (an agent's certificate) would be skipped for good.
+        pos = len(raw)
+        limit = int(request.query.get("limitBytes", "0") or 0)
+        left = limit - len(data) if limit else -1  # bytes still allowed; -1: no limit
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)
         await resp.write(data)
-        pos = path.stat().st_size
         proc = self.procs.get((key[0], key[1], container))
-        while proc is not None and proc.poll() is None:
+        while proc is not None and proc.poll() is None and left != 0:
             await asyncio.sleep(0.2)
             if request.transport is None or request.transport.is_closing():
                 break  # the reader went away (a kubelet notices; this loop would poll on)
@@ -1038,6 +1043,8 @@ class Kubelet:
                 more = f.read()
             if more:
                 pos += len(more)
+                if left > 0:
+                    more, left = more[:left], max(left - len(more), 0)
                 await resp.write(more)
         return resp
 

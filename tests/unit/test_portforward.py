@@ -178,3 +178,48 @@ def test_client_frames_are_masked() -> None:
         assert await read_message(reader) == (OP_BINARY, payload)
 
     run(main())
+
+
+def test_through_a_proxy_with_its_headers() -> None:
+    """CONNECT to the API server through an http proxy, Proxy-Authorization sent with it."""
+    seen: dict[str, str] = {}
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: dict[str, str]):
+        seen.update(head)
+        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        raw = await r.readuntil(b"\r\n\r\n")  # the upgrade, through the tunnel
+        lines = raw.decode().split("\r\n")
+        upgrade = {"request": lines[0]}
+        for line in lines[1:]:
+            k, sep, v = line.partition(":")
+            if sep:
+                upgrade[k.strip().lower()] = v.strip()
+        accept(w, upgrade)
+        w.write(server_frame(OP_BINARY, b"\x00hi") + server_frame(OP_CLOSE, b""))
+        await w.drain()
+
+    async def main() -> None:
+        server, proxy_url = await serve(handler)
+        proxy = proxy_url.split("/api/")[0]
+        async with server:
+            pf = await PortForward.open(
+                "http://api.example:6443/api/v1/namespaces/ns/pods/p/portforward?ports=7",
+                {},
+                None,
+                proxy=proxy,
+                proxy_headers={"Proxy-Authorization": "Basic dTpw"},
+            )
+            assert await pf.read() == b"hi"
+            pf.close()
+
+    run(main())
+    assert seen["request"] == "CONNECT api.example:6443 HTTP/1.1"
+    assert seen["proxy-authorization"] == "Basic dTpw"
+
+
+def test_a_proxy_scheme_that_cannot_carry_it_is_one_clear_error() -> None:
+    async def main() -> None:
+        with pytest.raises(ProtocolError, match="only http:// and https:// proxies"):
+            await PortForward.open("http://h/x", {}, None, proxy="socks5://127.0.0.1:1080")
+
+    run(main())
