@@ -6,10 +6,13 @@ ARG SOURCE_DATE_EPOCH
 COPY dist/ /dist/
 # The wheel is built here so the capture's C extensions fit this image's Python; the
 # compiler stays in this stage. The import check fails the build if they did not compile.
+# The build backend is pinned (no build isolation, which would fetch the newest setuptools):
+# same checkout, same image.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && mkdir /src && tar -xf /dist/src.tar -C /src \
- && python -m pip wheel --no-cache-dir --no-deps -w /dist /src \
+ && python -m pip install --no-cache-dir setuptools==84.2.1 wheel==0.48.0 \
+ && python -m pip wheel --no-cache-dir --no-deps --no-build-isolation -w /dist /src \
  && python -m venv /opt/meridio-debug \
  && /opt/meridio-debug/bin/pip install --no-cache-dir --no-compile \
       -c /dist/controller.constraints "$(ls /dist/meridio_debug-*.whl)[controller]" \

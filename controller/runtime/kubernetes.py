@@ -340,6 +340,7 @@ class KubernetesRuntime:
         self._watch_refused = False  # a 403 on a pod watch: wait for agents by polling
         self._throttle = self._cluster.throttle
         self._pf_ssl: ssl.SSLContext | None = None  # one TLS context for all port-forwards
+        self.swept = False  # relay directories of killed runs: looked for once per run
         # the kubeconfig's token refresh (an exec credential plugin may run a process): off
         # the event loop, one at a time
         self._refresh_lock = threading.Lock()
@@ -1279,7 +1280,9 @@ class PortForwardRelay:
         return self.fatal
 
     async def start(self) -> None:
-        sweep()  # relay directories of runs that were killed (runtime/workdirs.py)
+        if not self._runtime.swept:  # relay directories of killed runs (runtime/workdirs.py)
+            self._runtime.swept = True
+            sweep()
         self._server = await asyncio.start_unix_server(self._accept, path=self.path)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
