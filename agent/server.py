@@ -25,15 +25,18 @@ import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
-from meridio_debug.agent import capture, version
+from meridio_debug.agent import version
 from meridio_debug.agent.collectors import SECTIONS, Collector, run_collectors
 from meridio_debug.agent.errors import few
 from meridio_debug.protos import agent_pb2 as pb
 from meridio_debug.protos import agent_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from meridio_debug.agent import capture
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,18 @@ class AgentService(pb_grpc.AgentServicer):
         self._watcher_factory = watcher_factory
         self.activity = activity or Activity()
         self._started_ns = time.time_ns()
-        self._captures = capture.Registry()
+        self._capture_registry: capture.Registry | None = None
         self._watches = 0
+
+    @property
+    def _captures(self) -> capture.Registry:
+        """Made on the first capture: agent/capture.py (ctypes, mmap, uuid, the C block
+        walker) is ~10 ms of CPU that an agent which never captures, most of them, skips."""
+        if self._capture_registry is None:
+            from meridio_debug.agent import capture
+
+            self._capture_registry = capture.Registry()
+        return self._capture_registry
 
     @property
     def _collectors(self) -> list[Collector]:
@@ -302,6 +315,8 @@ class AgentService(pb_grpc.AgentServicer):
         context: grpc.aio.ServicerContext[pb.CaptureRequest, pb.CaptureChunk],
     ) -> AsyncIterator[pb.CaptureChunk]:
         """Thin: agent/capture.py does the work; here only errors become statuses."""
+        from meridio_debug.agent import capture
+
         self.activity.touch()
         statuses = (
             (capture.InvalidCapture, grpc.StatusCode.INVALID_ARGUMENT),
