@@ -254,6 +254,8 @@ def main() -> int:
     prefix = f"mkb{os.getpid() % 1000}-"
     spec = lab.build_spec(prefix, args.lbs, args.proxies, args.targets_per_proxy)
     work = Path(tempfile.mkdtemp(prefix="k8s-bench-"))
+    # the CLI's certificate pins go with the bench's cluster, not into ~/.cache
+    os.environ["XDG_CACHE_HOME"] = str(work / "cache")
     plane = ControlPlane(bins, work / "kube")
     kubelet: Kubelet | None = None
     rbac = [d for d in yaml.safe_load_all((ROOT / "deploy/rbac.yaml").read_text()) if d]
