@@ -57,6 +57,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1059,36 +1060,52 @@ class KubernetesRuntime:
 
     @contextlib.asynccontextmanager
     async def _connect_forwarded(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
+        async with self._connect_pinned(handle, lambda: self._relay_route(handle)) as agent:
+            yield agent
+
+    @contextlib.asynccontextmanager
+    async def _relay_route(self, handle: AgentHandle) -> AsyncIterator[_Route]:
+        relay = PortForwardRelay(self, handle.pod, handle.port)
+        await relay.start()
+        try:
+            yield _Route(f"unix:{relay.path}", relay.failure, lambda: relay.last_error)
+        finally:
+            await relay.close()
+
+    @contextlib.asynccontextmanager
+    async def _connect_pinned(
+        self, handle: AgentHandle, route: Callable[[], AbstractAsyncContextManager[_Route]]
+    ) -> AsyncIterator[AgentClient]:
+        """A ready agent over mutual TLS, its certificate pinned; the one loop of both
+        transports: a stale pin (a certificate the agent no longer has) is read again from
+        the agent's log and the connection made again, over a fresh ``route``."""
         server_cert, pinned = await self._server_certificate(handle)
         while True:
-            relay = PortForwardRelay(self, handle.pod, handle.port)
-            await relay.start()
-            channel = grpc.aio.secure_channel(
-                f"unix:{relay.path}",
-                self._channel_credentials(server_cert),
-                options=[
-                    *CHANNEL_OPTIONS,
-                    *FAST_RECONNECT,
-                    ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
-                ],
-            )
-            try:
-                agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+            async with route() as r:
+                channel = grpc.aio.secure_channel(
+                    r.target,
+                    self._channel_credentials(server_cert),
+                    options=[
+                        *CHANNEL_OPTIONS,
+                        *FAST_RECONNECT,
+                        ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
+                    ],
+                )
                 try:
-                    pin = server_cert if pinned else None
-                    await self._ready(agent, handle, relay.failure, pin)
-                except _StalePin as stale:
-                    server_cert, pinned = stale.certificate, False
-                    continue
-                except AgentCallError as exc:
-                    if relay.last_error:
-                        raise AgentCallError(f"{exc} (port-forward: {relay.last_error})") from exc
-                    raise
-                yield agent
-                return
-            finally:
-                await channel.close(grace=None)
-                await relay.close()
+                    agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
+                    try:
+                        await self._ready(agent, handle, r.fatal, server_cert if pinned else None)
+                    except _StalePin as stale:
+                        server_cert, pinned = stale.certificate, False
+                        continue
+                    except AgentCallError as exc:
+                        if detail := r.last_error():
+                            raise AgentCallError(f"{exc} (port-forward: {detail})") from exc
+                        raise
+                    yield agent
+                    return
+                finally:
+                    await channel.close(grace=None)
 
     def _portforward_ssl(self) -> ssl.SSLContext | None:
         """One TLS context for every port-forward of this run, as the API client's settings say."""
@@ -1231,29 +1248,24 @@ class KubernetesRuntime:
     async def _connect_direct(self, handle: AgentHandle) -> AsyncIterator[AgentClient]:
         if not handle.pod_ip:
             raise RuntimeUnavailable(f"{self.namespace}/{handle.pod}: the pod has no IP yet")
-        server_cert, pinned = await self._server_certificate(handle)
         host = f"[{handle.pod_ip}]" if ":" in handle.pod_ip else handle.pod_ip
-        while True:  # as _connect_forwarded: a stale pin is read again from the log
-            channel = grpc.aio.secure_channel(
-                f"{host}:{handle.port}",
-                self._channel_credentials(server_cert),
-                options=[
-                    *CHANNEL_OPTIONS,
-                    *FAST_RECONNECT,
-                    ("grpc.ssl_target_name_override", AGENT_TLS_NAME),
-                ],
-            )
-            try:
-                agent = AgentClient(channel, f"{self.namespace}/{handle.pod}")
-                try:
-                    await self._ready(agent, handle, pinned=server_cert if pinned else None)
-                except _StalePin as stale:
-                    server_cert, pinned = stale.certificate, False
-                    continue
-                yield agent
-                return
-            finally:
-                await channel.close(grace=None)
+
+        @contextlib.asynccontextmanager
+        async def direct() -> AsyncIterator[_Route]:
+            yield _Route(f"{host}:{handle.port}")
+
+        async with self._connect_pinned(handle, direct) as agent:
+            yield agent
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How a connection reaches an agent: the gRPC target, and (through port-forward) the
+    error that retrying cannot fix and the last port-forward error, for the message."""
+
+    target: str
+    fatal: Callable[[], MeridioDebugError | None] = lambda: None
+    last_error: Callable[[], str] = lambda: ""
 
 
 class PortForwardRelay:
