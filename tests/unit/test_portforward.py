@@ -45,15 +45,20 @@ def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + payload
 
 
+async def read_head(reader: asyncio.StreamReader) -> dict[str, str]:
+    """An HTTP request's head: its request line, then its headers by lower-case name."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    head = {"request": lines[0]}
+    for line in lines[1:]:
+        k, sep, v = line.partition(":")
+        if sep:
+            head[k.strip().lower()] = v.strip()
+    return head
+
+
 async def serve(handler: Handler) -> tuple[asyncio.AbstractServer, str]:
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raw = await reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode().split("\r\n")
-        head = {"request": lines[0]}
-        for line in lines[1:]:
-            k, sep, v = line.partition(":")
-            if sep:
-                head[k.strip().lower()] = v.strip()
+        head = await read_head(reader)
         try:
             await handler(reader, writer, head)
         finally:
@@ -115,54 +120,50 @@ def test_echo_with_fragments_pings_and_a_large_message() -> None:
     run(main())
 
 
-def test_refusal_is_the_status_and_the_servers_body() -> None:
-    body = json.dumps({"kind": "Status", "message": 'pods "p" is forbidden', "code": 403})
+def refusal(answer: bytes) -> Exception:
+    """What PortForward.open raises when the server answers the upgrade with ``answer``."""
+    raised: list[Exception] = []
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: dict[str, str]):
-        w.write(
-            f"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
-        )
+        w.write(answer)
         await w.drain()
 
     async def main() -> None:
         server, url = await serve(handler)
         async with server:
-            with pytest.raises(UpgradeRefused) as err:
+            try:
                 await PortForward.open(url, {}, None)
-        assert err.value.status == 403
-        assert json.loads(err.value.body)["message"] == 'pods "p" is forbidden'
+            except (UpgradeRefused, ProtocolError) as exc:
+                raised.append(exc)
 
     run(main())
+    assert raised, "the upgrade was not refused"
+    return raised[0]
+
+
+def test_refusal_is_the_status_and_the_servers_body() -> None:
+    body = json.dumps({"kind": "Status", "message": 'pods "p" is forbidden', "code": 403})
+    err = refusal(
+        f"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    assert isinstance(err, UpgradeRefused)
+    assert err.status == 403
+    assert json.loads(err.body)["message"] == 'pods "p" is forbidden'
 
 
 def test_429_says_when_to_retry() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: dict[str, str]):
-        w.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\nno")
-        await w.drain()
-
-    async def main() -> None:
-        server, url = await serve(handler)
-        async with server:
-            with pytest.raises(UpgradeRefused) as err:
-                await PortForward.open(url, {}, None)
-        assert (err.value.status, err.value.retry_after, err.value.body) == (429, 1.0, "no")
-
-    run(main())
+    err = refusal(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\nno"
+    )
+    assert isinstance(err, UpgradeRefused)
+    assert (err.status, err.retry_after, err.body) == (429, 1.0, "no")
 
 
 def test_a_wrong_accept_key_is_refused() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: dict[str, str]):
-        w.write(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: bad\r\n\r\n")
-        await w.drain()
-
-    async def main() -> None:
-        server, url = await serve(handler)
-        async with server:
-            with pytest.raises(ProtocolError, match="Sec-WebSocket-Accept"):
-                await PortForward.open(url, {}, None)
-
-    run(main())
+    err = refusal(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: bad\r\n\r\n")
+    assert isinstance(err, ProtocolError)
+    assert "Sec-WebSocket-Accept" in str(err)
 
 
 def test_client_frames_are_masked() -> None:
@@ -187,14 +188,7 @@ def test_through_a_proxy_with_its_headers() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: dict[str, str]):
         seen.update(head)
         w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        raw = await r.readuntil(b"\r\n\r\n")  # the upgrade, through the tunnel
-        lines = raw.decode().split("\r\n")
-        upgrade = {"request": lines[0]}
-        for line in lines[1:]:
-            k, sep, v = line.partition(":")
-            if sep:
-                upgrade[k.strip().lower()] = v.strip()
-        accept(w, upgrade)
+        accept(w, await read_head(r))  # the upgrade, through the tunnel
         w.write(server_frame(OP_BINARY, b"\x00hi") + server_frame(OP_CLOSE, b""))
         await w.drain()
 
